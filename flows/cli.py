@@ -1,0 +1,135 @@
+"""The `mergeline` command line.
+
+Every subcommand imports its heavy machinery (torch, prefect, mlflow, lm_eval) inside its
+own body, so `mergeline --help` stays instant.
+
+    mergeline --help
+    mergeline demo
+
+Exit codes: 0 success (or GO), 1 a check failed or the gate said NO-GO, 2 unusable input.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="Merge LLM fine-tunes with TIES and gate the release on evidence.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+zoo_app = typer.Typer(help="The tiny zoo of genuine fine-tunes used by the demo and tests.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+err = Console(stderr=True)
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    """Print a one-line error and exit with `code`."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def not_yet(what: str) -> None:
+    fail(f"`mergeline {what}` is not available yet in this version", EXIT_BAD_INPUT)
+
+
+@zoo_app.command("build")
+def zoo_build(
+    out_dir: Optional[Path] = typer.Argument(None, help="Where to put the zoo (default: the machine-wide cache)."),
+    seed: int = typer.Option(0, help="Seed for data, initialisation and training."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if a cached zoo with the same inputs exists."),
+):
+    """Build (or reuse) the zoo: a base, its fine-tunes, negative specimens, eval data."""
+    not_yet("zoo build")
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("mergeline-runs/demo"), help="Folder for merged models, reports and the MLflow store."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs of an earlier demo run."),
+):
+    """Run the whole pipeline on the built-in zoo and print the decision."""
+    not_yet("demo")
+
+
+@app.command()
+def check(
+    recipe: Path = typer.Argument(..., help="A mergekit YAML recipe."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    policy: Optional[Path] = typer.Option(None, help="Compatibility policy YAML (thresholds, waivers)."),
+):
+    """Check that the recipe's models can be merged, before spending compute."""
+    not_yet("check")
+
+
+@app.command()
+def merge(
+    recipe: Path = typer.Argument(..., help="A mergekit YAML recipe."),
+    output_dir: Path = typer.Argument(..., help="Folder to write the merged model into."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    out_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 500MB, 5GB."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    seed: int = typer.Option(0, help="Seed for the random methods (DARE, DELLA)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load .bin pickle checkpoints (weights_only)."),
+):
+    """Merge the models of a mergekit recipe into OUTPUT_DIR."""
+    not_yet("merge")
+
+
+@app.command()
+def evaluate(
+    model_dir: Path = typer.Argument(..., help="A Hugging Face model folder."),
+    suite: Path = typer.Option(..., help="Eval suite YAML."),
+    out: Optional[Path] = typer.Option(None, help="Write scores and per-sample results here."),
+    device: str = typer.Option("cpu"),
+    batch_size: int = typer.Option(16),
+):
+    """Evaluate one model folder with lm-eval on the suite's tasks."""
+    not_yet("evaluate")
+
+
+@app.command()
+def gate(
+    report: Path = typer.Argument(..., help="A report.json written by mergeline."),
+    policy: Path = typer.Option(..., help="Gate policy YAML."),
+):
+    """Decide GO (exit 0) or NO-GO (exit 1) from a report and a policy; 2 on unusable input."""
+    not_yet("gate")
+
+
+@app.command()
+def run(
+    pipeline: Path = typer.Argument(..., help="A pipeline YAML."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs of an earlier run."),
+):
+    """Run a pipeline file: check, merge, evaluate, gate, register."""
+    not_yet("run")
+
+
+@app.command()
+def lineage(
+    target: str = typer.Argument(..., help="A merged model folder, or a registered NAME@alias."),
+    json_out: bool = typer.Option(False, "--json"),
+):
+    """Print the merge lineage tree of a model, across generations."""
+    not_yet("lineage")
+
+
+@app.command()
+def schedule(
+    pipeline: Path = typer.Argument(..., help="A pipeline YAML."),
+    cron: str = typer.Option(..., help='Cron schedule, e.g. "0 3 * * *".'),
+    name: Optional[str] = typer.Option(None, help="Deployment name."),
+):
+    """Create and serve a Prefect deployment that runs the pipeline on a cron schedule."""
+    not_yet("schedule")
+
+
+if __name__ == "__main__":
+    app()
