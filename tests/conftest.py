@@ -25,3 +25,87 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def scratch() -> Path:
     return _SCRATCH
+
+
+# ---- real servers on loopback (engineer E): one of each per session, started on first use ----
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(cmd: list[str], health_url: str, log: Path, timeout: float = 120.0):
+    """Start a server process, wait until `health_url` answers 200, yield, then stop it."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    env = dict(os.environ)
+    env.pop("PREFECT_API_URL", None)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                cwd=str(_SCRATCH), start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(health_url, timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{cmd[0]} did not become healthy at {health_url}: "
+                               f"{log.read_text()[-2000:]}")
+        time.sleep(0.5)
+    return proc
+
+
+def _stop(proc) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except Exception:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> str:
+    """A real `prefect server start` on loopback; PREFECT_API_URL points at it for the session."""
+    import sys
+
+    port = _free_port()
+    cmd = [str(Path(sys.executable).parent / "prefect"), "server", "start",
+           "--host", "127.0.0.1", "--port", str(port)]
+    api = f"http://127.0.0.1:{port}/api"
+    proc = _serve(cmd, f"{api}/health", _SCRATCH / "prefect-server.log")
+    os.environ["PREFECT_API_URL"] = api
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}):
+        yield api
+    os.environ.pop("PREFECT_API_URL", None)
+    _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server() -> str:
+    """A real `mlflow server` on loopback with its own SQLite store; yields its URI."""
+    import sys
+
+    port = _free_port()
+    root = _SCRATCH / "mlflow-server"
+    root.mkdir(exist_ok=True)
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+           "--port", str(port), "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
+    uri = f"http://127.0.0.1:{port}"
+    proc = _serve(cmd, f"{uri}/health", _SCRATCH / "mlflow-server.log")
+    yield uri
+    _stop(proc)

@@ -1,0 +1,47 @@
+"""Unreachable servers are reported in well under a second, before any heavy work."""
+import time
+
+import pytest
+
+from flows.servers import ServerUnreachable, check_mlflow, check_prefect, resolve_tracking
+
+
+def _dead_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_servers_fail_fast_with_the_setting_named():
+    port = _dead_port()
+    t = time.monotonic()
+    with pytest.raises(ServerUnreachable, match="PREFECT_API_URL"):
+        check_prefect(f"http://127.0.0.1:{port}/api", timeout=2)
+    with pytest.raises(ServerUnreachable, match="MLFLOW_TRACKING_URI"):
+        check_mlflow(f"http://127.0.0.1:{port}", timeout=2)
+    assert time.monotonic() - t < 5
+
+
+def test_embedded_default_and_env_override(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    t = resolve_tracking(tmp_path)
+    assert t.mlflow_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert t.artifact_location == (tmp_path.resolve() / "mlartifacts").as_uri()
+    assert t.prefect_api_url is None
+    check_mlflow(t.mlflow_uri)  # a writable folder is enough
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    t = resolve_tracking(tmp_path, mlflow_uri="sqlite:///ignored.db")
+    assert (t.mlflow_uri, t.prefect_api_url, t.artifact_location) == (
+        "http://127.0.0.1:5000", "http://127.0.0.1:4200/api", None)
+
+
+def test_refuses_one_sqlite_file_for_both(tmp_path, monkeypatch):
+    db = tmp_path / "shared.db"
+    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{db}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    with pytest.raises(ServerUnreachable, match="same SQLite"):
+        resolve_tracking(tmp_path)

@@ -1,0 +1,66 @@
+"""MLflow tracking and registry helpers against the default SQLite store and a real `mlflow server`."""
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tasks import tracking
+
+
+def _folder(tmp_path: Path, name: str) -> Path:
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "gpt2"}')
+    (d / "model.safetensors").write_bytes(b"\0" * 64 + name.encode())
+    return d
+
+
+def _runs_and_registry(uri: str, tmp_path: Path, artifact_location: str | None) -> None:
+    c = tracking.client(uri)
+    exp = tracking.ensure_experiment(c, f"exp-{tmp_path.name}", artifact_location)
+    assert tracking.ensure_experiment(c, f"exp-{tmp_path.name}", artifact_location) == exp
+    parent = tracking.start_run(c, exp, "pipeline")
+    with tracking.child_run(c, parent, "merge") as child:
+        tracking.log_params(c, child, {"recipe": {"merge_method": "ties", "models": [{"model": "a"}]}})
+        tracking.log_metrics(c, child, {"scores": {"acc,none": 0.5, "bad": float("nan")}, "go": True})
+        tracking.log_json(c, child, {"status": "pass"}, "compat.json")
+    run = c.get_run(child)
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.info.status == "FINISHED"
+    assert run.data.params["recipe.merge_method"] == "ties"
+    assert run.data.metrics == {"scores.acc_none": 0.5, "go": 1.0}
+    assert [a.path for a in c.list_artifacts(child)] == ["compat.json"]
+    with pytest.raises(RuntimeError):
+        with tracking.child_run(c, parent, "boom"):
+            raise RuntimeError("x")
+    failed = [r for r in c.search_runs([exp]) if r.info.run_name == "boom"]
+    assert failed[0].info.status == "FAILED"
+
+    model = _folder(tmp_path, "merged")
+    name = f"m-{tmp_path.name}"
+    v1 = tracking.register_folder(c, name, model, parent, {"mergeline.content_hash": "sha256:1"})
+    v2 = tracking.register_folder(c, name, _folder(tmp_path, "merged2"), parent, {})
+    assert (v1, v2) == ("1", "2")
+    assert str(c.get_model_version_by_alias(name, "candidate").version) == "2"
+    tracking.promote(c, name, v1)
+    assert str(c.get_model_version_by_alias(name, "champion").version) == "1"
+    assert tracking.folder_of(c, f"{name}@champion") == model.resolve()
+    assert tracking.folder_of(c, f"{name}@2") == (tmp_path / "merged2").resolve()
+    assert c.get_model_version(name, v1).tags["mergeline.content_hash"] == "sha256:1"
+
+
+def test_sqlite_store_runs_registry_no_copy(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    artifacts = (tmp_path / "mlartifacts").as_uri()
+    _runs_and_registry(uri, tmp_path, artifacts)
+    # artifacts stay in the workdir, not ./mlruns of the cwd
+    assert list((tmp_path / "mlartifacts").rglob("compat.json"))
+    assert not Path("mlruns").exists()
+    # the registered version is the folder itself: nothing copied
+    mlflow.set_tracking_uri(uri)
+    got = mlflow.artifacts.download_artifacts(f"models:/m-{tmp_path.name}@champion")
+    assert Path(got).resolve() == (tmp_path / "merged").resolve()
+
+
+def test_real_mlflow_server(mlflow_server, tmp_path):
+    _runs_and_registry(mlflow_server, tmp_path, None)
