@@ -1,0 +1,194 @@
+"""Base-delta norms: how far each model moved from the base, and in which direction.
+
+Task vectors tau_i = theta_i - theta_0 (Ilharco et al., 2023, arXiv:2212.04089; TIES,
+Yadav et al., 2023, arXiv:2306.01708). A genuine fine-tune moves a few percent of the base's
+norm; an unrelated initialisation of the same architecture sits near sqrt(2). Streamed one
+tensor name at a time (all models together), in float32 chunks: per chunk the deltas are
+stacked into a (models x chunk) matrix D and one matmul D @ D.T yields every squared norm
+(diagonal) and pairwise dot product (off-diagonal) at once, so cosine similarities cost no
+extra pass. Memory: one tensor per model plus models x chunk x 4 bytes.
+
+The flags use the relative delta over weight MATRICES only (`relative_delta_matrices`):
+norm weights initialised to ones are shared by any two models of an architecture and, in
+small models, dominate the base's norm, hiding a different base behind a ratio that looks
+like a fine-tune. Over matrices, an unrelated base sits near sqrt(2) at any size.
+
+    python -m benchmarks.bench_compat BASE MODEL [MODEL ...]
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from merge.checkpoint import Checkpoint
+
+from .policy import NormsPolicy
+from .report import Check
+
+
+@dataclass
+class NormResult:
+    models: list[str]
+    gram: torch.Tensor  # (k, k) float64: sum over tensors of <tau_i, tau_j>
+    base_sq: float  # sum over tensors of ||theta_0||^2
+    gram_2d: torch.Tensor | None = None  # the same over tensors with 2+ dimensions
+    base_sq_2d: float = 0.0
+    per_tensor: dict[str, dict] = field(default_factory=dict)
+    nonfinite: list[dict] = field(default_factory=list)  # {tensor, model, nan, inf}
+    tensors: int = 0
+    numel: int = 0
+
+    def delta_norm(self, i: int) -> float:
+        return math.sqrt(max(float(self.gram[i, i]), 0.0))
+
+    @property
+    def base_norm(self) -> float:
+        return math.sqrt(self.base_sq)
+
+    def relative(self, i: int) -> float:
+        """||tau_i|| / ||theta_0|| over every tensor (the reported figure)."""
+        return self.delta_norm(i) / self.base_norm if self.base_norm > 0 else math.inf
+
+    def relative_matrices(self, i: int) -> float:
+        if self.gram_2d is None or self.base_sq_2d <= 0:
+            return self.relative(i)  # no matrices (odd checkpoint): fall back to all tensors
+        return math.sqrt(max(float(self.gram_2d[i, i]), 0.0) / self.base_sq_2d)
+
+    def cosine(self, i: int, j: int) -> float | None:
+        denom = self.delta_norm(i) * self.delta_norm(j)
+        return float(self.gram[i, j]) / denom if denom > 0 else None
+
+    def to_dict(self) -> dict:
+        per_model = {m: {"delta_norm": self.delta_norm(i), "base_norm": self.base_norm,
+                         "relative_delta": _num(self.relative(i)),
+                         "relative_delta_matrices": _num(self.relative_matrices(i))} for i, m in enumerate(self.models)}
+        cosine = {a: {b: _num(self.cosine(i, j)) for j, b in enumerate(self.models)}
+                  for i, a in enumerate(self.models)}
+        return {"per_model": per_model, "cosine": cosine, "per_tensor": self.per_tensor,
+                "tensors": self.tensors, "numel": self.numel}
+
+
+def _num(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else x
+
+
+def stream_norms(base: Checkpoint, models: dict[str, Checkpoint], names: list[str],
+                 chunk: int = 1 << 22) -> NormResult:
+    """Accumulate delta norms and dot products over `names` (all present with equal shapes)."""
+    keys = list(models)
+    k = len(keys)
+    gram = torch.zeros(k, k, dtype=torch.float64)
+    base_sq = 0.0
+    res = NormResult(keys, gram, 0.0, gram_2d=torch.zeros(k, k, dtype=torch.float64))
+    buf = torch.empty(k, min(chunk, 1), dtype=torch.float32)
+    for name in names:
+        b = base.get(name)
+        if not (b.is_floating_point()):
+            continue  # integer buffers (position ids) are not weights
+        is_matrix = b.dim() >= 2
+        b = b.reshape(-1)
+        ms = [models[m].get(name).reshape(-1) for m in keys]
+        g = torch.zeros(k, k, dtype=torch.float64)
+        bsq = 0.0
+        for s in range(0, b.numel(), chunk):
+            e = min(s + chunk, b.numel())
+            if buf.shape[1] != e - s:
+                buf = torch.empty(k, e - s, dtype=torch.float32)
+            bf = b[s:e].float()
+            for i, m in enumerate(ms):
+                torch.sub(m[s:e], bf, out=buf[i])  # bf16 -> float32 and subtract in one pass
+            g += (buf @ buf.T).double()
+            bsq += float(torch.dot(bf, bf))
+        if not (torch.isfinite(g).all() and math.isfinite(bsq)):
+            res.nonfinite += _find_nonfinite(name, b, dict(zip(keys, ms)))
+            continue  # keep the totals meaningful for the other flags
+        gram += g
+        base_sq += bsq
+        if is_matrix:
+            res.gram_2d += g
+            res.base_sq_2d += bsq
+        res.tensors += 1
+        res.numel += b.numel()
+        bn = math.sqrt(bsq)
+        res.per_tensor[name] = {"base_norm": bn, **{
+            m: {"delta_norm": math.sqrt(max(float(g[i, i]), 0.0)),
+                "relative_delta": _num(math.sqrt(max(float(g[i, i]), 0.0)) / bn) if bn > 0 else None}
+            for i, m in enumerate(keys)}}
+    res.base_sq = base_sq
+    return res
+
+
+def _find_nonfinite(name: str, base: torch.Tensor, models: dict[str, torch.Tensor]) -> list[dict]:
+    found = []
+    for who, t in {"base": base, **models}.items():
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        if nan or inf:
+            found.append({"tensor": name, "model": who, "nan": nan, "inf": inf})
+    if not found:  # values finite but their squares overflow float32
+        found.append({"tensor": name, "model": "?", "nan": 0, "inf": 0, "note": "norm overflows float32"})
+    return found
+
+
+def norm_checks(res: NormResult, policy: NormsPolicy) -> list[Check]:
+    """The flags: NaN/Inf, identical to the base, too large, outlier, duplicate."""
+    rel = {m: res.relative_matrices(i) for i, m in enumerate(res.models)}
+    checks = []
+    if res.nonfinite:
+        ex = ", ".join(f"{d['tensor']} in {d['model']} ({d['nan']} NaN, {d['inf']} Inf)" for d in res.nonfinite[:3])
+        checks.append(Check("norms.finite", "fail", f"non-finite values: {ex}", {"nonfinite": res.nonfinite}))
+    else:
+        checks.append(Check("norms.finite", "pass", f"no NaN or Inf in {res.tensors} tensors"))
+
+    same = {m: res.relative(i) for i, m in enumerate(res.models) if res.relative(i) <= policy.identical_tolerance}
+    checks.append(Check("norms.identical", "fail", f"identical to the base (nothing to merge): {', '.join(same)}",
+                        {"relative_delta": same}) if same else
+                  Check("norms.identical", "pass", "every model differs from the base"))
+
+    big = {m: r for m, r in rel.items() if r > policy.max_relative_delta}
+    if big:
+        ex = ", ".join(f"{m} {r:.3g}" for m, r in big.items())
+        checks.append(Check("norms.too_large", "fail",
+                            f"relative delta (weight matrices) above {policy.max_relative_delta}: not a fine-tune of "
+                            f"this base? {ex}", {"relative_delta_matrices": rel, "threshold": policy.max_relative_delta}))
+    else:
+        checks.append(Check("norms.too_large", "pass",
+                            "relative deltas (weight matrices) " + ", ".join(f"{m} {r:.3g}" for m, r in rel.items()),
+                            {"relative_delta_matrices": rel, "threshold": policy.max_relative_delta}))
+    checks.append(_outliers(rel, policy.outlier_ratio))
+    checks.append(_duplicates(res, policy.duplicate_cosine))
+    return checks
+
+
+def _outliers(rel: dict[str, float], threshold: float) -> Check:
+    moved = {m: r for m, r in rel.items() if r > 0}
+    if len(moved) < 2:
+        return Check("norms.outlier", "skip", "needs at least two models that differ from the base")
+    # Against the median of the OTHER models: a robust reference that the suspect cannot drag
+    # towards itself. With two models the larger is compared with the smaller.
+    ratios = {}
+    for m, r in moved.items():
+        others = sorted(v for n, v in moved.items() if n != m)
+        mid = len(others) // 2
+        median = others[mid] if len(others) % 2 else (others[mid - 1] + others[mid]) / 2
+        ratios[m] = r / median
+    out = {m: x for m, x in ratios.items() if x > threshold}
+    details = {"ratio_to_median_of_others": ratios, "threshold": threshold}
+    if out:
+        ex = ", ".join(f"{m} ({x:.3g}x the others)" for m, x in out.items())
+        return Check("norms.outlier", "warn", f"relative delta is an outlier: {ex}", details)
+    return Check("norms.outlier", "pass", f"relative deltas within {threshold}x of each other", details)
+
+
+def _duplicates(res: NormResult, threshold: float) -> Check:
+    dup = []
+    for i in range(len(res.models)):
+        for j in range(i + 1, len(res.models)):
+            c, ni, nj = res.cosine(i, j), res.delta_norm(i), res.delta_norm(j)
+            if c is not None and c > threshold and abs(ni - nj) <= 1e-3 * max(ni, nj):
+                dup.append([res.models[i], res.models[j]])
+    if dup:
+        return Check("norms.duplicate", "warn",
+                     "same task vector twice: " + ", ".join(f"{a} = {b}" for a, b in dup), {"pairs": dup})
+    return Check("norms.duplicate", "pass", "no two models share a task vector")
