@@ -1,0 +1,340 @@
+"""Read a mergekit YAML recipe (the `models:` form) into a typed, validated MergeRecipe.
+
+A recipe mergekit runs is read unchanged:
+
+    merge_method: ties
+    base_model: ./base
+    models:
+      - model: ./ft-a
+        parameters: {weight: 0.5, density: [0.2, 0.5]}   # a gradient over the layers
+      - model: org/ft-b@main                             # an HF repo id from the local cache
+        parameters:
+          weight: [{filter: mlp, value: 0.3}, {value: 0.5}]
+    parameters: {normalize: true}
+    dtype: bfloat16
+
+Everything is checked when the recipe is read, before any tensor is touched: unknown keys,
+unknown methods, parameters the method does not take, values out of range (each error names
+the key and what is allowed). Forms mergekit has and mergeline does not run yet (`slices`,
+`modules`, `tokenizer_source: union`, LoRA `+` references) are refused, never misread.
+Differences from mergekit are deliberate: mergekit ignores unknown keys and parameters.
+
+    python -m merge.recipe configs/recipes/ties.yaml
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, field_validator
+
+from merge.parameters import MISSING, candidate_values, resolve
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+NOT_SUPPORTED = {
+    "slices": "`slices:` (layer-range merges) is not supported yet: write the recipe in the `models:` form",
+    "modules": "`modules:` is not supported yet: write the recipe in the `models:` form",
+}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be run; the message names the file and key at fault."""
+
+
+def _dtype_name(value: str | None, key: str) -> str | None:
+    if value is None:
+        return None
+    name = value[len("torch."):] if value.startswith("torch.") else value
+    if name not in DTYPES:
+        raise ValueError(f"{key}: unknown dtype {value!r} (allowed: {', '.join(DTYPES)})")
+    return name
+
+
+class InputModel(BaseModel):
+    """One entry of `models:`; `model` is the reference exactly as written."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, Any] | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _no_lora(cls, v: str) -> str:
+        if "+" in v:
+            raise ValueError(f"LoRA references ('MODEL+LORA') are not supported yet: {v!r}")
+        return v
+
+
+class TokenizerSpec(BaseModel):
+    """mergekit's `tokenizer:` block; only `source: base` or a model reference is honoured."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"
+    tokens: dict[str, Any] | None = None
+    pad_to_multiple_of: int | None = None
+
+
+class MergeRecipe(BaseModel):
+    """A mergekit `MergeConfiguration` restricted to what mergeline runs."""
+
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    base_model: str | None = None
+    models: list[InputModel] | None = None
+    parameters: dict[str, Any] | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None
+    slices: Any = None
+    modules: Any = None
+    # Where relative model paths are also looked up (the recipe file's folder); not a YAML key.
+    source_dir: str | None = None
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v, info):
+        return _dtype_name(v, info.field_name)
+
+    # -- derived views ----------------------------------------------------------
+    def inputs(self) -> list[InputModel]:
+        """The models merged, in order; the base is appended when `models:` omits it (mergekit)."""
+        models = list(self.models or [])
+        if self.base_model and all(m.model != self.base_model for m in models):
+            models.append(InputModel(model=self.base_model))
+        return models
+
+    @property
+    def tokenizer_ref(self) -> str | None:
+        """Model whose tokenizer files are copied (None: the base, or the first model)."""
+        src = self.tokenizer.source if self.tokenizer else self.tokenizer_source
+        return None if src in (None, "base") else src
+
+    @property
+    def reference_model(self) -> str:
+        """The model that gives the output its config and tensor layout."""
+        return self.base_model or self.inputs()[0].model
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(exclude_none=True, exclude={"source_dir"})
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+# -- reading -------------------------------------------------------------------
+def _format_validation_error(e: ValidationError, where: str) -> str:
+    msgs = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parent = err["loc"][:-1]
+            cls = InputModel if parent[:1] == ("models",) else TokenizerSpec if parent[:1] == ("tokenizer",) else MergeRecipe
+            allowed = ", ".join(k for k in cls.model_fields if k not in ("source_dir", "slices", "modules"))
+            msgs.append(f"unknown key {loc!r} (allowed: {allowed})")
+        elif err["type"] == "missing":
+            msgs.append(f"missing required key {loc!r}")
+        else:
+            msgs.append(f"{loc}: {err['msg']}")
+    return f"{where}: " + "; ".join(msgs)
+
+
+def load_recipe(path_or_dict: str | Path | Mapping[str, Any], validate: bool = True) -> MergeRecipe:
+    """Read and check a recipe from a YAML file, a YAML string's parsed dict, or a dict."""
+    if isinstance(path_or_dict, Mapping):
+        data, where, source_dir = dict(path_or_dict), "recipe", None
+    else:
+        path = Path(path_or_dict)
+        where = str(path)
+        if not path.is_file():
+            raise RecipeError(f"{path}: recipe file not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe is a YAML mapping with merge_method, models, ...")
+        source_dir = str(path.resolve().parent)
+    if "source_dir" in data:
+        raise RecipeError(f"{where}: unknown key 'source_dir'")
+    for key, why in NOT_SUPPORTED.items():
+        if data.get(key) is not None:
+            raise RecipeError(f"{where}: {why}")
+    try:
+        recipe = MergeRecipe.model_validate({**data, "source_dir": source_dir})
+    except ValidationError as e:
+        raise RecipeError(_format_validation_error(e, where)) from None
+    if validate:
+        check_recipe_semantics(recipe, where)
+    return recipe
+
+
+# -- checks against the method --------------------------------------------------
+def _param_fields(cls: type[BaseModel] | None) -> dict[str, Any]:
+    """YAML key (alias if any) -> pydantic FieldInfo."""
+    if cls is None:
+        return {}
+    return {(f.alias or name): f for name, f in cls.model_fields.items()}
+
+
+def _check_setting_shape(key: str, setting: Any, where: str) -> None:
+    """A setting is a scalar, a list of scalars, or {filter, value} entries (alone or in a list)."""
+    scalar = (bool, int, float, str)
+    if isinstance(setting, scalar):
+        return
+    items = [setting] if isinstance(setting, Mapping) else setting
+    if not isinstance(items, list) or not items:
+        raise RecipeError(f"{where}: parameter {key!r} must be a scalar, a list (gradient) or a list of {{filter, value}}")
+    if all(isinstance(e, scalar) for e in items):
+        return
+    for i, cond in enumerate(items):
+        if not isinstance(cond, Mapping):
+            raise RecipeError(f"{where}: parameter {key!r}[{i}] mixes scalars and {{filter, value}} entries")
+        extra = set(cond) - {"filter", "value"}
+        if extra:
+            raise RecipeError(f"{where}: parameter {key!r}[{i}]: unknown key {sorted(extra)[0]!r} (allowed: filter, value)")
+        if "value" not in cond:
+            raise RecipeError(f"{where}: parameter {key!r}[{i}]: missing 'value'")
+        if cond.get("filter") is not None and not isinstance(cond["filter"], str):
+            raise RecipeError(f"{where}: parameter {key!r}[{i}].filter must be a string (a substring of tensor names)")
+        v = cond["value"]
+        if not (isinstance(v, scalar) or (isinstance(v, list) and v and all(isinstance(e, scalar) for e in v))):
+            raise RecipeError(f"{where}: parameter {key!r}[{i}].value must be a scalar or a gradient list")
+
+
+def _allowed_text(field) -> str:
+    bounds = [str(m) for m in field.metadata]
+    ann = getattr(field.annotation, "__name__", str(field.annotation))
+    return ann + (f" with {', '.join(bounds)}" if bounds else "")
+
+
+def _check_values(key: str, setting: Any, field, where: str) -> None:
+    adapter = TypeAdapter(Annotated[(field.annotation, *field.metadata)]) if field.metadata else TypeAdapter(field.annotation)
+    for v in candidate_values(setting):
+        try:
+            adapter.validate_python(v)
+        except ValidationError as e:
+            msg = e.errors()[0]["msg"]
+            raise RecipeError(f"{where}: parameter {key!r} = {v!r} is out of range ({msg}; allowed: {_allowed_text(field)})") from None
+
+
+def get_method_or_error(name: str, where: str = "recipe"):
+    from merge.methods.registry import METHODS, get_method
+
+    if name not in METHODS:
+        raise RecipeError(f"{where}: merge_method {name!r} is unknown (allowed: {', '.join(sorted(METHODS))})")
+    return get_method(name)
+
+
+def check_recipe_semantics(recipe: MergeRecipe, where: str = "recipe") -> None:
+    """Everything about a recipe that can be checked without reading a model."""
+    method = get_method_or_error(recipe.merge_method, where)
+    if not recipe.models:
+        raise RecipeError(f"{where}: 'models' must list at least one model")
+    if recipe.tokenizer_source == "union" or (recipe.tokenizer and recipe.tokenizer.source == "union"):
+        raise RecipeError(f"{where}: tokenizer_source 'union' (building a merged vocabulary) is not supported yet; "
+                          "use 'base' or a model reference whose tokenizer all models share")
+    if recipe.tokenizer and (recipe.tokenizer.tokens or recipe.tokenizer.pad_to_multiple_of):
+        raise RecipeError(f"{where}: tokenizer.tokens / tokenizer.pad_to_multiple_of are not supported yet")
+    if recipe.tokenizer and recipe.tokenizer_source:
+        raise RecipeError(f"{where}: give either 'tokenizer_source' or 'tokenizer', not both (as in mergekit)")
+    refs = [m.model for m in recipe.models]
+    dup = next((r for r in refs if refs.count(r) > 1), None)
+    if dup:
+        raise RecipeError(f"{where}: model {dup!r} is listed twice in 'models'")
+    tok = recipe.tokenizer_ref
+    if tok is not None and tok not in refs and tok != recipe.base_model:
+        raise RecipeError(f"{where}: tokenizer_source {tok!r} is neither 'base' nor one of the recipe's models")
+    if method.requires_base and not recipe.base_model:
+        raise RecipeError(f"{where}: merge_method {method.name!r} needs 'base_model' (the model the task vectors are taken from)")
+
+    model_fields = _param_fields(method.model_params)
+    global_fields = _param_fields(method.global_params)
+    allowed_global = {**model_fields, **global_fields}
+    for key, setting in (recipe.parameters or {}).items():
+        if key not in allowed_global:
+            raise RecipeError(f"{where}: parameters.{key}: {method.name!r} takes no parameter {key!r} "
+                              f"(allowed: {', '.join(sorted(allowed_global)) or 'none'})")
+        _check_setting_shape(key, setting, where)
+        _check_values(f"parameters.{key}", setting, allowed_global[key], where)
+    inputs = recipe.inputs()
+    merged = [m for m in inputs if not (method.requires_base and m.model == recipe.base_model)]
+    if not merged:
+        raise RecipeError(f"{where}: 'models' lists only the base model; nothing to merge into it")
+    for i, m in enumerate(recipe.models):
+        for key, setting in (m.parameters or {}).items():
+            if key in global_fields and key not in model_fields:
+                raise RecipeError(f"{where}: models[{i}].parameters.{key}: {key!r} applies to the whole merge; "
+                                  f"put it under the top-level 'parameters' (per-model keys: {', '.join(sorted(model_fields)) or 'none'})")
+            if key not in model_fields:
+                raise RecipeError(f"{where}: models[{i}].parameters.{key}: {method.name!r} takes no parameter {key!r} "
+                                  f"(per-model keys: {', '.join(sorted(model_fields)) or 'none'})")
+            _check_setting_shape(key, setting, where)
+            _check_values(f"models[{i}].parameters.{key}", setting, model_fields[key], where)
+    # Required per-model parameters (e.g. weight) must be given somewhere for every merged model.
+    for key, f in model_fields.items():
+        if not f.is_required():
+            continue
+        for m in merged:
+            if key not in (m.parameters or {}) and key not in (recipe.parameters or {}):
+                raise RecipeError(f"{where}: model {m.model!r} has no {key!r} (set models[].parameters.{key} "
+                                  f"or a global parameters.{key})")
+    check_weight_sum(recipe, method, name="", t=0.0, where=where, only_if_scalar=True)
+
+
+def _resolved_normalize(recipe: MergeRecipe, method) -> bool:
+    fields = _param_fields(method.global_params)
+    if "normalize" not in fields:
+        return False
+    value = (recipe.parameters or {}).get("normalize", MISSING)
+    if value is MISSING or not isinstance(value, (bool, int)):
+        return bool(fields["normalize"].default)
+    return bool(value)
+
+
+def check_weight_sum(recipe: MergeRecipe, method, name: str, t: float, where: str = "recipe",
+                     only_if_scalar: bool = False) -> None:
+    """A method that divides by the sum of weights must not see weights summing to zero."""
+    if "weight" not in _param_fields(method.model_params) or not _resolved_normalize(recipe, method):
+        return
+    merged = [m for m in recipe.inputs() if not (method.requires_base and m.model == recipe.base_model)]
+    weights = []
+    for m in merged:
+        sources = [m.parameters, recipe.parameters]
+        if only_if_scalar and any(isinstance(s.get("weight"), (list, dict)) for s in sources if s and "weight" in s):
+            return  # gradients and filters are checked per tensor during the merge
+        w = resolve("weight", sources, name, t)
+        if w is MISSING or not isinstance(w, (int, float)):
+            return
+        weights.append(float(w))
+    if weights and abs(sum(weights)) < 1e-8:
+        at = f" for tensor {name!r}" if name else ""
+        raise RecipeError(f"{where}: the models' 'weight' values sum to zero{at} while normalize is true "
+                          f"(the merge divides by that sum); change a weight or set parameters.normalize: false")
+
+
+def model_names(recipe: MergeRecipe) -> dict[str, str]:
+    """Model reference -> short display name (folder or repo basename, made unique)."""
+    refs = [m.model for m in recipe.inputs()]
+    if recipe.base_model and recipe.base_model not in refs:
+        refs.append(recipe.base_model)
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for ref in refs:
+        path, _, rev = ref.partition("@")
+        short = Path(path.rstrip("/")).name or path
+        if rev:
+            short = f"{short}@{rev}"
+        candidate, n = short, 2
+        while candidate in taken:
+            candidate, n = f"{short}-{n}", n + 1
+        names[ref] = candidate
+        taken.add(candidate)
+    return names
+
+
+if __name__ == "__main__":
+    r = load_recipe(sys.argv[1])
+    print(r.to_yaml())
+    print(model_names(r))
