@@ -63,9 +63,34 @@ def check(
     recipe: Path = typer.Argument(..., help="A mergekit YAML recipe."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     policy: Optional[Path] = typer.Option(None, help="Compatibility policy YAML (thresholds, waivers)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read .bin pickle checkpoints (weights_only)."),
 ):
-    """Check that the recipe's models can be merged, before spending compute."""
-    not_yet("check")
+    """Check that the recipe's models can be merged, before spending compute.
+
+    Exit 0 on pass or warn, 1 when a check fails, 2 when an input is unusable."""
+    import json
+
+    from merge.compat import INPUT_ERRORS, check_recipe
+
+    try:
+        report = check_recipe(recipe, policy, allow_pickle=allow_pickle)
+    except INPUT_ERRORS as e:
+        fail(str(e))
+    if json_out:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        from rich.table import Table
+
+        colour = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim", "waived": "magenta"}
+        table = Table(title=f"compatibility: {recipe}", show_lines=False)
+        for col in ("check", "status", "message"):
+            table.add_column(col, overflow="fold")
+        for c in report.checks:
+            table.add_row(c.name, f"[{colour[c.status]}]{c.status}[/]", c.message)
+        out = Console(width=max(Console().width, 120))
+        out.print(table)
+        out.print(f"status: [{colour[report.status]}]{report.status}[/]")
+    raise typer.Exit(EXIT_FAILED if report.status == "fail" else EXIT_OK)
 
 
 @app.command()
