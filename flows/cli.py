@@ -104,28 +104,102 @@ def merge(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load .bin pickle checkpoints (weights_only)."),
 ):
     """Merge the models of a mergekit recipe into OUTPUT_DIR."""
-    not_yet("merge")
+    from merge.checkpoint import CheckpointError
+    from merge.device import DeviceError
+    from merge.executor import MergeError, run_merge
+    from merge.recipe import RecipeError
+    from merge.resolve import ModelNotFound
+    from merge.writer import OutputError
+
+    try:
+        out = run_merge(recipe, output_dir, device=device, out_shard_size=out_shard_size, overwrite=overwrite,
+                        seed=seed, allow_pickle=allow_pickle, progress=True)
+    except (RecipeError, MergeError, CheckpointError, DeviceError, ModelNotFound, OutputError) as e:
+        fail(str(e))
+    rate = out.stats.get("sign_conflict", {}).get("rate")
+    conflict = f"{rate:.1%}" if rate is not None else "n/a"
+    Console().print(
+        f"merged [bold]{out.method}[/]: {out.tensors} tensors, {out.nbytes / 1e9:.2f} GB in {out.seconds:.1f} s "
+        f"-> {out.path} (sign conflicts {conflict})", highlight=False, soft_wrap=True)
 
 
 @app.command()
 def evaluate(
     model_dir: Path = typer.Argument(..., help="A Hugging Face model folder."),
     suite: Path = typer.Option(..., help="Eval suite YAML."),
-    out: Optional[Path] = typer.Option(None, help="Write scores and per-sample results here."),
-    device: str = typer.Option("cpu"),
-    batch_size: int = typer.Option(16),
+    out: Optional[Path] = typer.Option(None, help="Write scores.csv and samples.csv here."),
+    device: Optional[str] = typer.Option(None, help="Override the suite's device (cpu, cuda, cuda:N)."),
+    batch_size: Optional[int] = typer.Option(None, help="Override the suite's batch size."),
+    zoo: Optional[Path] = typer.Option(None, help="Zoo root: fills the suite's ${zoo} placeholder with its task folder."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Score cache folder (default: no cache)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files in --out."),
 ):
     """Evaluate one model folder with lm-eval on the suite's tasks."""
-    not_yet("evaluate")
+    from evaluation.suite import SuiteError, load_suite
+
+    placeholders = {}
+    if zoo is not None:
+        from evaluation.zoo import load_zoo
+        try:
+            placeholders["zoo"] = load_zoo(zoo).tasks_dir
+        except Exception as e:  # the zoo loader names the file at fault
+            fail(f"--zoo {zoo}: {e}")
+    try:
+        s = load_suite(suite, placeholders)
+    except SuiteError as e:
+        fail(str(e))
+    updates = {k: v for k, v in {"device": device, "batch_size": batch_size}.items() if v is not None}
+    s = s.model_copy(update=updates)
+    if not model_dir.is_dir():
+        fail(f"{model_dir}: model folder not found")
+    targets = [out / "scores.csv", out / "samples.csv"] if out else []
+    if not overwrite and (existing := [str(p) for p in targets if p.exists()]):
+        fail(f"{existing} already exist (pass --overwrite to replace)")
+
+    from evaluation.evaluate import evaluate_models
+    try:
+        table = evaluate_models(s, {model_dir.name: model_dir}, cache_dir, roles={model_dir.name: "candidate"},
+                                log=lambda m: err.print(m, highlight=False))
+    except (SuiteError, FileNotFoundError) as e:
+        fail(str(e))
+    primary = table.primary()[["task", "value"]]
+    Console().print(primary.to_string(index=False, float_format=lambda v: f"{v:.3f}"), highlight=False)
+    if out:
+        import os
+        out.mkdir(parents=True, exist_ok=True)
+        for frame, target in ((table.scores, targets[0]), (table.samples, targets[1])):
+            tmp = target.with_name(f".{target.name}.tmp")
+            frame.to_csv(tmp, index=False)
+            os.replace(tmp, target)  # never a half-written file under the final name
+        err.print(f"wrote {targets[0]} and {targets[1]}", highlight=False)
 
 
 @app.command()
 def gate(
     report: Path = typer.Argument(..., help="A report.json written by mergeline."),
     policy: Path = typer.Option(..., help="Gate policy YAML."),
+    json_out: bool = typer.Option(False, "--json", help="Print the decision as JSON."),
 ):
     """Decide GO (exit 0) or NO-GO (exit 1) from a report and a policy; 2 on unusable input."""
-    not_yet("gate")
+    import json
+
+    from rich.markup import escape
+
+    from evaluation.gate import ReportError, decide, load_report
+    from evaluation.policy import PolicyError, load_policy
+
+    try:
+        decision = decide(load_report(report), load_policy(policy))
+    except (ReportError, PolicyError) as e:
+        fail(escape(str(e)))
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        # A report with the right version but broken content is unusable input, not a NO-GO.
+        fail(escape(f"{report}: malformed report ({type(e).__name__}: {e})"))
+    if json_out:
+        print(json.dumps(decision.to_dict(), indent=2))
+    else:
+        Console().print(decision.text(), highlight=False, soft_wrap=True, markup=False)
+    raise typer.Exit(EXIT_OK if decision.go else EXIT_FAILED)
 
 
 @app.command()
