@@ -47,6 +47,17 @@ class TensorInfo:
         return n
 
 
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The `weight_map` of a sharded checkpoint's index (tensor name -> shard file)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid index, no readable 'weight_map' ({e})") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    return weight_map
+
+
 class Checkpoint:
     """Lazy access to the tensors of one model folder."""
 
@@ -63,10 +74,7 @@ class Checkpoint:
     def _find_weights(self, allow_pickle: bool) -> dict[str, str]:
         index = self.folder / SAFETENSORS_INDEX
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+            weight_map = _read_weight_map(index)
             for shard in sorted(set(weight_map.values())):
                 if not (self.folder / shard).is_file():
                     raise CheckpointError(f"{index}: names shard {shard!r}, which is missing")
@@ -90,14 +98,21 @@ class Checkpoint:
     def _load_pickle(self, name: str) -> dict[str, str]:
         files = [name]
         if name.endswith(".index.json"):
-            files = sorted(set(json.loads((self.folder / name).read_text())["weight_map"].values()))
-        self._pickled = {}
+            files = sorted(set(_read_weight_map(self.folder / name).values()))
+        self._pickled, weight_map = {}, {}
         for f in files:
+            path = self.folder / f
+            if not path.is_file():
+                raise CheckpointError(f"{self.folder / name}: names shard {f!r}, which is missing")
             try:
-                self._pickled.update(torch.load(self.folder / f, map_location="cpu", weights_only=True))
+                state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # torch raises many types for a bad pickle
-                raise CheckpointError(f"{self.folder / f}: cannot load pickle checkpoint ({e})") from e
-        return {k: files[0] for k in self._pickled}
+                raise CheckpointError(f"{path}: cannot load pickle checkpoint ({e})") from e
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise CheckpointError(f"{path}: pickle checkpoint is not a flat name -> tensor state dict")
+            self._pickled.update(state)
+            weight_map.update({k: f for k in state})
+        return weight_map
 
     def _open(self, shard: str):
         if shard not in self._handles:
@@ -115,9 +130,12 @@ class Checkpoint:
         if not path.is_file():
             raise CheckpointError(f"{path}: config.json missing")
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            config = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path}: config.json must be a JSON object")
+        return config
 
     def names(self) -> list[str]:
         return list(self.weight_map)
@@ -132,13 +150,14 @@ class Checkpoint:
             for name, shard in self.weight_map.items():
                 if self._pickled is not None:
                     t = self._pickled[name]
-                    dtype = next(k for k, v in DTYPES.items() if v == t.dtype)
+                    dtype = next((k for k, v in DTYPES.items() if v == t.dtype), str(t.dtype))
                     infos[name] = TensorInfo(dtype, tuple(t.shape), shard)
                     continue
                 try:
                     sl = self._open(shard).get_slice(name)
                 except SafetensorError as e:
-                    raise CheckpointError(f"{self.folder / shard}: tensor {name!r} unreadable ({e})") from e
+                    raise CheckpointError(f"{self.folder / shard}: tensor {name!r} (listed in the index) "
+                                          f"unreadable ({e})") from e
                 infos[name] = TensorInfo(sl.get_dtype(), tuple(sl.get_shape()), shard)
             self._infos = infos
         return self._infos
