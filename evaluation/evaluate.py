@@ -59,6 +59,22 @@ class ScoreTable:
     def names(self, role: str) -> list[str]:
         return [n for n, m in self.models.items() if m["role"] == role]
 
+    @classmethod
+    def concat(cls, tables: list["ScoreTable"]) -> "ScoreTable":
+        """One table from per-model tables of the same suite (e.g. evaluated in parallel tasks)."""
+        if not tables:
+            raise ValueError("no score tables to combine")
+        models, types = {}, {}
+        for t in tables:
+            if dup := set(models) & set(t.models):
+                raise ValueError(f"model(s) {sorted(dup)} appear in more than one table")
+            models.update(t.models)
+            types.update({k: v for k, v in t.task_types.items() if v != "unknown" or k not in types})
+        return cls(scores=pd.concat([t.scores for t in tables], ignore_index=True),
+                   samples=pd.concat([t.samples for t in tables], ignore_index=True),
+                   models=models, task_types=types, lm_eval_version=tables[0].lm_eval_version,
+                   runs=sum(t.runs for t in tables))
+
 
 def infer_roles(suite: EvalSuite, names: list[str], roles: dict[str, str] | None = None) -> dict[str, str]:
     out = {}

@@ -63,7 +63,7 @@ def retention_per_task(report: dict) -> bytes | None:
     ax = fig.subplots()
     _grouped_bars(ax, tasks, series)
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
-    ax.text(len(tasks) - 0.5, 1.0, " fine-tune", va="bottom", ha="right", fontsize=8)
+    ax.text(-0.5, 1.0, " = fine-tune", va="bottom", ha="left", fontsize=8)
     top = max([v for s in series.values() for v in s if v is not None] + [1.0])
     ax.set_ylim(0, top * 1.15)
     ax.set_ylabel("retention (merged / fine-tune)")
@@ -149,7 +149,9 @@ def delta_norms(report: dict) -> bytes | None:
         for i in range(len(names)):
             for j in range(len(names)):
                 if not np.isnan(mat[i, j]):
-                    axes[1].text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=8)
+                    # White on the saturated end of the colour map, black elsewhere, so it stays legible.
+                    axes[1].text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                                 color="white" if abs(mat[i, j]) > 0.6 else "black")
         axes[1].set_title("Cosine similarity of task vectors")
         fig.colorbar(im, ax=axes[1], fraction=0.046)
     return _png(fig)

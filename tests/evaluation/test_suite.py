@@ -112,3 +112,15 @@ def test_roles_from_names_and_missing_folder(tmp_path):
         infer_roles(suite, ["x"], {"x": "judge"})
     with pytest.raises(FileNotFoundError, match="'base'"):
         evaluate_models(suite, {"base": tmp_path / "nope"}, None, runner=CountingRunner(), log=None)
+
+
+def test_tables_evaluated_apart_concat_into_one(tmp_path):
+    suite = load_suite({"retention": {"ft": ["t"]}})
+    runner = CountingRunner()
+    a = evaluate_models(suite, {"base": _model(tmp_path, "b", b"1")}, None, runner=runner, log=None)
+    b = evaluate_models(suite, {"ft": _model(tmp_path, "f", b"2")}, None, runner=runner, log=None)
+    both = ScoreTable.concat([a, b])
+    assert list(both.models) == ["base", "ft"] and both.runs == 2
+    assert set(both.primary()["model"]) == {"base", "ft"}
+    with pytest.raises(ValueError, match="more than one table"):
+        ScoreTable.concat([a, a])
