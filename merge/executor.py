@@ -391,29 +391,28 @@ class _Result:
 
 
 def model_thresholds(plan: Plan, dev: torch.device) -> list[float] | None:
-    """The paper's whole-model trimming (`trim_scope: model`): one first pass for per-model thresholds."""
-    scope = resolve("trim_scope", [plan.recipe.parameters], "", 0.0)
-    if scope is MISSING or scope != "model":
+    """The paper's whole-model trimming (`trim_scope: model`): a first streaming pass builds a
+    histogram of each model's |delta| over ALL tensors and returns the k-th largest magnitude per
+    model (k = density * model size), which the method then applies to every tensor."""
+    if plan.recipe.trim_scope != "model":
         return None
-    try:
-        from merge.methods.trim import whole_model_thresholds
-    except ImportError as e:
-        raise RecipeError("trim_scope: model needs merge.methods.trim.whole_model_thresholds, not available") from e
+    from merge.methods.select import MagnitudeHistogram
+
     base_i = plan.base_index
-    if base_i is None:
-        raise RecipeError(f"trim_scope: model needs a base model ({plan.method.name!r})")
-
-    def deltas():
-        for job in plan.jobs:
-            if not job.floating:
-                continue
-            ts = [s.reader.read(src).to(dev, job.compute_dtype) for s, src in zip(plan.inputs, job.sources)]
-            base = ts[base_i]
-            yield [t - base for i, t in enumerate(ts) if i != base_i]
-
-    per_model = [p for p in tensor_params(plan, plan.jobs[0])[0]]
-    densities = [float(getattr(p, "density", 1.0)) for p in per_model]
-    return whole_model_thresholds(deltas(), densities)
+    hists = [MagnitudeHistogram() for _ in plan.merged]
+    for job in plan.jobs:
+        if not job.floating:
+            continue
+        ts = [s.reader.read(src).to(dev, job.compute_dtype) for s, src in zip(plan.inputs, job.sources)]
+        deltas = [t - ts[base_i] for i, t in enumerate(ts) if i != base_i]
+        for h, d in zip(hists, deltas):
+            h.add(d)
+        del ts, deltas
+    densities = []
+    for s in plan.merged:
+        d = resolve("density", [s.parameters, plan.recipe.parameters], "", 0.0)
+        densities.append(1.0 if d is MISSING else float(d))
+    return [h.threshold(d) for h, d in zip(hists, densities)]
 
 
 def _write_side_files(plan: Plan, folder: Path, base_i: int | None) -> None:

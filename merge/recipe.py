@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, field_validator
@@ -89,6 +89,9 @@ class MergeRecipe(BaseModel):
     tokenizer_source: str | None = None
     tokenizer: TokenizerSpec | None = None
     chat_template: str | None = None
+    # mergeline extension: "model" trims by the top-k of each model's WHOLE task vector, as in the
+    # TIES paper (Yadav et al. 2023, sec. 3), instead of per tensor as mergekit does.
+    trim_scope: Literal["tensor", "model"] = "tensor"
     slices: Any = None
     modules: Any = None
     # Where relative model paths are also looked up (the recipe file's folder); not a YAML key.
@@ -119,7 +122,9 @@ class MergeRecipe(BaseModel):
         return self.base_model or self.inputs()[0].model
 
     def to_yaml(self) -> str:
-        data = self.model_dump(exclude_none=True, exclude={"source_dir"})
+        data = self.model_dump(exclude_none=True, exclude={"source_dir", "slices", "modules"})
+        if self.trim_scope == "tensor":
+            data.pop("trim_scope")
         return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -249,6 +254,15 @@ def check_recipe_semantics(recipe: MergeRecipe, where: str = "recipe") -> None:
     if method.requires_base and not recipe.base_model:
         raise RecipeError(f"{where}: merge_method {method.name!r} needs 'base_model' (the model the task vectors are taken from)")
 
+    if recipe.trim_scope == "model":
+        if method.name != "ties":
+            raise RecipeError(f"{where}: trim_scope 'model' (whole-model trimming) applies to merge_method 'ties' only, "
+                              f"not {method.name!r}")
+        for i, m in enumerate(recipe.inputs()):
+            d = (m.parameters or {}).get("density", (recipe.parameters or {}).get("density", 1.0))
+            if not isinstance(d, (int, float)) or isinstance(d, bool):
+                raise RecipeError(f"{where}: trim_scope 'model' needs one scalar density per model; "
+                                  f"model {m.model!r} has {d!r}")
     model_fields = _param_fields(method.model_params)
     global_fields = _param_fields(method.global_params)
     allowed_global = {**model_fields, **global_fields}
