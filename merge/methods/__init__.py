@@ -1,0 +1,8 @@
+"""Merge methods as small pure tensor functions, looked up by recipe name in ``registry.METHODS``.
+
+Run: python -m pytest tests/merge/test_methods.py -q
+"""
+from merge.methods.registry import METHODS, MergeMethod, MethodResult, get_method
+from merge.methods.stats import ModelStats, TensorStats
+
+__all__ = ["METHODS", "MergeMethod", "MethodResult", "ModelStats", "TensorStats", "get_method"]

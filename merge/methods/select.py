@@ -1,0 +1,189 @@
+"""Exact top-k magnitude selection without sorting: a histogram (radix) select on float bits.
+
+TIES (Yadav et al. 2023, arXiv:2306.01708) keeps the k entries of largest |delta|. mergekit
+argsorts every tensor (~120 ns/element on one core); we only need the k-th largest magnitude.
+For a non-negative IEEE float, ordering by value equals ordering by bit pattern, so:
+- bf16/fp16: ONE bincount over the 15 magnitude bits gives the exact k-th value;
+- fp32: a bincount over the high 16 bits finds the bin, a second over the low 16 bits of the
+  entries in that bin finds the exact value (two passes, no sort);
+- other dtypes: torch.kthvalue.
+
+Ties at the threshold are broken DETERMINISTICALLY: the kept set is every entry with |x| > t plus
+the lowest-flat-index entries with |x| == t until exactly k are kept (mergekit leaves this to
+argsort's order). ``TopK.mask`` applies this as ``>= t`` before flat index ``cut`` and ``> t``
+from there on, so masks can be built chunk by chunk.
+
+Run: python -m pytest tests/merge/test_methods.py -q -k select; python benchmarks/bench_select.py
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+CHUNK = 1 << 22  # elements per numpy pass: bounds the temporaries of the histogram passes
+_LO = 0 if sys.byteorder == "little" else 1  # which uint16 half of an fp32 holds the low bits
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The k largest |x| under the total order (|x| descending, then flat index ascending)."""
+
+    k: int
+    threshold: float  # the k-th largest magnitude (exactly representable in the dtype); inf if k == 0
+    cut: int  # entries with |x| == threshold are kept iff their flat index < cut
+
+    def mask(self, a: Tensor, start: int = 0, out: Tensor | None = None) -> Tensor:
+        """Boolean keep-mask of magnitudes ``a`` at flat positions ``[start, start + len(a))``."""
+        t, end = self.threshold, start + a.numel()
+        if end <= self.cut:
+            return torch.ge(a, t, out=out)
+        out = torch.gt(a, t, out=out)
+        if start < self.cut:  # the one chunk that straddles the cut
+            j = self.cut - start
+            torch.ge(a[:j], t, out=out[:j])
+        return out
+
+
+def _u16(x: Tensor) -> np.ndarray:
+    """Bit patterns of a 16-bit float tensor as a numpy uint16 view (no copy)."""
+    return x.view(torch.int16).numpy().view(np.uint16)
+
+
+def _kth_desc(hist: np.ndarray, k: int) -> tuple[int, int]:
+    """Key of the k-th largest entry in a histogram of keys, and how many entries lie above it."""
+    above_or_at = np.cumsum(hist[::-1])
+    j = int(np.searchsorted(above_or_at, k))  # first key (from the top) reaching k entries
+    return len(hist) - 1 - j, int(above_or_at[j - 1]) if j else 0
+
+
+def _hist16(flat: Tensor) -> np.ndarray:
+    """Counts of the 15 magnitude bits (sign masked off) of a flat 16-bit float tensor."""
+    hist = np.zeros(1 << 15, dtype=np.int64)
+    for s in range(0, flat.numel(), CHUNK):
+        keys = _u16(flat[s : s + CHUNK]) & np.uint16(0x7FFF)
+        hist += np.bincount(keys, minlength=1 << 15)
+    return hist
+
+
+def _keys(flat: Tensor, s: int, e: int) -> np.ndarray:
+    """Magnitude keys (bit patterns without sign) of flat[s:e], ordered like |x|."""
+    if flat.element_size() == 2:
+        return _u16(flat[s:e]) & np.uint16(0x7FFF)
+    return flat[s:e].view(torch.int32).numpy().view(np.uint32) & np.uint32(0x7FFFFFFF)
+
+
+def _tie_cut(flat: Tensor, key: int, need: int, ties: int) -> int:
+    """Flat position just after the ``need``-th entry whose magnitude key equals ``key``."""
+    if need >= ties:
+        return flat.numel()
+    seen = 0
+    for s in range(0, flat.numel(), CHUNK):
+        eq = _keys(flat, s, min(s + CHUNK, flat.numel())) == key
+        c = int(eq.sum())
+        if seen + c >= need:
+            return s + int(np.flatnonzero(eq)[need - seen - 1]) + 1
+        seen += c
+    return flat.numel()
+
+
+def _key_to_float(key: int, dtype: torch.dtype) -> float:
+    if dtype == torch.bfloat16:
+        return float(np.array([key << 16], dtype=np.uint32).view(np.float32)[0])
+    if dtype == torch.float16:
+        return float(np.array([key], dtype=np.uint16).view(np.float16)[0])
+    return float(np.array([key], dtype=np.uint32).view(np.float32)[0])
+
+
+def topk(x: Tensor, k: int) -> TopK:
+    """Exact top-k of |x| (x is e.g. a task vector; signs are ignored). No sort of x.
+
+    Ties at the k-th magnitude keep the lowest flat indices. NaN ranks above inf.
+    """
+    flat = x.detach().reshape(-1)
+    n = flat.numel()
+    if k <= 0 or n == 0:
+        return TopK(0, math.inf, 0)
+    k = min(k, n)
+    if flat.device.type != "cpu" or flat.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return _topk_kthvalue(flat, k)
+    flat = flat.contiguous()
+    if flat.element_size() == 2:
+        hist = _hist16(flat)
+        key, above = _kth_desc(hist, k)
+        ties = int(hist[key])
+    else:
+        key, above, ties = _kth32(flat, k)
+    cut = _tie_cut(flat, key, k - above, ties)
+    return TopK(k, _key_to_float(key, flat.dtype), cut)
+
+
+def _kth32(flat: Tensor, k: int) -> tuple[int, int, int]:
+    """fp32 radix select: high-16-bit histogram, then low-16-bit histogram inside the bin."""
+    halves = flat.view(torch.int16).numpy().view(np.uint16)
+    hist = np.zeros(1 << 15, dtype=np.int64)
+    for s in range(0, 2 * flat.numel(), 2 * CHUNK):
+        hist += np.bincount(halves[s + 1 - _LO : s + 2 * CHUNK : 2] & np.uint16(0x7FFF), minlength=1 << 15)
+    hi, above = _kth_desc(hist, k)
+    low_hist = np.zeros(1 << 16, dtype=np.int64)
+    for s in range(0, 2 * flat.numel(), 2 * CHUNK):
+        part = halves[s : s + 2 * CHUNK]
+        in_bin = (part[1 - _LO :: 2] & np.uint16(0x7FFF)) == hi
+        low_hist += np.bincount(part[_LO::2][in_bin], minlength=1 << 16)
+    lo, above_lo = _kth_desc(low_hist, k - above)
+    return (hi << 16) | lo, above + above_lo, int(low_hist[lo])
+
+
+def _topk_kthvalue(flat: Tensor, k: int) -> TopK:
+    """Fallback for other dtypes/devices: kthvalue, then the same deterministic tie rule."""
+    a = flat.abs()
+    t = a.kthvalue(a.numel() - k + 1).values
+    above = int((a > t).sum())
+    eq = (a == t).nonzero().flatten()
+    need = k - above
+    cut = a.numel() if need >= eq.numel() else int(eq[need - 1]) + 1
+    return TopK(k, float(t), cut)
+
+
+class MagnitudeHistogram:
+    """Per-model histogram of |delta| across many tensors: the paper's whole-model threshold.
+
+    Feed every tensor's delta of one model with ``add``; ``threshold(density)`` returns the
+    magnitude t of the k-th largest entry over the whole model (k = max(1, int(density * total))).
+    Keep entries with |delta| >= t. Exact for 16-bit deltas; for fp32 deltas t is the lower edge of
+    the 16-high-bit bin holding the k-th value (relative resolution 2^-7), i.e. it may keep a few
+    more entries than k.
+    """
+
+    def __init__(self) -> None:
+        self.hist = np.zeros(1 << 15, dtype=np.int64)
+        self.dtype: torch.dtype | None = None
+        self.total = 0
+
+    def add(self, delta: Tensor) -> None:
+        flat = delta.detach().reshape(-1).contiguous().cpu()
+        if flat.dtype not in (torch.bfloat16, torch.float16):
+            flat = flat.float()
+        if self.dtype is not None and flat.dtype != self.dtype:
+            raise ValueError(f"MagnitudeHistogram mixes {self.dtype} and {flat.dtype} deltas")
+        self.dtype = flat.dtype
+        self.total += flat.numel()
+        if flat.element_size() == 2:
+            self.hist += _hist16(flat)
+            return
+        halves = flat.view(torch.int16).numpy().view(np.uint16)
+        for s in range(0, halves.size, 2 * CHUNK):
+            part = halves[s + 1 - _LO : s + 2 * CHUNK : 2] & np.uint16(0x7FFF)
+            self.hist += np.bincount(part, minlength=1 << 15)
+
+    def threshold(self, density: float) -> float:
+        if self.total == 0:
+            raise ValueError("MagnitudeHistogram.threshold: no tensors were added")
+        key, _ = _kth_desc(self.hist, max(1, int(density * self.total)))
+        if self.dtype == torch.float32:
+            return _key_to_float(key << 16, torch.float32)
+        return _key_to_float(key, self.dtype)

@@ -1,0 +1,63 @@
+"""SLERP: spherical linear interpolation between two models (Shoemake 1985, "Animating rotation
+with quaternion curves"), per tensor over its flattened weights, as mergekit's ``slerp``:
+v0 is the base, v1 the other model, t the interpolation factor. Norms and the angle are computed
+in float32 (float64 for float64 inputs) on the normalized vectors; near-colinear or antipodal
+pairs (|cos| > 0.9995) fall back to linear interpolation; zero-norm vectors are treated as norm 1.
+
+Run: python -m pytest tests/merge/test_methods.py -q -k slerp
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from merge.methods.common import CHUNK, check_inputs, flat, spans, work_dtype
+from merge.methods.linear import delta_stats
+
+DOT_THRESHOLD = 0.9995
+EPS = 1e-8
+
+
+def slerp_coefficients(t: float, v0: Tensor, v1: Tensor) -> tuple[float, float]:
+    """(c0, c1) with result = c0 * v0 + c1 * v1."""
+    wd = work_dtype(v0.dtype)
+    a, b = flat(v0), flat(v1)
+    norm_a = norm_b = dot = 0.0
+    for s, e in spans(a.numel()):
+        x, y = a[s:e].to(wd), b[s:e].to(wd)
+        norm_a += float(x.dot(x))
+        norm_b += float(y.dot(y))
+    norm_a, norm_b = math.sqrt(norm_a), math.sqrt(norm_b)
+    norm_a = norm_a if norm_a > EPS else 1.0
+    norm_b = norm_b if norm_b > EPS else 1.0
+    for s, e in spans(a.numel()):
+        dot += float((a[s:e].to(wd) / norm_a).dot(b[s:e].to(wd) / norm_b))
+    dot = min(1.0, max(-1.0, dot))
+    if abs(dot) > DOT_THRESHOLD:  # nearly colinear: the angle is ill-conditioned, so lerp
+        return 1 - t, t
+    # coefficients in the work dtype, as mergekit computes them (keeps parity at ~1 ulp)
+    theta, tt = torch.acos(torch.tensor(dot, dtype=wd)), torch.tensor(t, dtype=wd)
+    sin_theta = torch.sin(theta)
+    return float(torch.sin((1 - tt) * theta) / sin_theta), float(torch.sin(tt * theta) / sin_theta)
+
+
+def slerp(base: Tensor, models: list[Tensor], model_params: list, params, *,
+          generator: torch.Generator | None = None, thresholds: list[float] | None = None):
+    """``base`` is v0 and ``models == [v1]``."""
+    from merge.methods.registry import MethodResult
+
+    check_inputs("slerp", base, models, need_base=True)
+    if len(models) != 1:
+        raise ValueError(f"slerp merges exactly two models (base + one), got base + {len(models)}")
+    c0, c1 = slerp_coefficients(params.t, base, models[0])
+    wd = work_dtype(base.dtype)
+    a, b = flat(base), flat(models[0])
+    out = torch.empty_like(a)
+    buf = torch.empty(2, min(CHUNK, a.numel()), dtype=wd)
+    for s, e in spans(a.numel()):
+        # copies: never in place on the borrowed inputs; two products then a sum, like mergekit
+        x, y = buf[0, : e - s].copy_(a[s:e]).mul_(c0), buf[1, : e - s].copy_(b[s:e]).mul_(c1)
+        out[s:e].copy_(x.add_(y))
+    return MethodResult(out.reshape(base.shape), delta_stats(base, models, [1.0]))
