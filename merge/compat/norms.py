@@ -18,6 +18,8 @@ like a fine-tune. Over matrices, an unrelated base sits near sqrt(2) at any size
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -75,49 +77,86 @@ def _num(x: float | None) -> float | None:
 
 
 def stream_norms(base: Checkpoint, models: dict[str, Checkpoint], names: list[str],
-                 chunk: int = 1 << 22) -> NormResult:
-    """Accumulate delta norms and dot products over `names` (all present with equal shapes)."""
+                 chunk: int = 1 << 18, threads: int | None = None) -> NormResult:
+    """Accumulate delta norms and dot products over `names` (all present with equal shapes).
+
+    Tensors are spread over `threads` Python threads (default: torch's thread count), each
+    running single-threaded torch ops on cache-sized chunks: on small per-chunk ops, torch's
+    own intra-op threads cost more in synchronisation than they save.
+    """
     keys = list(models)
     k = len(keys)
-    gram = torch.zeros(k, k, dtype=torch.float64)
-    base_sq = 0.0
-    res = NormResult(keys, gram, 0.0, gram_2d=torch.zeros(k, k, dtype=torch.float64))
-    buf = torch.empty(k, min(chunk, 1), dtype=torch.float32)
-    for name in names:
+    res = NormResult(keys, torch.zeros(k, k, dtype=torch.float64), 0.0,
+                     gram_2d=torch.zeros(k, k, dtype=torch.float64))
+    infos = base.infos()
+    for m in models.values():
+        m.infos()  # open every shard here, not concurrently in the workers
+    width = min(chunk, max((infos[n].numel for n in names), default=1))
+    local = threading.local()
+
+    def work(name: str):
         b = base.get(name)
-        if not (b.is_floating_point()):
-            continue  # integer buffers (position ids) are not weights
-        is_matrix = b.dim() >= 2
-        b = b.reshape(-1)
+        if not b.is_floating_point():
+            return name, None, [], False  # integer buffers (position ids) are not weights
         ms = [models[m].get(name).reshape(-1) for m in keys]
-        g = torch.zeros(k, k, dtype=torch.float64)
-        bsq = 0.0
-        for s in range(0, b.numel(), chunk):
-            e = min(s + chunk, b.numel())
-            if buf.shape[1] != e - s:
-                buf = torch.empty(k, e - s, dtype=torch.float32)
-            bf = b[s:e].float()
-            for i, m in enumerate(ms):
-                torch.sub(m[s:e], bf, out=buf[i])  # bf16 -> float32 and subtract in one pass
-            g += (buf @ buf.T).double()
-            bsq += float(torch.dot(bf, bf))
-        if not (torch.isfinite(g).all() and math.isfinite(bsq)):
-            res.nonfinite += _find_nonfinite(name, b, dict(zip(keys, ms)))
-            continue  # keep the totals meaningful for the other flags
-        gram += g
-        base_sq += bsq
-        if is_matrix:
-            res.gram_2d += g
-            res.base_sq_2d += bsq
-        res.tensors += 1
-        res.numel += b.numel()
-        bn = math.sqrt(bsq)
-        res.per_tensor[name] = {"base_norm": bn, **{
-            m: {"delta_norm": math.sqrt(max(float(g[i, i]), 0.0)),
-                "relative_delta": _num(math.sqrt(max(float(g[i, i]), 0.0)) / bn) if bn > 0 else None}
-            for i, m in enumerate(keys)}}
-    res.base_sq = base_sq
+        if getattr(local, "buf", None) is None:
+            local.buf = torch.empty(k + 1, width, dtype=torch.float32)
+        g = _gram(b.reshape(-1), ms, local.buf)
+        bad = [] if torch.isfinite(g).all() else _find_nonfinite(name, b, dict(zip(keys, ms)))
+        return name, g, bad, b.dim() >= 2
+
+    workers = threads or torch.get_num_threads()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for name, g, bad, is_matrix in pool.map(work, names):
+                if g is not None:
+                    _accumulate(res, name, g, bad, is_matrix, infos[name].numel)
+    finally:
+        torch.set_num_threads(previous)
     return res
+
+
+def _gram(b: torch.Tensor, ms: list[torch.Tensor], buf: torch.Tensor) -> torch.Tensor:
+    """(k+1)-square Gram matrix of [tau_1 .. tau_k, theta_0] over one flattened tensor.
+
+    Rows 0..k-1 of the chunk buffer hold the deltas, row k the base: one small matmul per chunk
+    gives the squared delta norms, their pairwise dot products and ||theta_0||^2 together.
+    Converting with copy_ then subtracting in float32 is faster than a mixed-dtype subtract.
+    """
+    k = len(ms)
+    width = buf.shape[1]
+    g = torch.zeros(k + 1, k + 1, dtype=torch.float64)
+    for s in range(0, b.numel(), width):
+        e = min(s + width, b.numel())
+        d = buf[:, : e - s]
+        d[k].copy_(b[s:e])
+        for i, m in enumerate(ms):
+            d[i].copy_(m[s:e])
+            d[i].sub_(d[k])
+        g += (d @ d.T).double()
+    return g
+
+
+def _accumulate(res: NormResult, name: str, g: torch.Tensor, bad: list[dict], is_matrix: bool, numel: int) -> None:
+    k = len(res.models)
+    if bad:
+        res.nonfinite += bad
+        return  # keep the totals meaningful for the other flags
+    bsq, g = float(g[k, k]), g[:k, :k]
+    res.gram += g
+    res.base_sq += bsq
+    if is_matrix:
+        res.gram_2d += g
+        res.base_sq_2d += bsq
+    res.tensors += 1
+    res.numel += numel
+    bn = math.sqrt(bsq)
+    norms = [math.sqrt(max(float(g[i, i]), 0.0)) for i in range(k)]
+    res.per_tensor[name] = {"base_norm": bn, **{
+        m: {"delta_norm": norms[i], "relative_delta": _num(norms[i] / bn) if bn > 0 else None}
+        for i, m in enumerate(res.models)}}
 
 
 def _find_nonfinite(name: str, base: torch.Tensor, models: dict[str, torch.Tensor]) -> list[dict]:
