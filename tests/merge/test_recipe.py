@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from merge.parameters import MISSING, evaluate_setting, layer_index, layer_t, num_layers, resolve
@@ -206,3 +208,11 @@ def test_uncached_repo_says_how_to_fetch(monkeypatch, tmp_path):
     assert "not in the Hugging Face cache" in msg and "hf download nobody-here/nothing --revision abc" in msg
     with pytest.raises(ModelNotFound):
         resolve_model("./no/such/folder/here")
+
+
+def test_example_recipes_load():
+    recipes = sorted((Path(__file__).resolve().parents[2] / "configs" / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 5
+    for path in recipes:
+        r = load_recipe(path)
+        assert r.inputs(), path

@@ -1,0 +1,232 @@
+"""mergeline's TIES against mergekit's TIES on a Llama-shaped ~300M-parameter model.
+
+Builds (once, cached under --cache, default ./.bench) a synthetic Llama (hidden 1024, 20 layers,
+vocab 32000, intermediate 2816: 322.5M parameters, bf16, ~616 MB) and three fine-tunes whose deltas
+are ~1e-3 relative, then runs the same recipe (TIES, density 0.2, weights 0.4/0.3/0.3, normalize,
+dtype bfloat16) through both tools, each in its own subprocess so wall time and peak RSS are the
+tool's own (peak RSS from resource.getrusage(RUSAGE_CHILDREN) of a fresh child per run).
+Also times the floor: reading all four inputs and writing one output, nothing computed.
+
+    python benchmarks/bench_merge.py                 # both tools, prints the table
+    python benchmarks/bench_merge.py --only mergeline
+    python benchmarks/bench_merge.py --cache /data/bench --device cuda
+
+Hooks for other timings on the same models: `build_models(cache) -> BenchModels` returns the
+paths; `timed_subprocess(code)` runs a Python snippet in a fresh process and returns
+(seconds, peak_rss_bytes); `ROWS` collects extra rows printed in the same table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HIDDEN, LAYERS, VOCAB, INTER, HEADS = 1024, 20, 32000, 2816, 16
+REL_DELTA = 1e-3
+ROOT = Path(__file__).resolve().parents[1]
+ROWS: list[tuple[str, float, int, str]] = []  # (label, seconds, peak_rss_bytes, note) added by hooks
+
+
+@dataclass
+class BenchModels:
+    base: Path
+    finetunes: list[Path]
+    recipe: Path  # the TIES recipe, local paths
+
+
+def _shapes() -> dict[str, tuple[int, ...]]:
+    s = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        s.update({
+            p + "input_layernorm.weight": (HIDDEN,),
+            p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": (HIDDEN, HIDDEN),
+            p + "self_attn.v_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+            p + "post_attention_layernorm.weight": (HIDDEN,),
+            p + "mlp.gate_proj.weight": (INTER, HIDDEN), p + "mlp.up_proj.weight": (INTER, HIDDEN),
+            p + "mlp.down_proj.weight": (HIDDEN, INTER),
+        })
+    s.update({"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)})
+    return s
+
+
+def _config() -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+            "intermediate_size": INTER, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+            "num_key_value_heads": HEADS, "vocab_size": VOCAB, "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 2048, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+
+def build_models(cache: str | Path = ".bench", seed: int = 0) -> BenchModels:
+    """Create (or reuse) the base, three fine-tunes and the recipe under `cache`."""
+    import torch
+    from safetensors.torch import save_file
+
+    cache = Path(cache).resolve()
+    names = ["base", "ft1", "ft2", "ft3"]
+    done = cache / "DONE"
+    if not done.exists():
+        g = torch.Generator().manual_seed(seed)
+        base = {}
+        for k, shape in _shapes().items():
+            base[k] = (torch.ones(shape) if k.endswith("norm.weight") else 0.02 * torch.randn(shape, generator=g)).bfloat16()
+        for i, name in enumerate(names):
+            folder = cache / name
+            folder.mkdir(parents=True, exist_ok=True)
+            if i == 0:
+                tensors = base
+            else:  # a fine-tune: base + noise of ~REL_DELTA relative size, in bf16
+                tensors = {k: (v.float() + REL_DELTA * v.float().abs().mean() * torch.randn(v.shape, generator=g) * 30).bfloat16()
+                           for k, v in base.items()}
+            save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+            (folder / "config.json").write_text(json.dumps(_config(), indent=2))
+        done.write_text("ok\n")
+    recipe = cache / "ties.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        merge_method: ties
+        base_model: {cache / 'base'}
+        models:
+          - model: {cache / 'ft1'}
+            parameters: {{weight: 0.4, density: 0.2}}
+          - model: {cache / 'ft2'}
+            parameters: {{weight: 0.3, density: 0.2}}
+          - model: {cache / 'ft3'}
+            parameters: {{weight: 0.3, density: 0.2}}
+        parameters: {{normalize: true}}
+        dtype: bfloat16
+        """))
+    return BenchModels(cache / "base", [cache / n for n in names[1:]], recipe)
+
+
+def timed_subprocess(code: str, env: dict | None = None) -> tuple[float, int]:
+    """Run `python -c code` in a fresh process; (wall seconds, that child's peak RSS in bytes).
+
+    Each call is measured in a fresh helper process, so RUSAGE_CHILDREN there sees only this run.
+    """
+    wrapper = textwrap.dedent(f"""\
+        import resource, subprocess, sys, time, json
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, "-c", {code!r}])
+        dt = time.perf_counter() - t
+        print(json.dumps([r.returncode, dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024]))
+        """)
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+    out = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, env=full_env, cwd=ROOT)
+    try:
+        rc, dt, rss = json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise RuntimeError(f"benchmark child failed:\n{out.stdout}\n{out.stderr}") from None
+    if rc != 0:
+        raise RuntimeError(f"benchmark child exited {rc}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return dt, rss
+
+
+def run_mergeline(m: BenchModels, out: Path, device: str = "cpu") -> tuple[float, int]:
+    return timed_subprocess(textwrap.dedent(f"""\
+        from merge.executor import run_merge
+        run_merge({str(m.recipe)!r}, {str(out)!r}, device={device!r}, overwrite=True, progress=False)
+        """))
+
+
+def run_mergekit(m: BenchModels, out: Path, device: str = "cpu") -> tuple[float, int]:
+    return timed_subprocess(textwrap.dedent(f"""\
+        import yaml
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import MergeOptions, run_merge
+        cfg = MergeConfiguration.model_validate(yaml.safe_load(open({str(m.recipe)!r})))
+        run_merge(cfg, {str(out)!r}, MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True,
+                                                  device={device!r}))
+        """))
+
+
+def run_floor(m: BenchModels, out: Path) -> tuple[float, int]:
+    """Read every input tensor and write the base once: the I/O a merge cannot avoid."""
+    folders = [str(m.base)] + [str(f) for f in m.finetunes]
+    return timed_subprocess(textwrap.dedent(f"""\
+        from pathlib import Path
+        from merge.checkpoint import DTYPES, Checkpoint
+        from merge.executor import TensorReader
+        from merge.writer import OutTensor, ShardWriter
+        readers = [TensorReader(Checkpoint(f)) for f in {folders!r}]
+        out = Path({str(out)!r}); out.mkdir(parents=True, exist_ok=True)
+        infos = readers[0].infos
+        w = ShardWriter(out, [OutTensor(n, DTYPES[i.dtype], i.shape) for n, i in infos.items()], 5 * 10**9)
+        names = list(infos)
+        for n in names:
+            ts = [r.read(n) for r in readers]
+            w.write(n, ts[0])
+        w.close()
+        """))
+
+
+def max_abs_diff(a: Path, b: Path) -> float:
+    from safetensors import safe_open
+
+    worst = 0.0
+    ta = {}
+    for f in sorted(a.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            ta.update({k: (f, k) for k in h.keys()})
+    tb = {}
+    for f in sorted(b.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            tb.update({k: (f, k) for k in h.keys()})
+    assert set(ta) == set(tb), "the two outputs hold different tensor names"
+    for k in ta:
+        with safe_open(str(ta[k][0]), "pt") as ha, safe_open(str(tb[k][0]), "pt") as hb:
+            worst = max(worst, (ha.get_tensor(k).float() - hb.get_tensor(k).float()).abs().max().item())
+    return worst
+
+
+def warm_page_cache(m: BenchModels) -> None:
+    for f in [m.base, *m.finetunes]:
+        for p in f.glob("*.safetensors"):
+            with open(p, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", default=".bench", help="folder for the synthetic models (built once)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", choices=["mergeline", "mergekit"], default=None)
+    args = ap.parse_args(argv)
+
+    t = time.perf_counter()
+    m = build_models(args.cache)
+    print(f"models ready in {time.perf_counter() - t:.1f} s under {Path(args.cache).resolve()}")
+    out = Path(args.cache).resolve() / "out"
+    warm_page_cache(m)
+    rows = []
+    floor = run_floor(m, out / "floor")
+    rows.append(("floor: read 4 inputs + write 1", *floor))
+    results = {}
+    if args.only in (None, "mergeline"):
+        results["mergeline"] = run_mergeline(m, out / "mergeline", args.device)
+        rows.append((f"mergeline ties ({args.device})", *results["mergeline"]))
+    if args.only in (None, "mergekit"):
+        results["mergekit"] = run_mergekit(m, out / "mergekit", args.device)
+        rows.append((f"mergekit ties ({args.device})", *results["mergekit"]))
+    rows += [(label, s, rss) for label, s, rss, _ in ROWS]
+    print(f"\n{'run':38s} {'wall s':>8s} {'peak RSS GB':>12s}")
+    for label, s, rss in rows:
+        print(f"{label:38s} {s:8.2f} {rss / 1e9:12.2f}")
+    if len(results) == 2:
+        (ml, ml_rss), (mk, mk_rss) = results["mergeline"], results["mergekit"]
+        diff = max_abs_diff(out / "mergeline", out / "mergekit")
+        print(f"\nspeed-up {mk / ml:.1f}x (target >= 5x), peak memory {ml_rss / mk_rss:.2f}x of mergekit's "
+              f"(target <= 1), largest |mergeline - mergekit| = {diff:.3g}")
+        print("(ties at the trim threshold are broken by index in mergeline, by argsort order in mergekit,"
+              " so a few bf16 steps of difference are expected)")
+
+
+if __name__ == "__main__":
+    main()
