@@ -55,7 +55,14 @@ def demo(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs of an earlier demo run."),
 ):
     """Run the whole pipeline on the built-in zoo and print the decision."""
-    not_yet("demo")
+    from flows.demo import run_demo
+
+    summary = _pipeline_errors(lambda: run_demo(workdir, overwrite=overwrite))
+    _print_summary(summary)
+    store = summary.get("mlflow_uri", "")
+    if store.startswith("sqlite:"):
+        typer.echo(f"MLflow UI: mlflow ui --backend-store-uri {store}")
+    raise typer.Exit(EXIT_OK if summary["decision"] == "GO" else EXIT_FAILED)
 
 
 @app.command()
@@ -135,6 +142,8 @@ def evaluate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files in --out."),
 ):
     """Evaluate one model folder with lm-eval on the suite's tasks."""
+    from rich.markup import escape
+
     from evaluation.suite import SuiteError, load_suite
 
     placeholders = {}
@@ -143,11 +152,11 @@ def evaluate(
         try:
             placeholders["zoo"] = load_zoo(zoo).tasks_dir
         except Exception as e:  # the zoo loader names the file at fault
-            fail(f"--zoo {zoo}: {e}")
+            fail(escape(f"--zoo {zoo}: {e}"))
     try:
         s = load_suite(suite, placeholders)
     except SuiteError as e:
-        fail(str(e))
+        fail(escape(str(e)))
     updates = {k: v for k, v in {"device": device, "batch_size": batch_size}.items() if v is not None}
     s = s.model_copy(update=updates)
     if not model_dir.is_dir():
@@ -161,7 +170,7 @@ def evaluate(
         table = evaluate_models(s, {model_dir.name: model_dir}, cache_dir, roles={model_dir.name: "candidate"},
                                 log=lambda m: err.print(m, highlight=False))
     except (SuiteError, FileNotFoundError) as e:
-        fail(str(e))
+        fail(escape(str(e)))
     primary = table.primary()[["task", "value"]]
     Console().print(primary.to_string(index=False, float_format=lambda v: f"{v:.3f}"), highlight=False)
     if out:
@@ -207,17 +216,77 @@ def run(
     pipeline: Path = typer.Argument(..., help="A pipeline YAML."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs of an earlier run."),
 ):
-    """Run a pipeline file: check, merge, evaluate, gate, register."""
-    not_yet("run")
+    """Run a pipeline file: check, merge, evaluate, gate, register. Exit 0 GO, 1 NO-GO."""
+    from flows.pipeline import run_pipeline
+
+    summary = _pipeline_errors(lambda: run_pipeline(pipeline, refresh=overwrite))
+    _print_summary(summary)
+    raise typer.Exit(EXIT_OK if summary["decision"] == "GO" else EXIT_FAILED)
+
+
+def _pipeline_errors(fn):
+    """Run `fn`; a bad pipeline file, recipe, suite, policy or an unreachable server exits 2."""
+    from flows.pipeline import input_errors
+
+    try:
+        return fn()
+    except input_errors() as e:
+        fail(str(e), EXIT_BAD_INPUT)
+
+
+def _print_summary(summary: dict) -> None:
+    color = "green" if summary["decision"] == "GO" else "red"
+    out = Console()
+    out.print(f"[bold {color}]{summary['decision']}[/] (stage: {summary.get('stage')})")
+    for reason in summary.get("reasons") or []:
+        out.print(f"  - {reason}", highlight=False)
+    if summary.get("registered"):
+        r = summary["registered"]
+        out.print(f"registered: {r['name']} version {r['version']} (aliases: {', '.join(r['aliases'])})")
+    out.print(f"report: {summary.get('report')}", highlight=False, soft_wrap=True)
 
 
 @app.command()
 def lineage(
     target: str = typer.Argument(..., help="A merged model folder, or a registered NAME@alias."),
     json_out: bool = typer.Option(False, "--json"),
+    tracking_uri: Optional[str] = typer.Option(
+        None, envvar="MLFLOW_TRACKING_URI", help="MLflow store for NAME@alias (default: ./mlflow.db)."),
 ):
     """Print the merge lineage tree of a model, across generations."""
-    not_yet("lineage")
+    import json
+
+    from merge.lineage import load_lineage, tree
+
+    folder = Path(target)
+    if not folder.is_dir():
+        if "@" not in target:
+            fail(f"{target}: not a folder, and not a registered NAME@alias")
+        from tasks.tracking import client, folder_of
+
+        try:
+            folder = folder_of(client(tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"), target)
+        except Exception as e:  # MlflowException (unknown name/alias) or a non-local source
+            fail(f"{target}: {e}")
+    try:
+        lin = load_lineage(folder)
+    except ValueError as e:
+        fail(str(e))
+    if lin is None:
+        fail(f"{folder}: no lineage.json (not a model merged by mergeline)", EXIT_FAILED)
+    if json_out:
+        typer.echo(json.dumps(lin, indent=2))
+        return
+    from rich.tree import Tree
+
+    def add(branch, node):
+        for child in node["children"]:
+            add(branch.add(f"{child['label']}  [dim]{(child.get('hash') or '')[:19]}[/]"), child)
+
+    root = tree(lin)
+    rich_tree = Tree(f"[bold]{root['label']}[/]  [dim]{(root.get('hash') or '')[:19]}[/]")
+    add(rich_tree, root)
+    Console().print(rich_tree)
 
 
 @app.command()
@@ -227,7 +296,9 @@ def schedule(
     name: Optional[str] = typer.Option(None, help="Deployment name."),
 ):
     """Create and serve a Prefect deployment that runs the pipeline on a cron schedule."""
-    not_yet("schedule")
+    from flows.schedule import serve
+
+    _pipeline_errors(lambda: serve(pipeline, cron, name))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,305 @@
+"""The pipeline flow: check -> merge (TIES + baselines) -> evaluate -> gate -> register.
+
+One Prefect flow run per pipeline run, one MLflow parent run with a child run per stage. The
+compatibility gate runs first and stops the flow before any merge on a fail (Yadav et al. 2023
+assume one shared base; a fine-tune of another base must never reach the merge). Merges and
+evaluations are Prefect tasks keyed by content hashes (tasks/caching.py), submitted together so
+they run side by side on the task runner (threads by default, Dask with `runner.kind: dask`).
+
+    mergeline run configs/pipeline_demo.yaml          # exit 0 GO, 1 NO-GO, 2 bad input
+    python -m flows.pipeline configs/pipeline_demo.yaml
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import get_run_context
+
+from flows.pipeline_config import Pipeline, PipelineError, load_pipeline
+from flows.servers import check_servers, default_environment, resolve_tracking
+from merge.lineage import recipe_hash, set_run_id
+from tasks import tracking
+from tasks.check_tasks import check_compat
+from tasks.eval_tasks import combine, evaluate_model
+from tasks.merge_tasks import merge_key, merge_model
+from tasks.recipes import baseline_recipe, base_name, inputs, resolved_recipe
+from tasks.register_tasks import register_model
+
+
+def candidates(pipe: Pipeline) -> tuple[str, dict[str, dict]]:
+    """(primary name, {candidate name: resolved recipe}) for the main recipe and the baselines."""
+    main = resolved_recipe(*_loaded(pipe, pipe.recipe))
+    primary = pipe.primary or main["merge_method"]
+    out = {primary: main}
+    for b in pipe.baselines:
+        if isinstance(b, str):
+            out[b] = baseline_recipe(main, b)
+        elif b.recipe is not None:
+            out[b.name] = resolved_recipe(*_loaded(pipe, b.recipe))
+        else:
+            out[b.name] = baseline_recipe(main, b.method or b.name)
+    return primary, out
+
+
+def _loaded(pipe: Pipeline, value) -> tuple:
+    if isinstance(value, dict):
+        return value, pipe.source_dir
+    return pipe.path(value), None
+
+
+def _policy(pipe: Pipeline, value) -> dict | None:
+    return pipe.load(value)[0]
+
+
+@flow(name="mergeline-pipeline", log_prints=True)
+def pipeline_flow(pipeline: str, refresh: bool = False) -> dict:
+    """Run the pipeline file `pipeline`; returns a summary with the decision ("GO" / "NO-GO")."""
+    default_environment()
+    log = get_run_logger()
+    pipe = load_pipeline(pipeline)
+    work = pipe.workdir_path
+    work.mkdir(parents=True, exist_ok=True)
+    track = resolve_tracking(work, pipe.tracking.mlflow_tracking_uri, pipe.tracking.prefect_api_url)
+    check_servers(track)
+    results = work / "prefect-results"
+    opts = dict(result_storage=results, refresh_cache=refresh)
+
+    # -- MLflow parent run --------------------------------------------------------
+    c = tracking.client(track.mlflow_uri)
+    exp = tracking.ensure_experiment(c, pipe.tracking.experiment, track.artifact_location)
+    flow_run = get_run_context().flow_run
+    parent = tracking.start_run(c, exp, f"{pipe.name}", tags={
+        "mergeline.pipeline": str(Path(pipeline).resolve()), "prefect.flow_run_id": str(flow_run.id),
+        "prefect.flow_run_name": flow_run.name})
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = work / "runs" / f"{stamp}-{parent[:8]}"
+    run_dir.mkdir(parents=True)
+    try:
+        summary = _stages(pipe, c, track.mlflow_uri, parent, run_dir, opts, log)
+    except BaseException:
+        c.set_terminated(parent, "FAILED")
+        raise
+    summary.update(mlflow_run_id=parent, mlflow_uri=track.mlflow_uri, run_dir=str(run_dir),
+                   workdir=str(work))
+    tracking.set_tags(c, parent, {"mergeline.decision": summary["decision"]})
+    tracking.log_metrics(c, parent, {"go": summary["decision"] == "GO"})
+    tracking.log_json(c, parent, summary, "summary.json")
+    c.set_terminated(parent, "FINISHED")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    log.info(f"decision: {summary['decision']} (report: {summary.get('report')})")
+    return summary
+
+
+def _stages(pipe: Pipeline, c, mlflow_uri: str, parent: str, run_dir: Path, opts: dict, log) -> dict:
+    from evaluation.suite import check_ready, load_suite
+
+    primary, recipes = candidates(pipe)
+    main = recipes[primary]
+    compat_policy = _policy(pipe, pipe.compat_policy)
+    gate_policy = _policy(pipe, pipe.gate_policy)
+    suite_src = pipe.path(pipe.eval_suite) if isinstance(pipe.eval_suite, str) else pipe.eval_suite
+    suite = load_suite(suite_src, pipe.placeholders)
+    check_ready(suite)
+    tracking.log_params(c, parent, {"recipe": main, "recipe_hash": recipe_hash(main),
+                                    "baselines": sorted(set(recipes) - {primary}),
+                                    "gate_policy": gate_policy, "compat_policy": compat_policy or {},
+                                    "seed": pipe.merge.seed})
+    tracking.log_json(c, parent, recipes, "recipes.json")
+
+    # -- 1. compatibility gate: before any merge ------------------------------------
+    with tracking.child_run(c, parent, "check") as run:
+        compat = check_compat.with_options(**opts)(main, compat_policy)
+        tracking.log_json(c, run, compat, "compat_report.json")
+        tracking.log_metrics(c, run, {"delta_norms": (compat.get("norms") or {}).get("per_model", {}),
+                                      "compat_fail": compat["status"] == "fail"})
+        tracking.set_tags(c, run, {"status": compat["status"]})
+    (run_dir / "compat_report.json").write_text(json.dumps(compat, indent=2))
+    if compat["status"] == "fail":
+        return _stopped_by_compat(compat, run_dir, c, parent, log)
+
+    # -- 2 + 3. merges and evaluations, side by side ----------------------------------
+    folders = inputs(main)
+    base = base_name(main)
+    finetunes = {n: p for n, p in folders.items() if n != base}
+    unknown = sorted(set(suite.retention) - set(finetunes))
+    if unknown:
+        raise PipelineError(f"eval suite: retention names {unknown} are not models of the recipe "
+                            f"(models: {sorted(finetunes)}); name the fine-tune folders alike")
+    suite_dict = suite.model_dump(mode="json")
+    score_cache = str(Path(pipe.workdir_path) / "score-cache")
+    evals = {"base": evaluate_model.with_options(**opts).submit(
+        name="base", path=str(folders[base]), role="base", suite=suite_dict, cache_dir=score_cache)}
+    for n in suite.retention:
+        evals[n] = evaluate_model.with_options(**opts).submit(
+            name=n, path=str(finetunes[n]), role="finetune", suite=suite_dict, cache_dir=score_cache)
+    merges = {}
+    for name, recipe in recipes.items():
+        merges[name] = merge_model.with_options(**opts).submit(
+            name=name, recipe=recipe, models_dir=str(pipe.workdir_path / "models"),
+            key=merge_key(recipe, pipe.merge.seed), seed=pipe.merge.seed, device=pipe.merge.device,
+            out_shard_size=pipe.merge.out_shard_size, allow_pickle=pipe.merge.allow_pickle,
+            mlflow_run_id=parent, refresh=opts["refresh_cache"])
+    merged = {}
+    for name, fut in merges.items():
+        m = merged[name] = fut.result()
+        evals[name] = evaluate_model.with_options(**opts).submit(
+            name=name, path=m["path"], role="candidate", suite=suite_dict, cache_dir=score_cache)
+        with tracking.child_run(c, parent, f"merge:{name}") as run:
+            tracking.log_params(c, run, {"recipe": recipes[name], "content_hash": m["content_hash"]})
+            stats = m["stats"] or {}
+            tracking.log_metrics(c, run, {"seconds": m["seconds"],
+                                          "sign_conflict_rate": (stats.get("sign_conflict") or {}).get("rate"),
+                                          "per_model": stats.get("per_model") or {}})
+            for f in ("merge_stats.json", "merge_stats_tensors.csv", "lineage.json", "README.md"):
+                tracking.log_artifact(c, run, Path(m["path"]) / f, "merge")
+    tables = {n: f.result() for n, f in evals.items()}
+    table = combine(list(tables.values()))
+
+    # -- 4. report and gate --------------------------------------------------------
+    from evaluation.plots import all_plots
+    from evaluation.report import build_report, render_markdown, write_reports
+
+    report = build_report(suite, table, primary=primary,
+                          merge_stats={n: m["stats"] for n, m in merged.items()}, compat=compat,
+                          policy=gate_policy,
+                          extra_inputs={"pipeline": pipe.name, "recipe_hash": recipe_hash(main),
+                                        "mlflow_run_id": parent})
+    decision = report["decision"]
+    verdict = decision["verdict"]
+    paths = write_reports(report, run_dir / "report")
+    plots_dir = run_dir / "report" / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    for pname, png in all_plots(report).items():
+        if png:
+            (plots_dir / f"{pname}.png").write_bytes(png)
+    with tracking.child_run(c, parent, "evaluate") as run:
+        tracking.log_metrics(c, run, {"scores": {f"{s['model']}.{s['task']}": s["value"] for s in report["scores"]},
+                                      "lm_eval_runs": table.runs})
+        tracking.log_metrics(c, run, {n: cand.get("summary", {}) for n, cand in report["candidates"].items()})
+    with tracking.child_run(c, parent, "gate") as run:
+        tracking.log_metrics(c, run, {"go": decision["go"]})
+        tracking.set_tags(c, run, {"decision": verdict})
+        tracking.log_json(c, run, decision, "decision.json")
+        for p in paths.values():
+            tracking.log_artifact(c, run, Path(p), "report")
+        tracking.log_artifact(c, run, plots_dir, "report/plots")
+    tracking.log_metrics(c, parent, {n: cand.get("summary", {}) for n, cand in report["candidates"].items()})
+    _prefect_artifacts(render_markdown(report), report["scores"], pipe.name)
+
+    # -- 5. register -----------------------------------------------------------------
+    registered = None
+    m = merged[primary]
+    set_run_id(m["path"], parent)  # a reused merge records the run that registered it
+    if pipe.tracking.register_as:
+        with tracking.child_run(c, parent, "register") as run:
+            registered = register_model(mlflow_uri, pipe.tracking.register_as, m["path"], parent, m["content_hash"], verdict,
+                                        {"mergeline.recipe_hash": recipe_hash(main)})
+            tracking.log_params(c, run, registered)
+    tracking.log_artifact(c, parent, Path(m["path"]) / "lineage.json")
+    log.info(decision.get("reasons") and "\n".join(decision["reasons"]) or "all gate rules passed")
+    return {"decision": verdict, "stage": "gate", "primary": primary, "reasons": decision["reasons"],
+            "report": str(paths.get("md") or next(iter(paths.values()))), "reports": {k: str(v) for k, v in paths.items()},
+            "models": {n: m["path"] for n, m in merged.items()}, "registered": registered,
+            "lm_eval_runs": table.runs}
+
+
+def _stopped_by_compat(compat: dict, run_dir: Path, c, parent: str, log) -> dict:
+    reasons = [f"{ch['name']}: {ch['message']}" for ch in compat["checks"]
+               if ch["status"] == "fail" and not ch.get("waived")]
+    md = "# NO-GO: stopped by the compatibility gate\n\nNo merge was computed.\n\n" + "\n".join(
+        f"- {r}" for r in reasons) + "\n"
+    (run_dir / "report.md").write_text(md)
+    decision = {"go": False, "verdict": "NO-GO", "stage": "check", "reasons": reasons}
+    (run_dir / "decision.json").write_text(json.dumps(decision, indent=2))
+    tracking.log_artifact(c, parent, run_dir / "report.md", "report")
+    tracking.log_json(c, parent, decision, "decision.json")
+    _prefect_artifacts(md, [], None)
+    log.warning("compatibility gate failed; no merge computed:\n" + "\n".join(reasons))
+    return {"decision": "NO-GO", "stage": "check", "reasons": reasons, "report": str(run_dir / "report.md"),
+            "models": {}, "registered": None}
+
+
+def _prefect_artifacts(markdown: str, scores: list[dict], name: str | None) -> None:
+    key = "mergeline-report"
+    create_markdown_artifact(markdown=markdown, key=key, description="mergeline report")
+    if scores:
+        create_table_artifact(table=scores, key="mergeline-scores", description="primary score per model and task")
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def task_runner(pipe: Pipeline):
+    if pipe.runner.kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if pipe.runner.dask_address:
+            return DaskTaskRunner(address=pipe.runner.dask_address)
+        # Threads, not processes: worker processes would each start their own temporary Prefect
+        # server when no PREFECT_API_URL is set.
+        return DaskTaskRunner(cluster_kwargs={"n_workers": 1, "threads_per_worker": pipe.runner.max_workers,
+                                              "processes": False, "dashboard_address": None})
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=pipe.runner.max_workers)
+
+
+def validate(pipe: Pipeline) -> None:
+    """Load everything the file names (recipes, suite, policies) and resolve every model: a bad
+    key or a missing folder fails here, in seconds, not halfway through a run."""
+    from evaluation.policy import load_policy as load_gate_policy
+    from evaluation.suite import check_ready, load_suite
+    from merge.compat.policy import load_policy as load_compat_policy
+
+    candidates(pipe)
+    load_gate_policy(_policy(pipe, pipe.gate_policy))
+    load_compat_policy(_policy(pipe, pipe.compat_policy))
+    suite_src = pipe.path(pipe.eval_suite) if isinstance(pipe.eval_suite, str) else pipe.eval_suite
+    check_ready(load_suite(suite_src, pipe.placeholders))
+
+
+def run_pipeline(path: str | Path, refresh: bool = False) -> dict:
+    """Validate the file, check the servers (fast), then run the flow. Raises PipelineError,
+    ServerUnreachable before any heavy work."""
+    default_environment()
+    pipe = load_pipeline(path)
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value() or None  # env or the active Prefect profile
+    track = resolve_tracking(pipe.workdir_path, pipe.tracking.mlflow_tracking_uri,
+                             pipe.tracking.prefect_api_url or api)
+    check_servers(track)
+    validate(pipe)
+    flow_fn = pipeline_flow.with_options(task_runner=task_runner(pipe))
+    if track.prefect_api_url and track.prefect_api_url != api:
+        from prefect.settings import temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: track.prefect_api_url}):
+            return flow_fn(pipeline=str(Path(path).resolve()), refresh=refresh)
+    return flow_fn(pipeline=str(Path(path).resolve()), refresh=refresh)
+
+
+def input_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean unusable input (exit 2), not a failed check."""
+    from flows.servers import ServerUnreachable
+    from merge.recipe import RecipeError
+    from merge.resolve import ModelNotFound
+
+    errors: list[type[Exception]] = [PipelineError, ServerUnreachable, RecipeError, ModelNotFound]
+    for mod, name in (("evaluation.suite", "SuiteError"), ("evaluation.policy", "PolicyError"),
+                      ("merge.compat", "CompatInputError")):
+        try:
+            errors.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_pipeline(sys.argv[1]), indent=2, default=str))

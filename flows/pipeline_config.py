@@ -1,0 +1,147 @@
+"""The pipeline file: one YAML that says what to merge, what to compare it with, how to judge it,
+and where to record it.
+
+    name: demo
+    workdir: ../mergeline-runs/demo      # relative paths resolve against this file's folder
+    recipe: recipe_ties.yaml             # a mergekit recipe: a path, or the mapping inline
+    baselines: [linear, task_arithmetic] # same models, plain method (weights kept); or {name, recipe}
+    eval_suite: eval_suite.yaml
+    gate_policy: gate_policy.yaml
+    compat_policy: compat_policy.yaml    # optional
+    tracking: {experiment: mergeline, register_as: mergeline-demo}
+    runner: {kind: threads, max_workers: 2}
+
+`mergeline run PIPELINE` runs it (flows/pipeline.py). Unknown keys are refused by name.
+
+    python -m flows.pipeline_config configs/pipeline_demo.yaml
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class PipelineError(ValueError):
+    """A pipeline file that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Baseline(_Strict):
+    name: str
+    # A full mergekit recipe (path or mapping); None: the main recipe's models with `method`.
+    recipe: Union[str, dict[str, Any], None] = None
+    method: Optional[str] = None
+
+
+class MergeSettings(_Strict):
+    device: str = "cpu"
+    seed: int = 0
+    out_shard_size: str = "5GB"
+    allow_pickle: bool = False
+
+
+class Tracking(_Strict):
+    experiment: str = "mergeline"
+    # Environment variables win over these (MLFLOW_TRACKING_URI, PREFECT_API_URL): one setting away.
+    mlflow_tracking_uri: Optional[str] = None
+    prefect_api_url: Optional[str] = None
+    register_as: Optional[str] = Field(None, description="registered model name; None: do not register")
+
+
+class Runner(_Strict):
+    kind: Literal["threads", "dask"] = "threads"
+    max_workers: int = Field(2, ge=1)
+    # dask: an existing scheduler ("tcp://host:8786") or None for a local threads cluster.
+    dask_address: Optional[str] = None
+
+
+class Pipeline(_Strict):
+    name: str = "pipeline"
+    workdir: str = "mergeline-runs/pipeline"
+    recipe: Union[str, dict[str, Any]]
+    primary: Optional[str] = Field(None, description="candidate name of the recipe (default: its merge_method)")
+    baselines: list[Union[str, Baseline]] = Field(default_factory=list)
+    eval_suite: Union[str, dict[str, Any]]
+    gate_policy: Union[str, dict[str, Any]]
+    compat_policy: Union[str, dict[str, Any], None] = None
+    placeholders: dict[str, str] = Field(default_factory=dict, description="${NAME} values for the suite")
+    merge: MergeSettings = Field(default_factory=MergeSettings)
+    tracking: Tracking = Field(default_factory=Tracking)
+    runner: Runner = Field(default_factory=Runner)
+    # The file's folder; relative paths above resolve against it. Set by load_pipeline.
+    source_dir: Optional[str] = Field(None, exclude=True)
+
+    @field_validator("baselines")
+    @classmethod
+    def _unique(cls, v):
+        names = [b if isinstance(b, str) else b.name for b in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"baseline names repeat: {names}")
+        return v
+
+    # -- resolved views -------------------------------------------------------
+    def path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() or self.source_dir is None else Path(self.source_dir) / p
+
+    @property
+    def workdir_path(self) -> Path:
+        return self.path(self.workdir).resolve()
+
+    def load(self, value):
+        """A path or an inline mapping -> (mapping, file or None)."""
+        if isinstance(value, dict) or value is None:
+            return value, None
+        p = self.path(value)
+        if not p.is_file():
+            raise PipelineError(f"{value}: file not found (resolved to {p})")
+        return yaml.safe_load(p.read_text()), p
+
+
+def load_pipeline(path: str | Path) -> Pipeline:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: pipeline file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise PipelineError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path}: a pipeline file is a YAML mapping (name, recipe, eval_suite, ...)")
+    if "source_dir" in data:
+        raise PipelineError(f"{path}: unknown key 'source_dir'")
+    try:
+        pipe = Pipeline.model_validate(data)
+    except ValidationError as e:
+        raise PipelineError(f"{path}: {explain(e)}") from None
+    pipe.source_dir = str(path.resolve().parent)
+    for key in ("recipe", "eval_suite", "gate_policy", "compat_policy"):
+        value = getattr(pipe, key)
+        if isinstance(value, str) and not pipe.path(value).is_file():
+            raise PipelineError(f"{path}: key '{key}': file {value} not found (resolved to {pipe.path(value)})")
+    return pipe
+
+
+def explain(e: ValidationError) -> str:
+    msgs = []
+    for err in e.errors():
+        # Union members add their type name to the location; drop those for a readable key.
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("str", "dict[", "Baseline")))
+        if err["type"] == "extra_forbidden":
+            msgs.append(f"unknown key '{loc}'")
+        elif err["type"] == "missing":
+            msgs.append(f"missing required key '{loc}'")
+        else:
+            msgs.append(f"key '{loc}': {err['msg']}")
+    return "; ".join(dict.fromkeys(msgs))
+
+
+if __name__ == "__main__":
+    print(load_pipeline(sys.argv[1]).model_dump_json(indent=2))
