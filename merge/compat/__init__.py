@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from merge.checkpoint import Checkpoint, CheckpointError
+from merge.recipe import RecipeError, load_recipe, model_names
+from merge.resolve import ModelNotFound, resolve_model
 
 from .architecture import check_architecture
 from .norms import norm_checks, stream_norms
@@ -36,18 +38,8 @@ class CompatInputError(ValueError):
     """Input the gate cannot judge (e.g. the same model twice); the message names the file."""
 
 
-def _input_errors() -> tuple[type[Exception], ...]:
-    errors: list[type[Exception]] = [CheckpointError, CompatInputError, PolicyError]
-    try:  # the recipe reader's own errors (merge/recipe.py, merge/resolve.py)
-        from merge.recipe import RecipeError
-        from merge.resolve import ModelNotFound
-        errors += [RecipeError, ModelNotFound]
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-INPUT_ERRORS = _input_errors()
+# Everything that means "unusable input" (exit code 2), each with a message naming the file.
+INPUT_ERRORS: tuple[type[Exception], ...] = (CheckpointError, CompatInputError, PolicyError, RecipeError, ModelNotFound)
 
 
 def check_models(base: str | Path, models: Mapping[str, str | Path], policy: Any = None, *,
@@ -115,14 +107,11 @@ def _refuse_duplicates(base: Path, models: dict[str, Path]) -> None:
 
 def check_recipe(recipe_or_path: Any, policy: Any = None, *, allow_pickle: bool = False) -> CompatReport:
     """Resolve a mergekit recipe's base and models, then `check_models` them."""
-    from merge.recipe import load_recipe, model_names
-    from merge.resolve import resolve_model
-
     if hasattr(recipe_or_path, "merge_method"):
         recipe = recipe_or_path
         where = "recipe"
     else:
-        recipe = load_recipe(recipe_or_path, validate=_methods_available())
+        recipe = load_recipe(recipe_or_path)
         where = str(recipe_or_path) if isinstance(recipe_or_path, (str, Path)) else "recipe"
     if not recipe.base_model:
         raise CompatInputError(f"{where}: no base_model: the gate compares every model against the base")
@@ -141,11 +130,3 @@ def check_recipe(recipe_or_path: Any, policy: Any = None, *, allow_pickle: bool 
         raise CompatInputError(f"{where}: {e}") from None
     return check_models(base, folders, policy, allow_pickle=allow_pickle, base_name=names[recipe.base_model])
 
-
-def _methods_available() -> bool:
-    """Full recipe validation needs the method registry (merge/methods); read without it until it lands."""
-    try:
-        import merge.methods.registry  # noqa: F401
-    except ImportError:
-        return False
-    return True

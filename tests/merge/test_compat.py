@@ -356,11 +356,23 @@ def test_cli_allow_pickle(tiny, tmp_path):
     assert res.exit_code == 0, res.output
 
 
-def test_cli_same_model_twice_exit_2(tiny, tmp_path):
+@pytest.mark.parametrize("second", ["{ft}/", "{ft}", "{base}"])
+def test_cli_same_model_twice_exit_2(tiny, tmp_path, second):
+    second = second.format(ft=tiny["ft_a"], base=tiny["base"] / ".." / "base")
     p = tmp_path / "r.yaml"
     p.write_text(f"merge_method: ties\nbase_model: {tiny['base']}\nmodels:\n"
                  f"  - model: {tiny['ft_a']}\n    parameters: {{weight: 0.5}}\n"
-                 f"  - model: {tiny['ft_a']}/\n    parameters: {{weight: 0.5}}\n")
+                 f"  - model: {second}\n    parameters: {{weight: 0.5}}\n")
     res = runner.invoke(app, ["check", str(p)])
     assert res.exit_code == 2, res.output
     assert "twice" in res.output
+
+
+def test_cli_bad_recipe_and_policy_exit_2(tiny, tmp_path):
+    p = recipe(tmp_path, tiny, "ft_a")
+    pol = tmp_path / "pol.yaml"
+    pol.write_text("norms: {max_relative_delta: -1}\n")
+    res = runner.invoke(app, ["check", str(p), "--policy", str(pol)])
+    assert res.exit_code == 2 and "pol.yaml" in res.output and "max_relative_delta" in res.output
+    res = runner.invoke(app, ["check", str(tmp_path / "nope.yaml")])
+    assert res.exit_code == 2 and "nope.yaml" in res.output
