@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-CHUNK = 1 << 22  # elements per numpy pass: bounds the temporaries of the histogram passes
+CHUNK = 1 << 18  # elements per numpy pass: bincount's intp copy of a chunk stays in cache
 _LO = 0 if sys.byteorder == "little" else 1  # which uint16 half of an fp32 holds the low bits
 
 
@@ -62,12 +62,13 @@ def _kth_desc(hist: np.ndarray, k: int) -> tuple[int, int]:
 
 
 def _hist16(flat: Tensor) -> np.ndarray:
-    """Counts of the 15 magnitude bits (sign masked off) of a flat 16-bit float tensor."""
-    hist = np.zeros(1 << 15, dtype=np.int64)
-    for s in range(0, flat.numel(), CHUNK):
-        keys = _u16(flat[s : s + CHUNK]) & np.uint16(0x7FFF)
-        hist += np.bincount(keys, minlength=1 << 15)
-    return hist
+    """Counts of the 15 magnitude bits of a flat 16-bit float tensor: a histogram of the raw 16
+    bits (no masking pass), then the negative half folded onto the positive one."""
+    hist = np.zeros(1 << 16, dtype=np.int64)
+    bits = _u16(flat)
+    for s in range(0, bits.size, CHUNK):
+        hist += np.bincount(bits[s : s + CHUNK], minlength=1 << 16)
+    return hist[: 1 << 15] + hist[1 << 15 :]
 
 
 def _keys(flat: Tensor, s: int, e: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -62,6 +63,35 @@ class Stored:
     def mask(self, a: Tensor, start: int = 0, out: Tensor | None = None) -> Tensor:
         part = self.keep[start : start + a.numel()]
         return part.clone() if out is None else out.copy_(part)
+
+
+def _below(t: float, dtype: torch.dtype) -> float:
+    """The largest value of ``dtype`` under t: |x| > _below(t) is |x| >= t for values of dtype."""
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    return float(np.nextafter(np_dtype(t), np_dtype(-np.inf)))
+
+
+def trim(sparsifier, d: Tensor, start: int, out: Tensor) -> Tensor:
+    """out = d where kept else 0, for the chunk of flat positions [start, start + len(d)).
+
+    Threshold sparsifiers use one fused ``hardshrink`` (keeps |x| > lambda) instead of
+    abs + compare + multiply: 3 passes and a bool temporary saved per element."""
+    if isinstance(sparsifier, KeepAll):
+        return out.copy_(d)
+    if isinstance(sparsifier, AtLeast):
+        return torch.hardshrink(d, _below(sparsifier.threshold, d.dtype), out=out)
+    if isinstance(sparsifier, TopK):
+        t, cut, end = sparsifier.threshold, sparsifier.cut, start + d.numel()
+        if sparsifier.k == 0:
+            return out.zero_()
+        if end <= cut:
+            return torch.hardshrink(d, _below(t, d.dtype), out=out)
+        torch.hardshrink(d, t, out=out)
+        if start < cut:  # the one chunk straddling the tie cut: ties before it are kept
+            j = cut - start
+            torch.hardshrink(d[:j], _below(t, d.dtype), out=out[:j])
+        return out
+    return torch.mul(d, sparsifier.mask(d.abs(), start), out=out)
 
 
 def magnitude(delta: Tensor, density: float):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from merge.methods import sparsify
-from merge.methods.common import CHUNK, Rounder, check_inputs, compute_delta, flat, spans, work_dtype
+from merge.methods.common import Rounder, check_inputs, chunk_size, compute_delta, flat, spans, work_dtype
 from merge.methods.stats import ModelStats, TensorStats
 
 
@@ -58,8 +58,6 @@ def generalized_task_arithmetic(
     check_inputs(name, base, models, need_base=True)
     if len(model_params) != len(models):
         raise ValueError(f"{name}: {len(models)} models but {len(model_params)} parameter sets")
-    dtype, n, numel = base.dtype, len(models), base.numel()
-    rnd, wd = Rounder(dtype), work_dtype(dtype)
     b = flat(base)
     deltas = [compute_delta(b, m) for m in models]
 
@@ -69,72 +67,82 @@ def generalized_task_arithmetic(
         for i, (d, p) in enumerate(zip(deltas, model_params))
     ]
     scales = [sparsify.l1_rescale(d, m) if params.rescale else 1.0 for d, m in zip(deltas, masks)]
+    out, stats = _merge_chunks(b, deltas, masks, model_params, scales, params, consensus)
+    return MethodResult(out.reshape(base.shape), stats)
+
+
+def _merge_chunks(b: Tensor, deltas: list[Tensor], masks: list, model_params: list, scales: list[float],
+                  params, consensus: bool) -> tuple[Tensor, TensorStats]:
+    """Steps 1-3 fused over cache-sized chunks with preallocated fp32 scratch.
+
+    Signs are handled arithmetically: with g = the elected sign (+-1), a weighted contribution x
+    agrees iff x * g > 0, so clamp(x * g, min=0) holds exactly the agreeing magnitudes, and
+    sign(x * g) counts agreeing (+1) and disagreeing (-1) contributions without bool tensors.
+    """
+    dtype, dev, n, numel = b.dtype, b.device, len(deltas), b.numel()
+    wd, C = work_dtype(dtype), chunk_size(b)
+    rnd = Rounder(dtype, n, C, dev)
     # weights are rounded to the compute dtype, as mergekit builds them with the deltas' dtype
-    w = torch.tensor([p.weight for p in model_params], dtype=dtype).to(wd).reshape(n, 1)
-    scale = torch.tensor(scales, dtype=dtype).to(wd).reshape(n, 1)
-    rescaled = any(s != 1.0 for s in scales)
+    w = torch.tensor([p.weight for p in model_params], dtype=dtype, device=dev).to(wd).reshape(n, 1)
+    scale = torch.tensor(scales, dtype=dtype, device=dev).to(wd).reshape(n, 1)
+    rescaled = any(x != 1.0 for x in scales)
     weight_sum = float(rnd(w.sum(0)))
     divisor_all = 1.0 if abs(weight_sum) < 1e-8 else weight_sum
 
     out = torch.empty_like(b)
-    C = min(CHUNK, numel)
-    D, A = torch.empty(n, C, dtype=wd), torch.empty(n, C, dtype=wd)
-    K, G = torch.empty(n, C, dtype=torch.bool), torch.empty(n, C, dtype=torch.bool)
-    B = torch.empty(C, dtype=wd)
-    acc = torch.zeros(5, n, dtype=torch.float64)  # kept, kept_mag, agree, agree_mag(weighted), -
-    conflicts = with_kept = 0
-    for s, e in spans(numel):
+    D, X = torch.empty(n, C, dtype=wd, device=dev), torch.empty(n, C, dtype=wd, device=dev)
+    B, S, M = (torch.empty(C, dtype=wd, device=dev) for _ in range(3))
+    Z = torch.empty(C, dtype=torch.bool, device=dev)
+    # per model: kept, kept |d|, agreeing, agreeing |weighted d|; per tensor: conflicts, with kept
+    acc = torch.zeros(4, n, dtype=torch.float64, device=dev)
+    pos = torch.zeros(2, dtype=torch.int64, device=dev)
+    for s, e in spans(numel, C):
         L = e - s
-        d, a, keep, agree, bb = D[:, :L], A[:, :L], K[:, :L], G[:, :L], B[:L]
+        d, x, bb, mixed = D[:, :L], X[:, :L], B[:L], M[:L]
         bb.copy_(b[s:e])
-        for i in range(n):
-            d[i].copy_(deltas[i][s:e])
-            torch.abs(d[i], out=a[i])
-            masks[i].mask(a[i], s, out=keep[i])
         # 1. Trim
-        d.mul_(keep)
-        acc[0] += torch.count_nonzero(d, dim=1)
-        acc[1] += torch.linalg.vector_norm(d, ord=1, dim=1)
+        for i in range(n):
+            sparsify.trim(masks[i], x[i].copy_(deltas[i][s:e]), s, out=d[i])
+        acc[0] += torch.sign(d, out=x).abs_().sum(1)  # nonzero survivors (exact: chunk < 2^24)
+        acc[1] += torch.abs(d, out=x).sum(1)
         if rescaled:
             rnd(d.mul_(scale))
         rnd(d.mul_(w))  # weight before electing, as mergekit does
-        nonzero = torch.count_nonzero(d, dim=0)
-        with_kept += int((nonzero > 0).sum())
         if consensus:
-            # 2. Elect sign: + where the summed weighted trimmed deltas are >= 0
-            sign = torch.where(d.sum(0) >= 0, 1.0, -1.0).to(wd)
-            # 3. Disjoint merge: only contributions with the elected sign (a zero never agrees)
-            d.mul_(sign)
-            torch.gt(d, 0, out=agree)
-            agreeing = agree.sum(0)
-            conflicts += int((nonzero > agreeing).sum())
-            acc[2] += agree.sum(1)
-            d.clamp_(min=0)
-            acc[3] += d.sum(1)
-            mixed = rnd(d.sum(0).mul_(sign))
+            # 2. Elect sign: + where the summed weighted trimmed deltas are >= 0 (sign(0) -> +)
+            g = torch.sum(d, 0, out=S[:L]).sign_().add_(0.5).sign_()
+            # 3. Disjoint merge: keep only contributions agreeing with g (a zero never agrees)
+            q = torch.sign(d.mul_(g), out=x)
+            pos[0] += (q.amin(0) < 0).sum()  # someone disagrees => two kept signs conflict
+            pos[1] += (q.amax(0) > 0).sum()  # any nonzero contribution => an agreeing one exists
+            acc[2] += q.clamp_(min=0).sum(1)
+            acc[3] += d.clamp_(min=0).sum(1)
+            rnd(torch.sum(d, 0, out=mixed).mul_(g))
             if params.normalize:
-                a.copy_(agree).mul_(w)
-                divisor = rnd(a.sum(0))
-                rnd(mixed.div_(divisor.masked_fill_(divisor == 0, 1)))
+                divisor = rnd(torch.sum(q.mul_(w), 0, out=S[:L]))
+                divisor += torch.eq(divisor, 0, out=Z[:L])  # no agreeing weight: divide by 1
+                rnd(mixed.div_(divisor))
         else:
-            conflicts += int(((d > 0).any(0) & (d < 0).any(0)).sum())
-            mixed = rnd(d.sum(0))
+            q = torch.sign(d, out=x)
+            pos[0] += ((q.amin(0) < 0) & (q.amax(0) > 0)).sum()
+            pos[1] += (q.abs_().amax(0) > 0).sum()
+            rnd(torch.sum(d, 0, out=mixed))
             if params.normalize:
                 rnd(mixed.div_(divisor_all))
         if params.lambda_ != 1:
             rnd(mixed.mul_(params.lambda_))
         out[s:e].copy_(bb.add_(mixed))
+    return out, _stats(numel, acc.tolist(), pos.tolist(), w, scale, consensus)
 
-    kept = acc[0].tolist()
-    kept_mag = acc[1].tolist()
-    stats = TensorStats(numel=numel, conflict_positions=conflicts, positions_with_kept=with_kept)
-    for i in range(n):
-        ms = ModelStats(numel=numel, kept=int(kept[i]), kept_magnitude=kept_mag[i])
+
+def _stats(numel: int, acc: list, pos: list, w: Tensor, scale: Tensor, consensus: bool) -> TensorStats:
+    stats = TensorStats(numel=numel, conflict_positions=int(pos[0]), positions_with_kept=int(pos[1]))
+    for i, (kept, kept_mag) in enumerate(zip(acc[0], acc[1])):
+        ms = ModelStats(numel=numel, kept=int(kept), kept_magnitude=kept_mag)
         if consensus:
-            ms.dropped_by_election = int(kept[i] - acc[2, i])
-            # agreeing magnitude was summed weighted and rescaled: undo both for the unweighted share
+            ms.dropped_by_election = int(kept - acc[2][i])
+            # agreeing magnitudes were summed weighted (and rescaled): undo both for an unweighted share
             factor = abs(float(w[i, 0]) * float(scale[i, 0]))
-            agree_mag = float(acc[3, i]) / factor if factor else 0.0
-            ms.dropped_magnitude = max(0.0, kept_mag[i] - agree_mag)
+            ms.dropped_magnitude = max(0.0, kept_mag - (acc[3][i] / factor if factor else 0.0))
         stats.models.append(ms)
-    return MethodResult(out.reshape(base.shape), stats)
+    return stats
