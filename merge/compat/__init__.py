@@ -25,7 +25,7 @@ from merge.resolve import ModelNotFound, resolve_model
 
 from .architecture import check_architecture
 from .norms import norm_checks, stream_norms
-from .policy import CompatPolicy, PolicyError, load_policy
+from .policy import KNOWN_CHECKS, CompatPolicy, PolicyError, load_policy
 from .report import Check, CompatReport
 from .tensors import check_tensors
 from .tokenizer import check_tokenizers, read_tokenizer
@@ -72,7 +72,7 @@ def check_models(base: str | Path, models: Mapping[str, str | Path], policy: Any
 
 def _norms(report: CompatReport, ckpts: dict[str, Checkpoint], infos, base_name: str,
            pol: CompatPolicy) -> list[Check]:
-    names = ["norms.finite", "norms.identical", "norms.too_large", "norms.outlier", "norms.duplicate"]
+    names = [n for n in KNOWN_CHECKS if n.startswith("norms.")]
     if not pol.norms.enabled:
         return [Check(n, "skip", "skipped: norms disabled by the policy") for n in names]
     if report.check("tensors.shapes").status == "fail":

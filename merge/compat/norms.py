@@ -35,8 +35,9 @@ class NormResult:
     models: list[str]
     gram: torch.Tensor  # (k, k) float64: sum over tensors of <tau_i, tau_j>
     base_sq: float  # sum over tensors of ||theta_0||^2
-    gram_2d: torch.Tensor | None = None  # the same over tensors with 2+ dimensions
-    base_sq_2d: float = 0.0
+    # Over tensors with 2+ dimensions, (k+1)-square: rows/columns 0..k-1 the task vectors,
+    # k the base itself, so <tau_i, theta_0> is there too.
+    gram_2d: torch.Tensor | None = None
     per_tensor: dict[str, dict] = field(default_factory=dict)
     nonfinite: list[dict] = field(default_factory=list)  # {tensor, model, nan, inf}
     tensors: int = 0
@@ -54,9 +55,20 @@ class NormResult:
         return self.delta_norm(i) / self.base_norm if self.base_norm > 0 else math.inf
 
     def relative_matrices(self, i: int) -> float:
-        if self.gram_2d is None or self.base_sq_2d <= 0:
+        k = len(self.models)
+        if self.gram_2d is None or self.gram_2d[k, k] <= 0:
             return self.relative(i)  # no matrices (odd checkpoint): fall back to all tensors
-        return math.sqrt(max(float(self.gram_2d[i, i]), 0.0) / self.base_sq_2d)
+        return math.sqrt(max(float(self.gram_2d[i, i]), 0.0) / float(self.gram_2d[k, k]))
+
+    def weight_cosine(self, i: int) -> float | None:
+        """cos(theta_i, theta_0) over weight matrices: ~0 for an unrelated initialisation,
+        still high for a fine-tune that moved far (base + an orthogonal tau of equal norm: 0.71)."""
+        k = len(self.models)
+        if self.gram_2d is None:
+            return None
+        bb, dd, db = (float(self.gram_2d[a, b]) for a, b in ((k, k), (i, i), (i, k)))
+        denom = math.sqrt(bb) * math.sqrt(max(dd + 2 * db + bb, 0.0))
+        return (bb + db) / denom if denom > 0 else None
 
     def cosine(self, i: int, j: int) -> float | None:
         denom = self.delta_norm(i) * self.delta_norm(j)
@@ -65,7 +77,8 @@ class NormResult:
     def to_dict(self) -> dict:
         per_model = {m: {"delta_norm": self.delta_norm(i), "base_norm": self.base_norm,
                          "relative_delta": _num(self.relative(i)),
-                         "relative_delta_matrices": _num(self.relative_matrices(i))} for i, m in enumerate(self.models)}
+                         "relative_delta_matrices": _num(self.relative_matrices(i)),
+                         "weight_cosine": _num(self.weight_cosine(i))} for i, m in enumerate(self.models)}
         cosine = {a: {b: _num(self.cosine(i, j)) for j, b in enumerate(self.models)}
                   for i, a in enumerate(self.models)}
         return {"per_model": per_model, "cosine": cosine, "per_tensor": self.per_tensor,
@@ -87,7 +100,7 @@ def stream_norms(base: Checkpoint, models: dict[str, Checkpoint], names: list[st
     keys = list(models)
     k = len(keys)
     res = NormResult(keys, torch.zeros(k, k, dtype=torch.float64), 0.0,
-                     gram_2d=torch.zeros(k, k, dtype=torch.float64))
+                     gram_2d=torch.zeros(k + 1, k + 1, dtype=torch.float64))
     infos = base.infos()
     for m in models.values():
         m.infos()  # open every shard here, not concurrently in the workers
@@ -144,12 +157,11 @@ def _accumulate(res: NormResult, name: str, g: torch.Tensor, bad: list[dict], is
     if bad:
         res.nonfinite += bad
         return  # keep the totals meaningful for the other flags
+    if is_matrix:
+        res.gram_2d += g
     bsq, g = float(g[k, k]), g[:k, :k]
     res.gram += g
     res.base_sq += bsq
-    if is_matrix:
-        res.gram_2d += g
-        res.base_sq_2d += bsq
     res.tensors += 1
     res.numel += numel
     bn = math.sqrt(bsq)
@@ -171,7 +183,7 @@ def _find_nonfinite(name: str, base: torch.Tensor, models: dict[str, torch.Tenso
 
 
 def norm_checks(res: NormResult, policy: NormsPolicy) -> list[Check]:
-    """The flags: NaN/Inf, identical to the base, too large, outlier, duplicate."""
+    """The flags: NaN/Inf, identical to the base, too large, unrelated, outlier, duplicate."""
     rel = {m: res.relative_matrices(i) for i, m in enumerate(res.models)}
     checks = []
     if res.nonfinite:
@@ -195,9 +207,23 @@ def norm_checks(res: NormResult, policy: NormsPolicy) -> list[Check]:
         checks.append(Check("norms.too_large", "pass",
                             "relative deltas (weight matrices) " + ", ".join(f"{m} {r:.3g}" for m, r in rel.items()),
                             {"relative_delta_matrices": rel, "threshold": policy.max_relative_delta}))
+    checks.append(_unrelated(res, policy.min_weight_cosine))
     checks.append(_outliers(rel, policy.outlier_ratio))
     checks.append(_duplicates(res, policy.duplicate_cosine))
     return checks
+
+
+def _unrelated(res: NormResult, threshold: float) -> Check:
+    """A model whose weights are nearly orthogonal to the base's shares no init with it."""
+    cos = {m: res.weight_cosine(i) for i, m in enumerate(res.models)}
+    low = {m: c for m, c in cos.items() if c is not None and c < threshold}
+    details = {"weight_cosine": cos, "threshold": threshold}
+    if low:
+        ex = ", ".join(f"{m} {c:.3g}" for m, c in low.items())
+        return Check("norms.unrelated", "fail",
+                     f"weights nearly orthogonal to the base's (cosine below {threshold}): another base? {ex}", details)
+    shown = ", ".join(f"{m} {c:.3g}" for m, c in cos.items() if c is not None)
+    return Check("norms.unrelated", "pass", f"weights aligned with the base (cosine {shown})", details)
 
 
 def _outliers(rel: dict[str, float], threshold: float) -> Check:

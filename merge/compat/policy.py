@@ -22,7 +22,7 @@ KNOWN_CHECKS = (
     "tensors.names", "tensors.shapes", "tensors.dtypes",
     "tokenizer.present", "tokenizer.vocab", "tokenizer.merges", "tokenizer.normalization",
     "tokenizer.special_tokens", "tokenizer.added_tokens", "tokenizer.chat_template",
-    "norms.finite", "norms.identical", "norms.too_large", "norms.outlier", "norms.duplicate",
+    "norms.finite", "norms.identical", "norms.too_large", "norms.unrelated", "norms.outlier", "norms.duplicate",
 )
 GROUPS = sorted({c.split(".")[0] for c in KNOWN_CHECKS})
 
@@ -32,7 +32,11 @@ class NormsPolicy(BaseModel):
     enabled: bool = True
     # ||theta_i - theta_0|| / ||theta_0|| above this cannot be a fine-tune of the base:
     # two unrelated initialisations of one architecture sit near sqrt(2) ~ 1.4.
-    max_relative_delta: float = Field(0.5, gt=0)
+    max_relative_delta: float = Field(1.0, gt=0)
+    # cos(theta_i, theta_0) over weight matrices below this: the weights share nothing with the
+    # base's (independent initialisations are ~orthogonal). A fine-tune that moved as far as the
+    # base's own norm, in an unrelated direction, still has 0.71.
+    min_weight_cosine: float = Field(0.5, ge=-1, le=1)
     # A model whose relative delta exceeds this multiple of the median of the OTHER models'
     # relative deltas is an outlier (only the high side is flagged; with two models the
     # larger of the two is the suspect).

@@ -120,6 +120,10 @@ def test_norms_match_a_direct_computation(tiny):
     assert pm["delta_norm"] == pytest.approx(float(da.norm()), rel=1e-5)
     assert pm["base_norm"] == pytest.approx(float(bn), rel=1e-5)
     assert report.norms["cosine"]["ft_a"]["ft_b"] == pytest.approx(float(da @ dc / da.norm() / dc.norm()), abs=1e-5)
+    mats = [k for k in b if b[k].dim() >= 2]
+    fa, fb = (torch.cat([x[k].flatten() for k in mats]).double() for x in (a, b))
+    assert pm["weight_cosine"] == pytest.approx(float(fa @ fb / fa.norm() / fb.norm()), abs=1e-6)
+    assert pm["relative_delta_matrices"] == pytest.approx(float((fa - fb).norm() / fb.norm()), rel=1e-5)
     per_t = report.norms["per_tensor"]["transformer.wte.weight"]["ft_a"]
     assert per_t["delta_norm"] == pytest.approx(float((a["transformer.wte.weight"] - b["transformer.wte.weight"]).norm()), rel=1e-5)
 
@@ -132,7 +136,19 @@ def test_different_base_is_flagged_by_the_norms(tiny):
     assert too_large.status == "fail" and "other_base" in too_large.message
     assert report.check("norms.outlier").status == "warn"
     assert "other_base" in report.check("norms.outlier").message
+    unrelated = report.check("norms.unrelated")
+    assert unrelated.status == "fail" and "other_base" in unrelated.message and "ft_a" not in unrelated.message
+    assert abs(report.norms["per_model"]["other_base"]["weight_cosine"]) < 0.2
     assert report.check("tensors.shapes").status == "pass"  # nothing but the norms can tell
+
+
+def test_a_far_but_genuine_finetune_is_not_called_unrelated(tiny, tmp_path):
+    far = write_model(tmp_path / "far", finetune(base_tensors(), 8, scale=0.8))
+    report = check_models(tiny["base"], {"far": far})
+    pm = report.norms["per_model"]["far"]
+    assert 0.7 < pm["relative_delta_matrices"] < 0.9 and 0.7 < pm["weight_cosine"] < 0.85
+    assert report.check("norms.unrelated").status == "pass"
+    assert report.check("norms.too_large").status == "pass"
 
 
 def test_outlier_with_two_models_flags_only_the_larger(tiny):
