@@ -96,6 +96,18 @@ def check(
             table.add_row(c.name, f"[{colour[c.status]}]{c.status}[/]", c.message)
         out = Console(width=max(Console().width, 120))
         out.print(table)
+        per_model = report.norms.get("per_model") or {}
+        if per_model:
+            norms = Table(title="base-delta norms (relative: ||ft - base|| / ||base||, weight matrices)")
+            for col in ("model", "delta norm", "relative", "cos(ft, base)", "max |cos| to another task vector"):
+                norms.add_column(col, justify="right" if col != "model" else "left")
+            cosine = report.norms.get("cosine") or {}
+            for name, v in per_model.items():
+                others = [abs(c) for o, c in cosine.get(name, {}).items() if o != name and c is not None]
+                fmt = lambda x: "-" if x is None else f"{x:.4g}"  # noqa: E731
+                norms.add_row(name, fmt(v["delta_norm"]), fmt(v.get("relative_delta_matrices")),
+                              fmt(v.get("weight_cosine")), fmt(max(others) if others else None))
+            out.print(norms)
         out.print(f"status: [{colour[report.status]}]{report.status}[/]")
     raise typer.Exit(EXIT_FAILED if report.status == "fail" else EXIT_OK)
 
