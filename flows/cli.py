@@ -53,11 +53,13 @@ def zoo_build(
 def demo(
     workdir: Path = typer.Option(Path("mergeline-runs/demo"), help="Folder for merged models, reports and the MLflow store."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs of an earlier demo run."),
+    nogo: bool = typer.Option(False, "--nogo", help="Run the NO-GO pipeline (a different-base specimen)."),
+    zoo: Optional[Path] = typer.Option(None, "--zoo", help="Use this built zoo instead of the cached one."),
 ):
     """Run the whole pipeline on the built-in zoo and print the decision."""
     from flows.demo import run_demo
 
-    summary = _pipeline_errors(lambda: run_demo(workdir, overwrite=overwrite))
+    summary = _pipeline_errors(lambda: run_demo(workdir, overwrite=overwrite, nogo=nogo, zoo_dir=zoo))
     _print_summary(summary)
     store = summary.get("mlflow_uri", "")
     if store.startswith("sqlite:"):

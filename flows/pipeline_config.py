@@ -17,12 +17,17 @@ and where to record it.
 """
 from __future__ import annotations
 
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class PipelineError(ValueError):
@@ -105,12 +110,27 @@ class Pipeline(_Strict):
         return yaml.safe_load(p.read_text()), p
 
 
-def load_pipeline(path: str | Path) -> Pipeline:
+def fill(text: str, values: dict[str, str] | None = None) -> str:
+    """Replace `${NAME}` with values[NAME], else the environment variable NAME; others stay."""
+    values = values or {}
+
+    def one(m: re.Match) -> str:
+        return str(values.get(m.group(1), os.environ.get(m.group(1), m.group(0))))
+
+    return _PLACEHOLDER.sub(one, text)
+
+
+def load_pipeline(path: str | Path, values: dict[str, str] | None = None) -> Pipeline:
+    """Read, fill `${NAME}` placeholders (from `values`, then the environment) and validate."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: pipeline file not found")
+    text = fill(path.read_text(), values)
+    if missing := sorted(set(_PLACEHOLDER.findall(text))):
+        raise PipelineError(f"{path}: placeholder(s) {missing} not set; set them as environment "
+                            f"variables (`mergeline demo` writes a filled-in copy for the zoo)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise PipelineError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):

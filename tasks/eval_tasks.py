@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 from prefect import task
 
 from merge.hashing import content_hash
@@ -34,14 +33,7 @@ def evaluate_model(name: str, path: str, role: str, suite: dict, cache_dir: str 
 
 
 def combine(tables: list):
-    """One ScoreTable from per-model tables (same suite)."""
+    """One ScoreTable from the per-model tables (same suite)."""
     from evaluation.evaluate import ScoreTable
 
-    models, types = {}, {}
-    for t in tables:
-        models.update(t.models)
-        types.update(t.task_types)
-    return ScoreTable(scores=pd.concat([t.scores for t in tables], ignore_index=True),
-                      samples=pd.concat([t.samples for t in tables], ignore_index=True),
-                      models=models, task_types=types, lm_eval_version=tables[0].lm_eval_version,
-                      runs=sum(t.runs for t in tables))
+    return ScoreTable.concat(tables)

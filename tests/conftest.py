@@ -109,3 +109,34 @@ def mlflow_server() -> str:
     proc = _serve(cmd, f"{uri}/health", _SCRATCH / "mlflow-server.log")
     yield uri
     _stop(proc)
+
+
+# ---- tiny GPT-2 models (engineer E): a base, two fine-tunes (base + small deltas) and a model
+# of another base (a different random init); seconds to make, no zoo needed ----
+
+def _save(model, folder: Path) -> Path:
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64)
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(cfg)
+    out = {"base": _save(base, root / "base")}
+    for i, name in enumerate(["ft_a", "ft_b"]):
+        ft = GPT2LMHeadModel(cfg)
+        ft.load_state_dict(base.state_dict())
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for p in ft.parameters():
+                p.add_(0.002 * torch.randn(p.shape, generator=g))
+        out[name] = _save(ft, root / name)
+    torch.manual_seed(99)
+    out["different_base"] = _save(GPT2LMHeadModel(cfg), root / "different_base")
+    return out

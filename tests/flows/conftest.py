@@ -1,39 +1,10 @@
-"""Tiny GPT-2 models for pipeline tests that must not wait for the zoo: a base, two fine-tunes
-(base + small deltas) and a model of a different base (another random init)."""
+"""Pipeline files over the tiny models of tests/conftest.py (`tiny_models`)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import yaml
-
-
-def _save(model, folder: Path) -> Path:
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    root = tmp_path_factory.mktemp("tiny")
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64)
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(cfg)
-    out = {"base": _save(base, root / "base")}
-    for i, name in enumerate(["ft_a", "ft_b"]):
-        ft = GPT2LMHeadModel(cfg)
-        ft.load_state_dict(base.state_dict())
-        g = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for p in ft.parameters():
-                p.add_(0.002 * torch.randn(p.shape, generator=g))
-        out[name] = _save(ft, root / name)
-    torch.manual_seed(99)
-    out["different_base"] = _save(GPT2LMHeadModel(cfg), root / "different_base")
-    return out
 
 
 @pytest.fixture(scope="session")
