@@ -82,7 +82,7 @@ def _norms(report: CompatReport, ckpts: dict[str, Checkpoint], infos, base_name:
         return [Check(n, "skip", "skipped: no tensor shared by all models") for n in names]
     models = {n: c for n, c in ckpts.items() if n != base_name}
     res = stream_norms(ckpts[base_name], models, shared, pol.norms.chunk_elements)
-    report.norms = res.to_dict()
+    report.norms = {**res.to_dict(), "not_compared": sorted(set().union(*infos.values()) - set(shared))}
     return norm_checks(res, pol.norms)
 
 
@@ -113,20 +113,21 @@ def check_recipe(recipe_or_path: Any, policy: Any = None, *, allow_pickle: bool 
     else:
         recipe = load_recipe(recipe_or_path)
         where = str(recipe_or_path) if isinstance(recipe_or_path, (str, Path)) else "recipe"
-    if not recipe.base_model:
-        raise CompatInputError(f"{where}: no base_model: the gate compares every model against the base")
+    # Without a base_model (linear, slerp) the first model is the reference everything is
+    # compared with; deltas are then taken to it, which still exposes an unrelated model.
+    reference = recipe.reference_model
     names = model_names(recipe)
-    refs = [m.model for m in recipe.inputs() if m.model != recipe.base_model]
+    refs = [m.model for m in recipe.inputs() if m.model != reference]
     if not refs:
-        raise CompatInputError(f"{where}: 'models' lists only the base model; nothing to check")
+        raise CompatInputError(f"{where}: 'models' lists only {reference!r}; nothing to check against it")
     dup = next((r for r in refs if refs.count(r) > 1), None)
     if dup:
         raise CompatInputError(f"{where}: model {dup!r} is listed twice in 'models'")
-    base = resolve_model(recipe.base_model, recipe.source_dir)
+    base = resolve_model(reference, recipe.source_dir)
     folders = {names[r]: resolve_model(r, recipe.source_dir) for r in refs}
     try:
         _refuse_duplicates(base, folders)
     except CompatInputError as e:
         raise CompatInputError(f"{where}: {e}") from None
-    return check_models(base, folders, policy, allow_pickle=allow_pickle, base_name=names[recipe.base_model])
+    return check_models(base, folders, policy, allow_pickle=allow_pickle, base_name=names[reference])
 

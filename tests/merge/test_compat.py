@@ -291,6 +291,16 @@ def test_check_recipe_uses_short_names(tiny, tmp_path):
     report = check_recipe(recipe(tmp_path, tiny, "ft_a", "ft_b"))
     assert report.status == "pass"
     assert set(report.norms["per_model"]) == {"ft_a", "ft_b"}
+    assert report.norms["not_compared"] == []
+
+
+def test_recipe_without_base_compares_with_the_first_model(tiny, tmp_path):
+    p = tmp_path / "linear.yaml"
+    p.write_text(f"merge_method: linear\nmodels:\n  - model: {tiny['ft_a']}\n    parameters: {{weight: 0.5}}\n"
+                 f"  - model: {tiny['other_base']}\n    parameters: {{weight: 0.5}}\n")
+    report = check_recipe(p)
+    assert report.base == str(tiny["ft_a"])
+    assert report.check("norms.unrelated").status == "fail" and "other_base" in report.check("norms.unrelated").message
 
 
 runner = CliRunner()
