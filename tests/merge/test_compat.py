@@ -402,3 +402,27 @@ def test_cli_bad_recipe_and_policy_exit_2(tiny, tmp_path):
     assert res.exit_code == 2 and "pol.yaml" in res.output and "max_relative_delta" in res.output
     res = runner.invoke(app, ["check", str(tmp_path / "nope.yaml")])
     assert res.exit_code == 2 and "nope.yaml" in res.output
+
+
+# -- tokenizer details -------------------------------------------------------------
+def test_special_token_moved_fails(tiny, tmp_path):
+    moved = write_model(tmp_path / "moved", finetune(base_tensors(), 3), tokenizer=False)
+    write_tokenizer(moved)
+    cfg = json.loads((moved / "tokenizer_config.json").read_text())
+    cfg["eos_token"] = "w5"  # same vocabulary, a different end-of-sequence id
+    (moved / "tokenizer_config.json").write_text(json.dumps(cfg))
+    report = check_models(tiny["base"], {"moved": moved})
+    c = report.check("tokenizer.special_tokens")
+    assert c.status == "fail" and c.details["moved"]["eos_token"] == {"base": ["<eos>", 0], "model": ["w5", 8]}
+    assert report.check("tokenizer.vocab").status == "pass"
+
+
+def test_sentencepiece_compared_by_file_hash(tiny, tmp_path):
+    a = write_model(tmp_path / "sp_a", finetune(base_tensors(), 3), tokenizer=False)
+    b = write_model(tmp_path / "sp_b", finetune(base_tensors(), 4), tokenizer=False)
+    base = write_model(tmp_path / "sp_base", base_tensors(), tokenizer=False)
+    for f, data in ((base, b"model-1"), (a, b"model-1"), (b, b"model-2")):
+        (f / "tokenizer.model").write_bytes(data)
+    report = check_models(base, {"sp_a": a, "sp_b": b})
+    c = report.check("tokenizer.vocab")
+    assert c.status == "fail" and list(c.details) == ["sp_b"]
