@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from merge.methods.common import CHUNK, check_inputs, flat, spans, work_dtype
+from merge.methods.common import check_inputs, chunk_size, flat, spans, work_dtype
 from merge.methods.stats import ModelStats, TensorStats
 
 
@@ -22,13 +22,14 @@ def linear(base: Tensor | None, models: list[Tensor], model_params: list, params
     check_inputs("linear", base, models, need_base=False)
     first = models[0]
     wd = work_dtype(first.dtype)
-    w = torch.tensor([p.weight for p in model_params], dtype=wd)
-    denominator = float(w.sum()) if params.normalize else 1.0
     xs = [flat(m) for m in models]
+    dev = xs[0].device
+    w = torch.tensor([p.weight for p in model_params], dtype=wd, device=dev)
+    denominator = float(w.sum()) if params.normalize else 1.0
     out = torch.empty_like(xs[0])
-    C = min(CHUNK, out.numel())
-    acc, x = torch.empty(C, dtype=wd), torch.empty(C, dtype=wd)
-    for s, e in spans(out.numel()):
+    C = chunk_size(out)
+    acc, x = torch.empty(C, dtype=wd, device=dev), torch.empty(C, dtype=wd, device=dev)
+    for s, e in spans(out.numel(), C):
         r, t = acc[: e - s].zero_(), x[: e - s]
         for xi, wi in zip(xs, w):
             r.addcmul_(t.copy_(xi[s:e]), wi)  # addcmul like mergekit: same (fused) rounding
@@ -41,21 +42,22 @@ def delta_stats(base: Tensor, models: list[Tensor], weights: list[float]) -> Ten
     """Stats for methods without trimming or election: kept = nonzero deltas against the base,
     conflicts = positions where weighted deltas of different models have opposite signs."""
     b = flat(base)
-    n, numel = len(models), b.numel()
-    stats = TensorStats(numel=numel, models=[ModelStats(numel=numel) for _ in models])
-    C = min(CHUNK, numel)
-    D = torch.empty(n, C, dtype=work_dtype(b.dtype))
-    bb = torch.empty(C, dtype=D.dtype)
-    for s, e in spans(numel):
-        d = D[:, : e - s]
+    n, numel, dev, C = len(models), b.numel(), b.device, chunk_size(b)
+    D, Q = (torch.empty(n, C, dtype=work_dtype(b.dtype), device=dev) for _ in range(2))
+    bb = torch.empty(C, dtype=D.dtype, device=dev)
+    w = torch.tensor(weights, dtype=D.dtype, device=dev).reshape(n, 1)
+    acc = torch.zeros(2, n, dtype=torch.float64, device=dev)  # nonzero deltas, sum |delta|
+    pos = torch.zeros(2, dtype=torch.int64, device=dev)  # conflicts, positions with a delta
+    for s, e in spans(numel, C):
+        d, q = D[:, : e - s], Q[:, : e - s]
         bb[: e - s].copy_(b[s:e])
         for i, m in enumerate(models):
             d[i].copy_(flat(m)[s:e]).sub_(bb[: e - s])
-        for i, (ms, k, mag) in enumerate(zip(stats.models, torch.count_nonzero(d, dim=1).tolist(),
-                                             torch.linalg.vector_norm(d, ord=1, dim=1).tolist())):
-            ms.kept += k
-            ms.kept_magnitude += mag
-        d.mul_(torch.tensor(weights, dtype=d.dtype).reshape(n, 1))
-        stats.positions_with_kept += int((d != 0).any(0).sum())
-        stats.conflict_positions += int(((d > 0).any(0) & (d < 0).any(0)).sum())
-    return stats
+        acc[0] += torch.sign(d, out=q).abs_().sum(1)
+        acc[1] += torch.abs(d, out=q).sum(1)
+        torch.sign(d.mul_(w), out=q)  # signs of the weighted deltas
+        pos[0] += ((q.amin(0) < 0) & (q.amax(0) > 0)).sum()
+        pos[1] += (q.abs_().amax(0) > 0).sum()
+    (kept, mags), (conflicts, with_kept) = acc.tolist(), pos.tolist()
+    return TensorStats(numel=numel, conflict_positions=conflicts, positions_with_kept=with_kept,
+                       models=[ModelStats(numel=numel, kept=int(k), kept_magnitude=m) for k, m in zip(kept, mags)])

@@ -17,6 +17,7 @@ Run: python -m pytest tests/merge/test_methods.py -q -k select; python benchmark
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from dataclasses import dataclass
@@ -36,6 +37,10 @@ class TopK:
     k: int
     threshold: float  # the k-th largest magnitude (exactly representable in the dtype); inf if k == 0
     cut: int  # entries with |x| == threshold are kept iff their flat index < cut
+    # filled when the histogram gives them for free (16-bit dtypes): the kept nonzero entries and
+    # their summed |x|, so the merge kernel can skip counting them chunk by chunk
+    kept_nonzero: int | None = None
+    kept_magnitude: float | None = None
 
     def mask(self, a: Tensor, start: int = 0, out: Tensor | None = None) -> Tensor:
         """Boolean keep-mask of magnitudes ``a`` at flat positions ``[start, start + len(a))``."""
@@ -113,14 +118,27 @@ def topk(x: Tensor, k: int) -> TopK:
     if flat.device.type != "cpu" or flat.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return _topk_kthvalue(flat, k)
     flat = flat.contiguous()
-    if flat.element_size() == 2:
-        hist = _hist16(flat)
-        key, above = _kth_desc(hist, k)
-        ties = int(hist[key])
-    else:
+    if flat.element_size() != 2:
         key, above, ties = _kth32(flat, k)
-    cut = _tie_cut(flat, key, k - above, ties)
-    return TopK(k, _key_to_float(key, flat.dtype), cut)
+        return TopK(k, _key_to_float(key, flat.dtype), _tie_cut(flat, key, k - above, ties))
+    hist = _hist16(flat)
+    key, above = _kth_desc(hist, k)
+    t = _key_to_float(key, flat.dtype)
+    counts = hist[key + 1 :]
+    occupied = np.flatnonzero(counts)  # skip empty inf/NaN bins: 0 * inf would poison the sum
+    magnitude = float(counts[occupied] @ _values16(flat.dtype)[key + 1 :][occupied]) + (k - above) * t
+    kept_nonzero = k if key > 0 else above  # ties at magnitude 0 are zeros
+    return TopK(k, t, _tie_cut(flat, key, k - above, int(hist[key])), kept_nonzero, magnitude)
+
+
+@functools.cache
+def _values16(dtype: torch.dtype) -> np.ndarray:
+    """Float64 value of every 15-bit magnitude key of a 16-bit dtype (NaN keys included)."""
+    keys = np.arange(1 << 15, dtype=np.uint32)
+    with np.errstate(invalid="ignore"):
+        if dtype == torch.bfloat16:
+            return (keys << 16).view(np.float32).astype(np.float64)
+        return keys.astype(np.uint16).view(np.float16).astype(np.float64)
 
 
 def _kth32(flat: Tensor, k: int) -> tuple[int, int, int]:

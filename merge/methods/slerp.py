@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from merge.methods.common import CHUNK, check_inputs, flat, spans, work_dtype
+from merge.methods.common import check_inputs, chunk_size, flat, spans, work_dtype
 from merge.methods.linear import delta_stats
 
 DOT_THRESHOLD = 0.9995
@@ -25,14 +25,15 @@ def slerp_coefficients(t: float, v0: Tensor, v1: Tensor) -> tuple[float, float]:
     wd = work_dtype(v0.dtype)
     a, b = flat(v0), flat(v1)
     norm_a = norm_b = dot = 0.0
-    for s, e in spans(a.numel()):
+    C = chunk_size(a)
+    for s, e in spans(a.numel(), C):
         x, y = a[s:e].to(wd), b[s:e].to(wd)
         norm_a += float(x.dot(x))
         norm_b += float(y.dot(y))
     norm_a, norm_b = math.sqrt(norm_a), math.sqrt(norm_b)
     norm_a = norm_a if norm_a > EPS else 1.0
     norm_b = norm_b if norm_b > EPS else 1.0
-    for s, e in spans(a.numel()):
+    for s, e in spans(a.numel(), C):
         dot += float((a[s:e].to(wd) / norm_a).dot(b[s:e].to(wd) / norm_b))
     dot = min(1.0, max(-1.0, dot))
     if abs(dot) > DOT_THRESHOLD:  # nearly colinear: the angle is ill-conditioned, so lerp
@@ -55,8 +56,9 @@ def slerp(base: Tensor, models: list[Tensor], model_params: list, params, *,
     wd = work_dtype(base.dtype)
     a, b = flat(base), flat(models[0])
     out = torch.empty_like(a)
-    buf = torch.empty(2, min(CHUNK, a.numel()), dtype=wd)
-    for s, e in spans(a.numel()):
+    C = chunk_size(a)
+    buf = torch.empty(2, C, dtype=wd, device=a.device)
+    for s, e in spans(a.numel(), C):
         # copies: never in place on the borrowed inputs; two products then a sum, like mergekit
         x, y = buf[0, : e - s].copy_(a[s:e]).mul_(c0), buf[1, : e - s].copy_(b[s:e]).mul_(c1)
         out[s:e].copy_(x.add_(y))

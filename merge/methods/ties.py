@@ -96,6 +96,11 @@ def _merge_chunks(b: Tensor, deltas: list[Tensor], masks: list, model_params: li
     # per model: kept, kept |d|, agreeing, agreeing |weighted d|; per tensor: conflicts, with kept
     acc = torch.zeros(4, n, dtype=torch.float64, device=dev)
     pos = torch.zeros(2, dtype=torch.int64, device=dev)
+    # 16-bit top-k selections already know their kept counts and magnitudes (from the histogram)
+    counted = all(getattr(m, "kept_magnitude", None) is not None for m in masks)
+    if counted:
+        acc[0] = torch.tensor([float(m.kept_nonzero) for m in masks], dtype=torch.float64, device=dev)
+        acc[1] = torch.tensor([m.kept_magnitude for m in masks], dtype=torch.float64, device=dev)
     for s, e in spans(numel, C):
         L = e - s
         d, x, bb, mixed = D[:, :L], X[:, :L], B[:L], M[:L]
@@ -103,8 +108,9 @@ def _merge_chunks(b: Tensor, deltas: list[Tensor], masks: list, model_params: li
         # 1. Trim
         for i in range(n):
             sparsify.trim(masks[i], x[i].copy_(deltas[i][s:e]), s, out=d[i])
-        acc[0] += torch.sign(d, out=x).abs_().sum(1)  # nonzero survivors (exact: chunk < 2^24)
-        acc[1] += torch.abs(d, out=x).sum(1)
+        if not counted:
+            acc[0] += torch.sign(d, out=x).abs_().sum(1)  # nonzero survivors (exact: chunk < 2^24)
+            acc[1] += torch.abs(d, out=x).sum(1)
         if rescaled:
             rnd(d.mul_(scale))
         rnd(d.mul_(w))  # weight before electing, as mergekit does

@@ -179,3 +179,44 @@ def test_bf16_inputs_do_not_change_and_output_dtype_kept():
     out = run("ties", base, models, [0.5, 0.5], [0.5, 0.5])
     assert out.tensor.dtype == torch.bfloat16 and out.tensor.shape == base.shape
     assert all(torch.equal(a, b) for a, b in zip(copies, [base, *models]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_stats_match_direct_count(dtype):
+    """Kept counts/magnitudes (from the histogram for 16-bit, counted in-pass for fp32) and
+    election counts agree with a direct, unfused computation."""
+    torch.manual_seed(8)
+    base = torch.randn(300, 50).to(dtype)
+    models = [(base.float() + 0.01 * torch.randn(300, 50)).to(dtype) for _ in range(3)]
+    weights, density = [0.5, 0.3, -0.2], 0.3
+    out = run("ties", base, models, weights, [density] * 3)
+    deltas = [(m - base).float().reshape(-1) for m in models]
+    k = int(density * base.numel())
+    trimmed = []
+    for d, ms in zip(deltas, out.stats.models):
+        sel = topk(d.to(dtype), k).mask(d.abs())
+        assert ms.kept == int((sel & (d != 0)).sum()) == k
+        assert ms.kept_magnitude == pytest.approx(float(d.abs()[sel].sum()), rel=1e-5)
+        trimmed.append(d * sel)
+    # weighted deltas in the compute dtype, as mergekit (and the kernel) round them
+    weighted = torch.stack([(t.to(dtype) * torch.tensor(w, dtype=dtype)).float() for t, w in zip(trimmed, weights)])
+    elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+    agree = weighted * elected > 0
+    for i, ms in enumerate(out.stats.models):
+        dropped = (trimmed[i] != 0) & ~agree[i]
+        assert ms.dropped_by_election == int(dropped.sum())
+        assert ms.dropped_magnitude == pytest.approx(float(trimmed[i].abs()[dropped].sum()), rel=1e-2)
+    assert out.stats.conflict_positions == int(((weighted > 0).any(0) & (weighted < 0).any(0)).sum())
+    assert out.stats.positions_with_kept == int((weighted != 0).any(0).sum())
+
+
+def test_linear_and_slerp_stats_against_base():
+    base = torch.tensor([0.0, 1.0, 2.0])
+    a, b = torch.tensor([0.5, 1.0, 1.0]), torch.tensor([-0.5, 1.0, 3.0])
+    s = run("linear", base, [a, b], [1.0, 1.0]).stats
+    assert [m.kept for m in s.models] == [2, 2]
+    assert s.conflict_positions == 2 and s.positions_with_kept == 2
+    assert run("linear", None, [a, b], [1.0, 1.0]).stats is None
+    m = get_method("slerp")
+    r = m.fn(base, [a], [m.model_params()], m.global_params(t=0.5))
+    assert r.stats.models[0].kept == 2 and r.stats.models[0].kept_magnitude == pytest.approx(1.5)
