@@ -291,14 +291,15 @@ def lineage(
     if json_out:
         typer.echo(json.dumps(lin, indent=2))
         return
+    from rich.markup import escape
     from rich.tree import Tree
 
     def add(branch, node):
         for child in node["children"]:
-            add(branch.add(f"{child['label']}  [dim]{(child.get('hash') or '')[:19]}[/]"), child)
+            add(branch.add(f"{escape(child['label'])}  [dim]{(child.get('hash') or '')[:19]}[/]"), child)
 
     root = tree(lin)
-    rich_tree = Tree(f"[bold]{root['label']}[/]  [dim]{(root.get('hash') or '')[:19]}[/]")
+    rich_tree = Tree(f"[bold]{escape(root['label'])}[/]  [dim]{(root.get('hash') or '')[:19]}[/]")
     add(rich_tree, root)
     Console().print(rich_tree)
 
