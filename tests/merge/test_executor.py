@@ -232,3 +232,12 @@ def test_cli_merge(zoo, tmp_path):
     recipe.write_text("merge_method: nope\nmodels: [{model: x}]\n")
     res = CliRunner().invoke(app, ["merge", str(recipe), str(tmp_path / "o2")])
     assert res.exit_code == 2 and "nope" in res.output
+
+
+def test_tokenizer_source_and_chat_template(zoo, tmp_path):
+    paths, _ = zoo
+    r = ta_recipe(paths, tokenizer_source=str(paths["ft_b"]), chat_template="chatml")
+    out = run_merge(r, tmp_path / "out", device="cpu", progress=False)
+    tok = json.loads((out.path / "tokenizer_config.json").read_text())
+    assert tok["from"] == "ft_b" and "<|im_start|>" in tok["chat_template"]
+    assert "<|im_start|>" in (out.path / "chat_template.jinja").read_text()
