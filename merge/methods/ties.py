@@ -14,11 +14,13 @@ Run: python -m pytest tests/merge/test_methods.py -q
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from merge.methods import sparsify
-from merge.methods.common import Rounder, check_inputs, chunk_size, compute_delta, flat, spans, work_dtype
+from merge.methods.common import Rounder, check_inputs, chunk_size, compute_delta, flat, run_chunks, work_dtype
 from merge.methods.stats import ModelStats, TensorStats
 
 
@@ -73,50 +75,79 @@ def generalized_task_arithmetic(
 
 def _merge_chunks(b: Tensor, deltas: list[Tensor], masks: list, model_params: list, scales: list[float],
                   params, consensus: bool) -> tuple[Tensor, TensorStats]:
-    """Steps 1-3 fused over cache-sized chunks with preallocated fp32 scratch.
+    """Steps 1-3 fused over cache-sized chunks (``run_chunks``: one worker per core)."""
+    dtype, dev, n = b.dtype, b.device, len(deltas)
+    wd = work_dtype(dtype)
+    rnd = Rounder(dtype, n, 1, dev)
+    # weights are rounded to the compute dtype, as mergekit builds them with the deltas' dtype
+    w = torch.tensor([p.weight for p in model_params], dtype=dtype, device=dev).to(wd).reshape(n, 1)
+    scale = torch.tensor(scales, dtype=dtype, device=dev).to(wd).reshape(n, 1)
+    weight_sum = float(rnd(w.sum(0)))
+    job = _Job(b, deltas, masks, w, scale if any(x != 1.0 for x in scales) else None, params, consensus,
+               divisor_all=1.0 if abs(weight_sum) < 1e-8 else weight_sum, out=torch.empty_like(b))
+    C = chunk_size(b)
+    workers = run_chunks(b.numel(), C, lambda: _Worker(job, C), dev)
+    acc = sum(wk.acc for wk in workers)
+    pos = sum(wk.pos for wk in workers)
+    # 16-bit top-k selections already know their kept counts and magnitudes (from the histogram)
+    if job.counted:
+        acc[0] = torch.tensor([float(m.kept_nonzero) for m in masks], dtype=torch.float64)
+        acc[1] = torch.tensor([m.kept_magnitude for m in masks], dtype=torch.float64)
+    return job.out, _stats(b.numel(), acc.tolist(), pos.tolist(), w, scale, consensus)
+
+
+@dataclass
+class _Job:
+    b: Tensor
+    deltas: list[Tensor]
+    masks: list
+    w: Tensor
+    scale: Tensor | None
+    params: object
+    consensus: bool
+    divisor_all: float
+    out: Tensor
+
+    @property
+    def counted(self) -> bool:
+        return all(getattr(m, "kept_magnitude", None) is not None for m in self.masks)
+
+
+class _Worker:
+    """One thread's scratch and accumulators; ``__call__(s, e)`` merges flat positions [s, e).
 
     Signs are handled arithmetically: with g = the elected sign (+-1), a weighted contribution x
     agrees iff x * g > 0, so clamp(x * g, min=0) holds exactly the agreeing magnitudes, and
     sign(x * g) counts agreeing (+1) and disagreeing (-1) contributions without bool tensors.
     """
-    dtype, dev, n, numel = b.dtype, b.device, len(deltas), b.numel()
-    wd, C = work_dtype(dtype), chunk_size(b)
-    rnd = Rounder(dtype, n, C, dev)
-    # weights are rounded to the compute dtype, as mergekit builds them with the deltas' dtype
-    w = torch.tensor([p.weight for p in model_params], dtype=dtype, device=dev).to(wd).reshape(n, 1)
-    scale = torch.tensor(scales, dtype=dtype, device=dev).to(wd).reshape(n, 1)
-    rescaled = any(x != 1.0 for x in scales)
-    weight_sum = float(rnd(w.sum(0)))
-    divisor_all = 1.0 if abs(weight_sum) < 1e-8 else weight_sum
 
-    out = torch.empty_like(b)
-    D, X = torch.empty(n, C, dtype=wd, device=dev), torch.empty(n, C, dtype=wd, device=dev)
-    B, S, M = (torch.empty(C, dtype=wd, device=dev) for _ in range(3))
-    Z = torch.empty(C, dtype=torch.bool, device=dev)
-    # per model: kept, kept |d|, agreeing, agreeing |weighted d|; per tensor: conflicts, with kept
-    acc = torch.zeros(4, n, dtype=torch.float64, device=dev)
-    pos = torch.zeros(2, dtype=torch.int64, device=dev)
-    # 16-bit top-k selections already know their kept counts and magnitudes (from the histogram)
-    counted = all(getattr(m, "kept_magnitude", None) is not None for m in masks)
-    if counted:
-        acc[0] = torch.tensor([float(m.kept_nonzero) for m in masks], dtype=torch.float64, device=dev)
-        acc[1] = torch.tensor([m.kept_magnitude for m in masks], dtype=torch.float64, device=dev)
-    for s, e in spans(numel, C):
-        L = e - s
-        d, x, bb, mixed = D[:, :L], X[:, :L], B[:L], M[:L]
-        bb.copy_(b[s:e])
+    def __init__(self, job: _Job, C: int) -> None:
+        b, n, dev = job.b, len(job.deltas), job.b.device
+        wd = work_dtype(b.dtype)
+        self.job, self.counted, self.rnd = job, job.counted, Rounder(b.dtype, n, C, dev)
+        self.D, self.X = torch.empty(n, C, dtype=wd, device=dev), torch.empty(n, C, dtype=wd, device=dev)
+        self.B, self.S, self.M = (torch.empty(C, dtype=wd, device=dev) for _ in range(3))
+        self.Z = torch.empty(C, dtype=torch.bool, device=dev)
+        # per model: kept, kept |d|, agreeing, agreeing |weighted d|; per tensor: conflicts, with kept
+        self.acc = torch.zeros(4, n, dtype=torch.float64, device=dev)
+        self.pos = torch.zeros(2, dtype=torch.int64, device=dev)
+
+    def __call__(self, s: int, e: int) -> None:
+        job, rnd, acc, pos, L = self.job, self.rnd, self.acc, self.pos, e - s
+        d, x, bb, mixed = self.D[:, :L], self.X[:, :L], self.B[:L], self.M[:L]
+        bb.copy_(job.b[s:e])
         # 1. Trim
-        for i in range(n):
-            sparsify.trim(masks[i], x[i].copy_(deltas[i][s:e]), s, out=d[i])
-        if not counted:
+        for i, (delta, mask) in enumerate(zip(job.deltas, job.masks)):
+            sparsify.trim(mask, x[i].copy_(delta[s:e]), s, out=d[i])
+        if not self.counted:
             acc[0] += torch.sign(d, out=x).abs_().sum(1)  # nonzero survivors (exact: chunk < 2^24)
             acc[1] += torch.abs(d, out=x).sum(1)
-        if rescaled:
-            rnd(d.mul_(scale))
-        rnd(d.mul_(w))  # weight before electing, as mergekit does
-        if consensus:
+        if job.scale is not None:
+            rnd(d.mul_(job.scale))
+        rnd(d.mul_(job.w))  # weight before electing, as mergekit does
+        if job.consensus:
             # 2. Elect sign: + where the summed weighted trimmed deltas are >= 0 (sign(0) -> +)
-            g = torch.sum(d, 0, out=S[:L]).sign_().add_(0.5).sign_()
+            g = torch.sum(d, 0, out=self.S[:L]).sign_().add_(0.5).sign_()
             # 3. Disjoint merge: keep only contributions agreeing with g (a zero never agrees)
             q = torch.sign(d.mul_(g), out=x)
             pos[0] += (q.amin(0) < 0).sum()  # someone disagrees => two kept signs conflict
@@ -124,21 +155,20 @@ def _merge_chunks(b: Tensor, deltas: list[Tensor], masks: list, model_params: li
             acc[2] += q.clamp_(min=0).sum(1)
             acc[3] += d.clamp_(min=0).sum(1)
             rnd(torch.sum(d, 0, out=mixed).mul_(g))
-            if params.normalize:
-                divisor = rnd(torch.sum(q.mul_(w), 0, out=S[:L]))
-                divisor += torch.eq(divisor, 0, out=Z[:L])  # no agreeing weight: divide by 1
+            if job.params.normalize:
+                divisor = rnd(torch.sum(q.mul_(job.w), 0, out=self.S[:L]))
+                divisor += torch.eq(divisor, 0, out=self.Z[:L])  # no agreeing weight: divide by 1
                 rnd(mixed.div_(divisor))
         else:
             q = torch.sign(d, out=x)
             pos[0] += ((q.amin(0) < 0) & (q.amax(0) > 0)).sum()
             pos[1] += (q.abs_().amax(0) > 0).sum()
             rnd(torch.sum(d, 0, out=mixed))
-            if params.normalize:
-                rnd(mixed.div_(divisor_all))
-        if params.lambda_ != 1:
-            rnd(mixed.mul_(params.lambda_))
-        out[s:e].copy_(bb.add_(mixed))
-    return out, _stats(numel, acc.tolist(), pos.tolist(), w, scale, consensus)
+            if job.params.normalize:
+                rnd(mixed.div_(job.divisor_all))
+        if job.params.lambda_ != 1:
+            rnd(mixed.mul_(job.params.lambda_))
+        job.out[s:e].copy_(bb.add_(mixed))
 
 
 def _stats(numel: int, acc: list, pos: list, w: Tensor, scale: Tensor, consensus: bool) -> TensorStats:
