@@ -2,7 +2,8 @@
 
 Builds (once, cached under --cache, default ./.bench) a synthetic Llama (hidden 1024, 20 layers,
 vocab 32000, intermediate 2816: 322.5M parameters, bf16, ~616 MB) and three fine-tunes whose deltas
-are ~1e-3 relative, then runs the same recipe (TIES, density 0.2, weights 0.4/0.3/0.3, normalize,
+are 1e-3 relative in norm (before rounding to bf16, which zeroes the smallest ones: the regime of
+real bf16 fine-tunes, with many ties at the trim threshold), then runs the same recipe (TIES, density 0.2, weights 0.4/0.3/0.3, normalize,
 dtype bfloat16) through both tools, each in its own subprocess so wall time and peak RSS are the
 tool's own (peak RSS from resource.getrusage(RUSAGE_CHILDREN) of a fresh child per run).
 Also times the floor: reading all four inputs and writing one output, nothing computed.
@@ -71,8 +72,9 @@ def build_models(cache: str | Path = ".bench", seed: int = 0) -> BenchModels:
 
     cache = Path(cache).resolve()
     names = ["base", "ft1", "ft2", "ft3"]
+    stamp = f"hidden={HIDDEN} layers={LAYERS} vocab={VOCAB} inter={INTER} rel_delta={REL_DELTA} seed={seed}\n"
     done = cache / "DONE"
-    if not done.exists():
+    if not done.exists() or done.read_text() != stamp:
         g = torch.Generator().manual_seed(seed)
         base = {}
         for k, shape in _shapes().items():
@@ -82,12 +84,15 @@ def build_models(cache: str | Path = ".bench", seed: int = 0) -> BenchModels:
             folder.mkdir(parents=True, exist_ok=True)
             if i == 0:
                 tensors = base
-            else:  # a fine-tune: base + noise of ~REL_DELTA relative size, in bf16
-                tensors = {k: (v.float() + REL_DELTA * v.float().abs().mean() * torch.randn(v.shape, generator=g) * 30).bfloat16()
-                           for k, v in base.items()}
+            else:  # a fine-tune: ||delta|| / ||base|| = REL_DELTA per tensor before rounding to bf16
+                tensors = {}
+                for k, v in base.items():
+                    f = v.float()
+                    rms = f.pow(2).mean().sqrt()
+                    tensors[k] = (f + REL_DELTA * rms * torch.randn(v.shape, generator=g)).bfloat16()
             save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
             (folder / "config.json").write_text(json.dumps(_config(), indent=2))
-        done.write_text("ok\n")
+        done.write_text(stamp)
     recipe = cache / "ties.yaml"
     recipe.write_text(textwrap.dedent(f"""\
         merge_method: ties
@@ -194,11 +199,14 @@ def warm_page_cache(m: BenchModels) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global LAYERS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default=".bench", help="folder for the synthetic models (built once)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", choices=["mergeline", "mergekit"], default=None)
+    ap.add_argument("--layers", type=int, default=LAYERS, help="fewer layers for a quick check (the target is 20)")
     args = ap.parse_args(argv)
+    LAYERS = args.layers
 
     t = time.perf_counter()
     m = build_models(args.cache)

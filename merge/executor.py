@@ -284,13 +284,14 @@ def _writer_loop(writer: ShardWriter, in_q: queue.Queue, errors: list) -> None:
 
 
 def _progress_bar(total_tensors: int, total_bytes: int):
+    """A rich bar over bytes written, with the tensor count beside it (to stderr, cleared at the end)."""
+    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"),
-                   DownloadColumn(), TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
-    task = bar.add_task("merging", total=total_tensors)
-    bytes_task = bar.add_task("written", total=total_bytes, visible=False)
-    return bar, task, bytes_task
+    bar = Progress(TextColumn("[bold]merging"), BarColumn(), TextColumn("{task.fields[done]}/" + str(total_tensors) + " tensors"),
+                   DownloadColumn(), TimeElapsedColumn(), TimeRemainingColumn(), transient=True, console=Console(stderr=True))
+    task = bar.add_task("merging", total=total_bytes, done=0)
+    return bar, task
 
 
 def run_merge(recipe: MergeRecipe | str | Path | Mapping, out_dir: str | Path, *, device: str = "auto",
@@ -309,7 +310,6 @@ def run_merge(recipe: MergeRecipe | str | Path | Mapping, out_dir: str | Path, *
     merged_names = [s.name for s in plan.merged]
     agg = StatsAggregator(method.name, merged_names)
     total_bytes = sum(j.out.nbytes for j in plan.jobs)
-    base_i = plan.base_index
     try:
         with staging_dir(out_dir, overwrite) as tmp:
             writer = ShardWriter(tmp, [j.out for j in plan.jobs], max_shard)
@@ -320,9 +320,9 @@ def run_merge(recipe: MergeRecipe | str | Path | Mapping, out_dir: str | Path, *
             wthread = threading.Thread(target=_writer_loop, args=(writer, out_q, write_errors), daemon=True)
             producer.start()
             wthread.start()
-            bar = None
+            bar, done = None, 0
             if progress:
-                bar, task, bytes_task = _progress_bar(len(plan.jobs), total_bytes)
+                bar, task = _progress_bar(len(plan.jobs), total_bytes)
                 bar.start()
             try:
                 while True:
@@ -339,8 +339,8 @@ def run_merge(recipe: MergeRecipe | str | Path | Mapping, out_dir: str | Path, *
                     del tensors
                     out_q.put((job.name, result.tensor.to(job.out.dtype).cpu()))
                     if bar is not None:
-                        bar.advance(task)
-                        bar.advance(bytes_task, job.out.nbytes)
+                        done += 1
+                        bar.update(task, advance=job.out.nbytes, done=done)
                     if on_tensor is not None:
                         on_tensor(job.name, job.out.nbytes)
             finally:
@@ -358,7 +358,7 @@ def run_merge(recipe: MergeRecipe | str | Path | Mapping, out_dir: str | Path, *
             if write_errors:
                 raise write_errors[0]
             writer.close()
-            _write_side_files(plan, tmp, base_i)
+            _write_side_files(plan, tmp)
             stats = agg.write(tmp)
     finally:
         for s in plan.inputs:
@@ -415,7 +415,7 @@ def model_thresholds(plan: Plan, dev: torch.device) -> list[float] | None:
     return [h.threshold(d) for h, d in zip(hists, densities)]
 
 
-def _write_side_files(plan: Plan, folder: Path, base_i: int | None) -> None:
+def _write_side_files(plan: Plan, folder: Path) -> None:
     r = plan.recipe
     ref_folder = plan.reference.reader.ckpt.folder
     dtypes = {j.out.dtype for j in plan.jobs if j.floating}
