@@ -91,10 +91,12 @@ def compute_delta(base: Tensor, model: Tensor) -> Tensor:
     C = chunk_size(b)
 
     def make_worker():
-        buf = torch.empty(C, dtype=torch.float32)
+        buf = torch.empty(2, C, dtype=torch.float32)
 
         def work(s: int, e: int) -> None:
-            out[s:e].copy_(buf[: e - s].copy_(m[s:e]).sub_(b[s:e]))
+            # same-dtype fp32 operands: a mixed bf16/fp32 sub_ takes a slow promotion path
+            x, y = buf[0, : e - s].copy_(m[s:e]), buf[1, : e - s].copy_(b[s:e])
+            out[s:e].copy_(x.sub_(y))
 
         return work
 

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from merge.methods.common import compute_delta
+
 CHUNK = 1 << 18  # elements per numpy pass: bincount's intp copy of a chunk stays in cache
 _LO = 0 if sys.byteorder == "little" else 1  # which uint16 half of an fp32 holds the low bits
 
@@ -158,8 +160,9 @@ def _kth32(flat: Tensor, k: int) -> tuple[int, int, int]:
 
 
 def _topk_kthvalue(flat: Tensor, k: int) -> TopK:
-    """Fallback for other dtypes/devices: kthvalue, then the same deterministic tie rule."""
-    a = flat.abs()
+    """Fallback for other dtypes/devices: kthvalue, then the same deterministic tie rule.
+    (16-bit values are exact in fp32, where every device implements kthvalue.)"""
+    a = flat.abs() if flat.dtype == torch.float64 else flat.abs().float()
     t = a.kthvalue(a.numel() - k + 1).values
     above = int((a > t).sum())
     eq = (a == t).nonzero().flatten()
@@ -189,6 +192,13 @@ class MagnitudeHistogram:
             flat = flat.float()
         if self.dtype is not None and flat.dtype != self.dtype:
             raise ValueError(f"MagnitudeHistogram mixes {self.dtype} and {flat.dtype} deltas")
+        self._add_flat(flat)
+
+    def add_pair(self, base: Tensor, model: Tensor) -> None:
+        """``add(model - base)`` with the delta computed fast (fp32 chunks, one worker per core)."""
+        self.add(compute_delta(base.cpu(), model.cpu()))
+
+    def _add_flat(self, flat: Tensor) -> None:
         self.dtype = flat.dtype
         self.total += flat.numel()
         if flat.element_size() == 2:

@@ -220,3 +220,28 @@ def test_linear_and_slerp_stats_against_base():
     m = get_method("slerp")
     r = m.fn(base, [a], [m.model_params()], m.global_params(t=0.5))
     assert r.stats.models[0].kept == 2 and r.stats.models[0].kept_magnitude == pytest.approx(1.5)
+
+
+def test_magnitude_histogram_add_pair_equals_add():
+    torch.manual_seed(9)
+    base = torch.randn(5000).bfloat16()
+    model = (base.float() + 0.01 * torch.randn(5000)).bfloat16()
+    a, b = MagnitudeHistogram(), MagnitudeHistogram()
+    a.add(model - base)
+    b.add_pair(base, model)
+    assert a.threshold(0.2) == b.threshold(0.2) and (a.hist == b.hist).all()
+
+
+def test_errors_name_the_problem():
+    m = get_method("ties")
+    with pytest.raises(ValueError, match="needs a base"):
+        m.fn(None, [torch.zeros(3)], [m.model_params(weight=1.0)], m.global_params())
+    with pytest.raises(ValueError, match="shape"):
+        m.fn(torch.zeros(3), [torch.zeros(4)], [m.model_params(weight=1.0)], m.global_params())
+    d = get_method("della")
+    with pytest.raises(ValueError, match="epsilon"):
+        d.fn(torch.zeros(10), [torch.ones(10)], [d.model_params(weight=1.0, density=0.9, epsilon=0.2)],
+             d.global_params(), generator=torch.Generator().manual_seed(0))
+    s = get_method("slerp")
+    with pytest.raises(ValueError, match="exactly two"):
+        s.fn(torch.zeros(3), [torch.ones(3), torch.ones(3)], [s.model_params()] * 2, s.global_params(t=0.5))
