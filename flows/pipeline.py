@@ -160,6 +160,10 @@ def _stages(pipe: Pipeline, c, mlflow_uri: str, parent: str, run_dir: Path, opts
                 tracking.log_artifact(c, run, Path(m["path"]) / f, "merge")
     tables = {n: f.result() for n, f in evals.items()}
     table = combine(list(tables.values()))
+    # Which stages ran and which came from the cache (Prefect state "Cached"): the resume story.
+    states = {f"merge:{n}": f.state.name for n, f in merges.items()}
+    states.update({f"evaluate:{n}": f.state.name for n, f in evals.items()})
+    fresh_runs = sum(tables[n].runs for n, f in evals.items() if f.state.name != "Cached")
 
     # -- 4. report and gate --------------------------------------------------------
     from evaluation.plots import all_plots
@@ -180,7 +184,7 @@ def _stages(pipe: Pipeline, c, mlflow_uri: str, parent: str, run_dir: Path, opts
             (plots_dir / f"{pname}.png").write_bytes(png)
     with tracking.child_run(c, parent, "evaluate") as run:
         tracking.log_metrics(c, run, {"scores": {f"{s['model']}.{s['task']}": s["value"] for s in report["scores"]},
-                                      "lm_eval_runs": table.runs})
+                                      "lm_eval_runs": fresh_runs})
         tracking.log_metrics(c, run, {n: cand.get("summary", {}) for n, cand in report["candidates"].items()})
     with tracking.child_run(c, parent, "gate") as run:
         tracking.log_metrics(c, run, {"go": decision["go"]})
@@ -206,7 +210,7 @@ def _stages(pipe: Pipeline, c, mlflow_uri: str, parent: str, run_dir: Path, opts
     return {"decision": verdict, "stage": "gate", "primary": primary, "reasons": decision["reasons"],
             "report": str(paths.get("md") or next(iter(paths.values()))), "reports": {k: str(v) for k, v in paths.items()},
             "models": {n: m["path"] for n, m in merged.items()}, "registered": registered,
-            "lm_eval_runs": table.runs}
+            "lm_eval_runs": fresh_runs, "states": states}
 
 
 def _stopped_by_compat(compat: dict, run_dir: Path, c, parent: str, log) -> dict:

@@ -90,6 +90,12 @@ def prefect_server() -> str:
 
     with temporary_settings({PREFECT_API_URL: api}):
         yield api
+        # Send the last logs and events while the server still listens.
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
     os.environ.pop("PREFECT_API_URL", None)
     _stop(proc)
 
@@ -114,8 +120,24 @@ def mlflow_server() -> str:
 # ---- tiny GPT-2 models (engineer E): a base, two fine-tunes (base + small deltas) and a model
 # of another base (a different random init); seconds to make, no zoo needed ----
 
-def _save(model, folder: Path) -> Path:
+def _tiny_tokenizer():
+    """A byte-level BPE over digits and a few words: encodes any string lm-eval sends."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|eos|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([f"{a} + {b} = {a + b} yes no" for a in range(10) for b in range(10)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>", pad_token="<|eos|>")
+
+
+def _save(model, folder: Path, tokenizer=None) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -125,10 +147,12 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     root = tmp_path_factory.mktemp("tiny")
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64)
+    tok = _tiny_tokenizer()
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=128,
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     base = GPT2LMHeadModel(cfg)
-    out = {"base": _save(base, root / "base")}
+    out = {"base": _save(base, root / "base", tok)}
     for i, name in enumerate(["ft_a", "ft_b"]):
         ft = GPT2LMHeadModel(cfg)
         ft.load_state_dict(base.state_dict())
@@ -136,7 +160,16 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         with torch.no_grad():
             for p in ft.parameters():
                 p.add_(0.002 * torch.randn(p.shape, generator=g))
-        out[name] = _save(ft, root / name)
+        out[name] = _save(ft, root / name, tok)
     torch.manual_seed(99)
-    out["different_base"] = _save(GPT2LMHeadModel(cfg), root / "different_base")
+    out["different_base"] = _save(GPT2LMHeadModel(cfg), root / "different_base", tok)
     return out
+
+
+@pytest.fixture(scope="session")
+def zoo():
+    """The tiny zoo (base, fine-tunes, negatives, lm-eval tasks), built once per machine:
+    `build_zoo()` caches it under $MERGELINE_CACHE_DIR (default ~/.cache/mergeline)."""
+    from evaluation.zoo import build_zoo
+
+    return build_zoo()

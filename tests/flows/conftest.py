@@ -29,3 +29,60 @@ def nogo_pipeline(tiny_models, tmp_path_factory) -> Path:
     path = root / "pipeline.yaml"
     path.write_text(yaml.safe_dump(pipe, sort_keys=False))
     return path
+
+
+_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{q}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_tasks(tmp_path_factory) -> Path:
+    """Three tiny multiple-choice lm-eval tasks (t_a, t_b: the fine-tunes' skills; t_gen: general)."""
+    import json
+
+    root = tmp_path_factory.mktemp("tiny_tasks")
+    for name, offset in (("t_a", 0), ("t_b", 1), ("t_gen", 2)):
+        rows = [{"q": f"{a} + {b + offset} =", "choices": [f" {a + b + offset}", f" {a + b + offset + 1}"],
+                 "label": 0} for a in range(4) for b in range(3)]
+        data = root / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (root / f"{name}.yaml").write_text(_TASK.format(name=name, data=data))
+    return root
+
+
+@pytest.fixture(scope="session")
+def go_pipeline_writer():
+    return write_go_pipeline
+
+
+def write_go_pipeline(root: Path, models: dict[str, Path], tasks: Path, runner: str = "threads") -> Path:
+    """TIES of ft_a + ft_b with a linear baseline, judged by a policy that only asks for a
+    passing compatibility check: GO, so the registry path is exercised."""
+    pipe = {
+        "name": "go-tiny",
+        "workdir": str(root / "work"),
+        "recipe": {"merge_method": "ties", "base_model": str(models["base"]),
+                   "parameters": {"density": 0.5}, "dtype": "float32",
+                   "models": [{"model": str(models["ft_a"]), "parameters": {"weight": 0.5}},
+                              {"model": str(models["ft_b"]), "parameters": {"weight": 0.5}}]},
+        "baselines": ["linear"],
+        "eval_suite": {"retention": {"ft_a": ["t_a"], "ft_b": ["t_b"]}, "general": ["t_gen"],
+                       "include_paths": [str(tasks)], "batch_size": 8},
+        "gate_policy": {"candidate": "ties", "compatibility": {"must_pass": True}},
+        "tracking": {"register_as": "go-tiny", "experiment": "go"},
+        "runner": {"kind": runner, "max_workers": 2},
+    }
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(pipe, sort_keys=False))
+    return path

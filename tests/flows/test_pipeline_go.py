@@ -1,0 +1,91 @@
+"""The whole pipeline to GO on tiny models: MLflow parent + child runs, artifacts, registry with
+aliases, Prefect artifacts; a rerun is served from the caches; a changed fine-tune re-does only
+what depends on it (its evaluation, the merges and theirs, not the base's or the other's), here
+on a local Dask cluster."""
+import shutil
+from pathlib import Path
+
+from prefect.client.orchestration import get_client
+from safetensors.torch import load_file, save_file
+
+from flows.pipeline import run_pipeline
+from flows.pipeline_config import load_pipeline
+from tasks import tracking
+
+
+def _copy_models(tiny_models, root: Path) -> dict[str, Path]:
+    out = {}
+    for k in ("base", "ft_a", "ft_b"):
+        out[k] = root / "models_in" / k
+        shutil.copytree(tiny_models[k], out[k])
+    return out
+
+
+def test_go_pipeline_tracking_registry_and_caching(tiny_models, tiny_tasks, prefect_server, tmp_path,
+                                                   monkeypatch, go_pipeline_writer):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the embedded SQLite default
+    models = _copy_models(tiny_models, tmp_path)
+    path = go_pipeline_writer(tmp_path, models, tiny_tasks)
+    work = load_pipeline(path).workdir_path
+
+    s1 = run_pipeline(path)
+    assert s1["decision"] == "GO", s1
+    assert s1["lm_eval_runs"] == 5  # base, ft_a, ft_b, ties, linear
+    assert s1["mlflow_uri"] == f"sqlite:///{work / 'mlflow.db'}"
+    for kind in ("json", "md", "html"):
+        assert Path(s1["reports"][kind]).is_file()
+
+    c = tracking.client(s1["mlflow_uri"])
+    exp = c.get_experiment_by_name("go")
+    runs = c.search_runs([exp.experiment_id])
+    parent = c.get_run(s1["mlflow_run_id"])
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"check", "merge:ties", "merge:linear", "evaluate", "gate", "register"}
+    assert parent.data.tags["mergeline.decision"] == "GO" and parent.data.metrics["go"] == 1.0
+    assert parent.data.params["recipe.merge_method"] == "ties"
+    assert "ties.mean_retention" in parent.data.metrics or any(k.startswith("ties.") for k in parent.data.metrics)
+    merge_run = children["merge:ties"]
+    assert "sign_conflict_rate" in merge_run.data.metrics
+    arts = {a.path for a in c.list_artifacts(merge_run.info.run_id, "merge")}
+    assert {"merge/merge_stats.json", "merge/lineage.json", "merge/README.md"} <= arts
+    gate_arts = {a.path for a in c.list_artifacts(children["gate"].info.run_id, "report")}
+    assert any(p.endswith(".html") for p in gate_arts)
+    assert Path(exp.artifact_location.removeprefix("file://")) == work / "mlartifacts"
+
+    mv = c.get_model_version_by_alias("go-tiny", "champion")
+    assert str(mv.version) == s1["registered"]["version"] == "1"
+    assert mv.tags["mergeline.decision"] == "GO"
+    assert Path(tracking.folder_of(c, "go-tiny@candidate")) == Path(s1["models"]["ties"])
+    lineage = (Path(s1["models"]["ties"]) / "lineage.json").read_text()
+    assert s1["mlflow_run_id"] in lineage
+
+    # Prefect artifacts of the flow run: the markdown report and the score table
+    import asyncio
+
+    async def keys():
+        async with get_client() as client:
+            return {a.key for a in await client.read_artifacts()}
+    assert {"mergeline-report", "mergeline-scores"} <= asyncio.run(keys())
+
+    # an identical rerun: every lm-eval run and merge comes from the cache
+    s2 = run_pipeline(path)
+    assert s2["decision"] == "GO" and s2["lm_eval_runs"] == 0
+    assert set(s2["states"].values()) == {"Cached"}, s2["states"]
+    assert s2["models"] == s1["models"]
+
+    # one fine-tune changed: only what reads it is redone
+    f = next(models["ft_b"].glob("*.safetensors"))
+    sd = load_file(f)
+    name = next(k for k in sd if k.endswith("mlp.c_fc.weight"))
+    sd[name] = sd[name] + 1e-3
+    save_file(sd, f, metadata={"format": "pt"})
+    # ... and this time on a local Dask cluster (prefect-dask); the caches do not care
+    go_pipeline_writer(tmp_path, models, tiny_tasks, runner="dask")
+    s3 = run_pipeline(path)
+    assert s3["lm_eval_runs"] == 3  # ft_b, ties, linear; base and ft_a reused
+    assert s3["states"] == {"merge:ties": "Completed", "merge:linear": "Completed",
+                            "evaluate:base": "Cached", "evaluate:ft_a": "Cached",
+                            "evaluate:ft_b": "Completed", "evaluate:ties": "Completed",
+                            "evaluate:linear": "Completed"}
+    assert s3["models"]["ties"] != s1["models"]["ties"]
+    assert str(c.get_model_version_by_alias("go-tiny", "candidate").version) == "3"
