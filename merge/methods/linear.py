@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from merge.methods.common import check_inputs, chunk_size, flat, spans, work_dtype
+from merge.methods.common import check_inputs, chunk_size, flat, run_chunks, work_dtype
 from merge.methods.stats import ModelStats, TensorStats
 
 
@@ -20,44 +20,55 @@ def linear(base: Tensor | None, models: list[Tensor], model_params: list, params
     from merge.methods.registry import MethodResult
 
     check_inputs("linear", base, models, need_base=False)
-    first = models[0]
-    wd = work_dtype(first.dtype)
-    xs = [flat(m) for m in models]
-    dev = xs[0].device
-    w = torch.tensor([p.weight for p in model_params], dtype=wd, device=dev)
+    xs, first = [flat(m) for m in models], models[0]
+    w = torch.tensor([p.weight for p in model_params], dtype=work_dtype(first.dtype), device=first.device)
     denominator = float(w.sum()) if params.normalize else 1.0
     out = torch.empty_like(xs[0])
     C = chunk_size(out)
-    acc, x = torch.empty(C, dtype=wd, device=dev), torch.empty(C, dtype=wd, device=dev)
-    for s, e in spans(out.numel(), C):
-        r, t = acc[: e - s].zero_(), x[: e - s]
-        for xi, wi in zip(xs, w):
-            r.addcmul_(t.copy_(xi[s:e]), wi)  # addcmul like mergekit: same (fused) rounding
-        out[s:e].copy_(r.div_(denominator) if params.normalize else r)
-    stats = None if base is None else delta_stats(base, models, [float(v) for v in w])
+
+    def make_worker():
+        buf = torch.empty(2, C, dtype=w.dtype, device=w.device)
+
+        def work(s: int, e: int) -> None:
+            r, t = buf[0, : e - s].zero_(), buf[1, : e - s]
+            for xi, wi in zip(xs, w):
+                r.addcmul_(t.copy_(xi[s:e]), wi)  # addcmul like mergekit: same (fused) rounding
+            out[s:e].copy_(r.div_(denominator) if params.normalize else r)
+
+        return work
+
+    run_chunks(out.numel(), C, make_worker, out.device)
+    stats = None if base is None else delta_stats(base, models, w.tolist())
     return MethodResult(out.reshape(first.shape), stats)
+
+
+class _StatsWorker:
+    """Deltas against the base: nonzero counts, |delta| sums, sign conflicts of weighted deltas."""
+
+    def __init__(self, b: Tensor, xs: list[Tensor], w: Tensor, C: int) -> None:
+        self.b, self.xs, self.w = b, xs, w
+        self.D, self.Q = (torch.empty(len(xs), C, dtype=w.dtype, device=b.device) for _ in range(2))
+        self.B = torch.empty(C, dtype=w.dtype, device=b.device)
+        self.acc = torch.zeros(2, len(xs), dtype=torch.float64, device=b.device)  # nonzero, sum |d|
+        self.pos = torch.zeros(2, dtype=torch.int64, device=b.device)  # conflicts, with a delta
+
+    def __call__(self, s: int, e: int) -> None:
+        d, q, bb = self.D[:, : e - s], self.Q[:, : e - s], self.B[: e - s].copy_(self.b[s:e])
+        for i, x in enumerate(self.xs):
+            d[i].copy_(x[s:e]).sub_(bb)
+        self.acc[0] += torch.sign(d, out=q).abs_().sum(1)
+        self.acc[1] += torch.abs(d, out=q).sum(1)
+        torch.sign(d.mul_(self.w), out=q)  # signs of the weighted deltas
+        self.pos[0] += ((q.amin(0) < 0) & (q.amax(0) > 0)).sum()
+        self.pos[1] += (q.abs_().amax(0) > 0).sum()
 
 
 def delta_stats(base: Tensor, models: list[Tensor], weights: list[float]) -> TensorStats:
     """Stats for methods without trimming or election: kept = nonzero deltas against the base,
     conflicts = positions where weighted deltas of different models have opposite signs."""
-    b = flat(base)
-    n, numel, dev, C = len(models), b.numel(), b.device, chunk_size(b)
-    D, Q = (torch.empty(n, C, dtype=work_dtype(b.dtype), device=dev) for _ in range(2))
-    bb = torch.empty(C, dtype=D.dtype, device=dev)
-    w = torch.tensor(weights, dtype=D.dtype, device=dev).reshape(n, 1)
-    acc = torch.zeros(2, n, dtype=torch.float64, device=dev)  # nonzero deltas, sum |delta|
-    pos = torch.zeros(2, dtype=torch.int64, device=dev)  # conflicts, positions with a delta
-    for s, e in spans(numel, C):
-        d, q = D[:, : e - s], Q[:, : e - s]
-        bb[: e - s].copy_(b[s:e])
-        for i, m in enumerate(models):
-            d[i].copy_(flat(m)[s:e]).sub_(bb[: e - s])
-        acc[0] += torch.sign(d, out=q).abs_().sum(1)
-        acc[1] += torch.abs(d, out=q).sum(1)
-        torch.sign(d.mul_(w), out=q)  # signs of the weighted deltas
-        pos[0] += ((q.amin(0) < 0) & (q.amax(0) > 0)).sum()
-        pos[1] += (q.abs_().amax(0) > 0).sum()
-    (kept, mags), (conflicts, with_kept) = acc.tolist(), pos.tolist()
+    b, numel, C = flat(base), base.numel(), chunk_size(base)
+    w = torch.tensor(weights, dtype=work_dtype(b.dtype), device=b.device).reshape(-1, 1)
+    workers = run_chunks(numel, C, lambda: _StatsWorker(b, [flat(m) for m in models], w, C), b.device)
+    (kept, mags), (conflicts, with_kept) = sum(x.acc for x in workers).tolist(), sum(x.pos for x in workers).tolist()
     return TensorStats(numel=numel, conflict_positions=conflicts, positions_with_kept=with_kept,
                        models=[ModelStats(numel=numel, kept=int(k), kept_magnitude=m) for k, m in zip(kept, mags)])

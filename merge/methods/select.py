@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from merge.methods.common import compute_delta
+from merge.methods.common import compute_delta, run_chunks
+from merge.methods.common import flat as flat_
 
 CHUNK = 1 << 18  # elements per numpy pass: bincount's intp copy of a chunk stays in cache
 _LO = 0 if sys.byteorder == "little" else 1  # which uint16 half of an fp32 holds the low bits
@@ -68,6 +69,29 @@ def _kth_desc(hist: np.ndarray, k: int) -> tuple[int, int]:
     return len(hist) - 1 - j, int(above_or_at[j - 1]) if j else 0
 
 
+def deltas_with_histograms(base: Tensor, models: list[Tensor]) -> tuple[list[Tensor], list[np.ndarray]]:
+    """``compute_delta`` of every model and each delta's 15-bit magnitude histogram, in ONE pass
+    over 16-bit CPU tensors: numpy's bincount holds the GIL, but while one worker counts, the
+    others compute deltas with torch (which releases it), so the two costs overlap."""
+    b, ms, n = flat_(base), [flat_(m) for m in models], len(models)
+    outs = [torch.empty_like(b) for _ in models]
+    C = min(CHUNK, max(1, b.numel()))  # larger than the merge chunk: amortizes the histogram adds
+
+    class Worker:
+        def __init__(self) -> None:
+            self.buf = torch.empty(2, C, dtype=torch.float32)
+            self.hist = np.zeros((n, 1 << 16), dtype=np.int64)
+
+        def __call__(self, s: int, e: int) -> None:
+            y = self.buf[1, : e - s].copy_(b[s:e])
+            for i, m in enumerate(ms):
+                outs[i][s:e].copy_(self.buf[0, : e - s].copy_(m[s:e]).sub_(y))
+                self.hist[i] += np.bincount(_u16(outs[i][s:e]), minlength=1 << 16)
+
+    hist = sum(w.hist for w in run_chunks(b.numel(), C, Worker, b.device))
+    return outs, [h[: 1 << 15] + h[1 << 15 :] for h in hist]
+
+
 def _hist16(flat: Tensor) -> np.ndarray:
     """Counts of the 15 magnitude bits of a flat 16-bit float tensor: a histogram of the raw 16
     bits (no masking pass), then the negative half folded onto the positive one."""
@@ -107,10 +131,11 @@ def _key_to_float(key: int, dtype: torch.dtype) -> float:
     return float(np.array([key], dtype=np.uint32).view(np.float32)[0])
 
 
-def topk(x: Tensor, k: int) -> TopK:
+def topk(x: Tensor, k: int, hist: np.ndarray | None = None) -> TopK:
     """Exact top-k of |x| (x is e.g. a task vector; signs are ignored). No sort of x.
 
     Ties at the k-th magnitude keep the lowest flat indices. NaN ranks above inf.
+    ``hist``: x's 15-bit magnitude histogram when already known (``deltas_with_histograms``).
     """
     flat = x.detach().reshape(-1)
     n = flat.numel()
@@ -123,7 +148,7 @@ def topk(x: Tensor, k: int) -> TopK:
     if flat.element_size() != 2:
         key, above, ties = _kth32(flat, k)
         return TopK(k, _key_to_float(key, flat.dtype), _tie_cut(flat, key, k - above, ties))
-    hist = _hist16(flat)
+    hist = _hist16(flat) if hist is None else hist
     key, above = _kth_desc(hist, k)
     t = _key_to_float(key, flat.dtype)
     counts = hist[key + 1 :]

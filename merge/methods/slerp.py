@@ -13,29 +13,37 @@ import math
 import torch
 from torch import Tensor
 
-from merge.methods.common import check_inputs, chunk_size, flat, spans, work_dtype
+from merge.methods.common import check_inputs, chunk_size, flat, run_chunks, work_dtype
 from merge.methods.linear import delta_stats
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 
 
+def _sums(a: Tensor, b: Tensor, fn) -> list[float]:
+    """Sum ``fn(x, y)`` (a tuple of scalars) over work-dtype chunks of a and b, in parallel."""
+    wd, C = work_dtype(a.dtype), chunk_size(a)
+
+    class Worker:
+        def __init__(self) -> None:
+            self.buf, self.acc = torch.empty(2, C, dtype=wd, device=a.device), 0
+
+        def __call__(self, s: int, e: int) -> None:
+            x, y = self.buf[0, : e - s].copy_(a[s:e]), self.buf[1, : e - s].copy_(b[s:e])
+            self.acc = self.acc + torch.stack(fn(x, y)).double()
+
+    return sum(w.acc for w in run_chunks(a.numel(), C, Worker, a.device)).tolist()
+
+
 def slerp_coefficients(t: float, v0: Tensor, v1: Tensor) -> tuple[float, float]:
     """(c0, c1) with result = c0 * v0 + c1 * v1."""
     wd = work_dtype(v0.dtype)
     a, b = flat(v0), flat(v1)
-    norm_a = norm_b = dot = 0.0
-    C = chunk_size(a)
-    for s, e in spans(a.numel(), C):
-        x, y = a[s:e].to(wd), b[s:e].to(wd)
-        norm_a += float(x.dot(x))
-        norm_b += float(y.dot(y))
+    norm_a, norm_b, dot = _sums(a, b, lambda x, y: (x.dot(x), y.dot(y), x.dot(y)))
     norm_a, norm_b = math.sqrt(norm_a), math.sqrt(norm_b)
     norm_a = norm_a if norm_a > EPS else 1.0
     norm_b = norm_b if norm_b > EPS else 1.0
-    for s, e in spans(a.numel(), C):
-        dot += float((a[s:e].to(wd) / norm_a).dot(b[s:e].to(wd) / norm_b))
-    dot = min(1.0, max(-1.0, dot))
+    dot = min(1.0, max(-1.0, dot / (norm_a * norm_b)))
     if abs(dot) > DOT_THRESHOLD:  # nearly colinear: the angle is ill-conditioned, so lerp
         return 1 - t, t
     # coefficients in the work dtype, as mergekit computes them (keeps parity at ~1 ulp)
@@ -57,9 +65,16 @@ def slerp(base: Tensor, models: list[Tensor], model_params: list, params, *,
     a, b = flat(base), flat(models[0])
     out = torch.empty_like(a)
     C = chunk_size(a)
-    buf = torch.empty(2, C, dtype=wd, device=a.device)
-    for s, e in spans(a.numel(), C):
-        # copies: never in place on the borrowed inputs; two products then a sum, like mergekit
-        x, y = buf[0, : e - s].copy_(a[s:e]).mul_(c0), buf[1, : e - s].copy_(b[s:e]).mul_(c1)
-        out[s:e].copy_(x.add_(y))
+
+    def make_worker():
+        buf = torch.empty(2, C, dtype=wd, device=a.device)
+
+        def work(s: int, e: int) -> None:
+            # copies: never in place on the borrowed inputs; two products then a sum, like mergekit
+            x, y = buf[0, : e - s].copy_(a[s:e]).mul_(c0), buf[1, : e - s].copy_(b[s:e]).mul_(c1)
+            out[s:e].copy_(x.add_(y))
+
+        return work
+
+    run_chunks(a.numel(), C, make_worker, a.device)
     return MethodResult(out.reshape(base.shape), delta_stats(base, models, [1.0]))

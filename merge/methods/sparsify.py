@@ -94,12 +94,12 @@ def trim(sparsifier, d: Tensor, start: int, out: Tensor) -> Tensor:
     return torch.mul(d, sparsifier.mask(d.abs(), start), out=out)
 
 
-def magnitude(delta: Tensor, density: float):
+def magnitude(delta: Tensor, density: float, hist=None):
     if density >= 1:
         return KeepAll()
     if density <= 0:
         return topk(delta, 0)
-    return topk(delta, max(1, int(density * delta.numel())))
+    return topk(delta, max(1, int(density * delta.numel())), hist)
 
 
 def magnitude_outliers(delta: Tensor, density: float, gamma: float):

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from merge.methods import sparsify
+from merge.methods import select, sparsify
 from merge.methods.common import Rounder, check_inputs, chunk_size, compute_delta, flat, run_chunks, work_dtype
 from merge.methods.stats import ModelStats, TensorStats
 
 
-def make_sparsifier(kind: str | None, delta: Tensor, p, shape, generator, threshold: float | None):
+def make_sparsifier(kind: str | None, delta: Tensor, p, shape, generator, threshold: float | None, hist=None):
     """Step 1's keep-mask for one model's flat delta."""
     if threshold is not None:
         if kind != "magnitude":
@@ -33,7 +33,7 @@ def make_sparsifier(kind: str | None, delta: Tensor, p, shape, generator, thresh
     if kind is None:
         return sparsify.KeepAll()
     if kind == "magnitude":
-        return sparsify.magnitude(delta, p.density)
+        return sparsify.magnitude(delta, p.density, hist)
     if kind == "random":
         return sparsify.random(delta, p.density, generator)
     if kind == "magnitude_outliers":
@@ -61,12 +61,16 @@ def generalized_task_arithmetic(
     if len(model_params) != len(models):
         raise ValueError(f"{name}: {len(models)} models but {len(model_params)} parameter sets")
     b = flat(base)
-    deltas = [compute_delta(b, m) for m in models]
+    hists = [None] * len(models)
+    if sparsification == "magnitude" and not thresholds and b.device.type == "cpu" and b.element_size() == 2:
+        deltas, hists = select.deltas_with_histograms(b, models)
+    else:
+        deltas = [compute_delta(b, m) for m in models]
 
     # 1. Trim: a keep-mask per model (and mergekit's optional L1 rescale of the survivors)
     masks = [
-        make_sparsifier(sparsification, d, p, base.shape, generator, thresholds[i] if thresholds else None)
-        for i, (d, p) in enumerate(zip(deltas, model_params))
+        make_sparsifier(sparsification, d, p, base.shape, generator, thresholds[i] if thresholds else None, h)
+        for i, (d, p, h) in enumerate(zip(deltas, model_params, hists))
     ]
     scales = [sparsify.l1_rescale(d, m) if params.rescale else 1.0 for d, m in zip(deltas, masks)]
     out, stats = _merge_chunks(b, deltas, masks, model_params, scales, params, consensus)

@@ -114,3 +114,51 @@ def test_bf16_matches_mergekit_rounding(name):
             tied |= delta == torch.sort(delta.reshape(-1).float(), descending=True).values[k - 1]
         assert 0 < tied.sum() < 0.05 * base.numel()
     assert torch.equal(got[~tied], ref[~tied])
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties", "task_arithmetic"])
+def test_parity_on_tensors_spanning_many_chunks(name):
+    """Several fused chunks and worker threads; the tie cut falls inside a middle chunk."""
+    from merge.methods.common import CHUNK
+
+    base, models = inputs((CHUNK // 100 * 5 + 7, 100), seed=6)
+    assert base.numel() > 4 * CHUNK
+    torch.testing.assert_close(ours(name, base, models, {}), theirs(name, base, models, {}), rtol=0, atol=1e-6)
+
+
+def test_bf16_tie_breaking_across_chunks_is_by_lowest_index():
+    """Many bf16 ties at the threshold: exactly k kept, and the kept ties are the first ones."""
+    from merge.methods.common import CHUNK
+
+    g = torch.Generator().manual_seed(6)
+    n = 5 * CHUNK + 11
+    base = torch.zeros(n, dtype=torch.bfloat16)
+    model = (torch.randint(1, 9, (n,), generator=g) * 0.125).bfloat16()  # 8 distinct magnitudes
+    m = get_method("ties")
+    out = m.fn(base, [model], [m.model_params(weight=1.0, density=0.3)], m.global_params())
+    kept = out.tensor != 0
+    k = int(0.3 * n)
+    assert int(kept.sum()) == k == out.stats.models[0].kept
+    mags = model.float().abs()
+    t = float(torch.sort(mags, descending=True).values[k - 1])
+    assert bool((mags[kept] >= t).all()) and bool(kept[mags > t].all())
+    tie_idx = torch.nonzero(mags == t).flatten()
+    kept_ties = kept[tie_idx]
+    assert kept_ties[: int(kept_ties.sum())].all()  # a prefix of the tied positions
+    assert 0 < int(kept_ties.sum()) < tie_idx.numel()
+
+
+@pytest.mark.parametrize("name", ["linear", "slerp"])
+def test_linear_slerp_parity_many_chunks(name):
+    from merge.methods.common import CHUNK
+
+    base, models = inputs((CHUNK // 50 * 3 + 1, 50), seed=7)
+    m = get_method(name)
+    if name == "linear":
+        got = m.fn(base, [base, *models], [m.model_params(weight=w) for w in [0.1, 0.5, 0.2, 0.2]], m.global_params())
+        ref = mergekit_api.merge_tensors([base, *models], "linear", parameters={"weight": [0.1, 0.5, 0.2, 0.2]})
+    else:
+        got = m.fn(base, [models[0]], [m.model_params()], m.global_params(t=0.3))
+        ref = mergekit_api.merge_tensors([base, models[0]], "slerp", parameters={"t": 0.3}, base_index=0)
+    torch.testing.assert_close(got.tensor, ref, rtol=0, atol=1e-6)
+    assert got.stats is not None and got.stats.models[-1].kept > 0
