@@ -210,7 +210,8 @@ def _stages(pipe: Pipeline, c, mlflow_uri: str, parent: str, run_dir: Path, opts
     return {"decision": verdict, "stage": "gate", "primary": primary, "reasons": decision["reasons"],
             "report": str(paths.get("md") or next(iter(paths.values()))), "reports": {k: str(v) for k, v in paths.items()},
             "models": {n: m["path"] for n, m in merged.items()}, "registered": registered,
-            "lm_eval_runs": fresh_runs, "states": states}
+            "lm_eval_runs": fresh_runs, "states": states,
+            "reused_merges": sorted(n for n, m in merged.items() if m.get("reused"))}
 
 
 def _stopped_by_compat(compat: dict, run_dir: Path, c, parent: str, log) -> dict:

@@ -1,8 +1,12 @@
-"""The whole pipeline to GO on tiny models: MLflow parent + child runs, artifacts, registry with
+"""The whole pipeline to GO on tiny models: an interrupted run resumes without re-merging; MLflow parent + child runs, artifacts, registry with
 aliases, Prefect artifacts; a rerun is served from the caches; a changed fine-tune re-does only
 what depends on it (its evaluation, the merges and theirs, not the base's or the other's), here
 on a local Dask cluster."""
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from prefect.client.orchestration import get_client
@@ -28,9 +32,21 @@ def test_go_pipeline_tracking_registry_and_caching(tiny_models, tiny_tasks, pref
     path = go_pipeline_writer(tmp_path, models, tiny_tasks)
     work = load_pipeline(path).workdir_path
 
+    # a run killed once both merges are on disk ...
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mergeline"), "run", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    deadline = time.monotonic() + 240
+    while len(list((work / "models").glob("*/lineage.json"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "the first run ended early"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.kill()
+    proc.wait()
+    # ... resumes: the merges are not computed again
     s1 = run_pipeline(path)
     assert s1["decision"] == "GO", s1
-    assert s1["lm_eval_runs"] == 5  # base, ft_a, ft_b, ties, linear
+    for name in ("ties", "linear"):
+        assert s1["states"][f"merge:{name}"] == "Cached" or name in s1["reused_merges"], s1
     assert s1["mlflow_uri"] == f"sqlite:///{work / 'mlflow.db'}"
     for kind in ("json", "md", "html"):
         assert Path(s1["reports"][kind]).is_file()
