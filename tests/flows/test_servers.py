@@ -45,3 +45,20 @@ def test_refuses_one_sqlite_file_for_both(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     with pytest.raises(ServerUnreachable, match="same SQLite"):
         resolve_tracking(tmp_path)
+
+
+def test_run_with_unreachable_mlflow_exits_2_before_any_work(nogo_pipeline):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{_dead_port()}")
+    env.pop("PREFECT_API_URL", None)  # would otherwise need the session's server
+    t = time.monotonic()
+    r = subprocess.run([str(Path(sys.executable).parent / "mergeline"), "run", str(nogo_pipeline)],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "MLFLOW_TRACKING_URI" in r.stderr and "unreachable" in r.stderr
+    assert "temporary server" not in r.stdout + r.stderr  # Prefect was never started
+    assert time.monotonic() - t < 60
