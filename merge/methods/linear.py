@@ -58,9 +58,9 @@ class _StatsWorker:
             d[i].copy_(x[s:e]).sub_(bb)
         self.acc[0] += torch.sign(d, out=q).abs_().sum(1)
         self.acc[1] += torch.abs(d, out=q).sum(1)
-        torch.sign(d.mul_(self.w), out=q)  # signs of the weighted deltas
-        self.pos[0] += ((q.amin(0) < 0) & (q.amax(0) > 0)).sum()
-        self.pos[1] += (q.abs_().amax(0) > 0).sum()
+        lo, hi = torch.aminmax(torch.sign(d.mul_(self.w), out=q), dim=0)  # signs of weighted deltas
+        self.pos[0] += ((lo < 0) & (hi > 0)).sum()
+        self.pos[1] += ((lo < 0) | (hi > 0)).sum()
 
 
 def delta_stats(base: Tensor, models: list[Tensor], weights: list[float]) -> TensorStats:

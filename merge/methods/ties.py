@@ -154,8 +154,9 @@ class _Worker:
             g = torch.sum(d, 0, out=self.S[:L]).sign_().add_(0.5).sign_()
             # 3. Disjoint merge: keep only contributions agreeing with g (a zero never agrees)
             q = torch.sign(d.mul_(g), out=x)
-            pos[0] += (q.amin(0) < 0).sum()  # someone disagrees => two kept signs conflict
-            pos[1] += (q.amax(0) > 0).sum()  # any nonzero contribution => an agreeing one exists
+            lo, hi = torch.aminmax(q, dim=0)
+            pos[0] += (lo < 0).sum()  # someone disagrees => two kept signs conflict
+            pos[1] += (hi > 0).sum()  # any nonzero contribution => an agreeing one exists
             acc[2] += q.clamp_(min=0).sum(1)
             acc[3] += d.clamp_(min=0).sum(1)
             rnd(torch.sum(d, 0, out=mixed).mul_(g))
@@ -164,9 +165,9 @@ class _Worker:
                 divisor += torch.eq(divisor, 0, out=self.Z[:L])  # no agreeing weight: divide by 1
                 rnd(mixed.div_(divisor))
         else:
-            q = torch.sign(d, out=x)
-            pos[0] += ((q.amin(0) < 0) & (q.amax(0) > 0)).sum()
-            pos[1] += (q.abs_().amax(0) > 0).sum()
+            lo, hi = torch.aminmax(torch.sign(d, out=x), dim=0)
+            pos[0] += ((lo < 0) & (hi > 0)).sum()
+            pos[1] += ((lo < 0) | (hi > 0)).sum()
             rnd(torch.sum(d, 0, out=mixed))
             if job.params.normalize:
                 rnd(mixed.div_(job.divisor_all))
