@@ -15,8 +15,8 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
@@ -152,6 +152,7 @@ def _stages(pipe: Pipeline, c, mlflow_uri: str, parent: str, run_dir: Path, opts
             name=name, path=m["path"], role="candidate", suite=suite_dict, cache_dir=score_cache)
         with tracking.child_run(c, parent, f"merge:{name}") as run:
             tracking.log_params(c, run, {"recipe": recipes[name], "content_hash": m["content_hash"]})
+            tracking.log_text(c, run, yaml.safe_dump(recipes[name], sort_keys=False), "recipe.yaml")
             stats = m["stats"] or {}
             tracking.log_metrics(c, run, {"seconds": m["seconds"],
                                           "sign_conflict_rate": (stats.get("sign_conflict") or {}).get("rate"),

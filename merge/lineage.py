@@ -16,7 +16,6 @@ import sys
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
 
 from merge.hashing import content_hash, text_hash
 

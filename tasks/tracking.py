@@ -112,9 +112,13 @@ def log_artifact(c: MlflowClient, run_id: str, path: Path, artifact_path: str | 
 
 
 def log_json(c: MlflowClient, run_id: str, obj: Any, name: str) -> None:
+    log_text(c, run_id, json.dumps(obj, indent=2, default=str), name)
+
+
+def log_text(c: MlflowClient, run_id: str, text: str, name: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp) / name
-        p.write_text(json.dumps(obj, indent=2, default=str))
+        p.write_text(text)
         c.log_artifact(run_id, str(p))
 
 
