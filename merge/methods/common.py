@@ -128,6 +128,7 @@ def check_inputs(name: str, base: Tensor | None, models: list[Tensor], need_base
     ref = base if base is not None else models[0]
     for i, m in enumerate(models):
         if m.shape != ref.shape:
-            raise ValueError(f"merge method {name!r}: model {i} has shape {tuple(m.shape)}, expected {tuple(ref.shape)}")
+            raise ValueError(f"merge method {name!r}: model {i} has shape {tuple(m.shape)}, "
+                             f"expected {tuple(ref.shape)}")
     if not ref.is_floating_point():
         raise TypeError(f"merge method {name!r} needs floating-point tensors, got {ref.dtype}")

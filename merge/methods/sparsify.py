@@ -130,7 +130,8 @@ def della_magprune(delta: Tensor, density: float, epsilon: float, generator: tor
     rows = delta.reshape(shape[0] if len(shape) >= 2 else 1, -1).abs().float()
     m = rows.shape[1]
     order = torch.argsort(rows, dim=1, stable=True)
-    ranks = torch.empty_like(rows).scatter_(1, order, torch.arange(m, dtype=rows.dtype, device=rows.device).expand_as(rows).contiguous())
+    positions = torch.arange(m, dtype=rows.dtype, device=rows.device).expand_as(rows).contiguous()
+    ranks = torch.empty_like(rows).scatter_(1, order, positions)  # 0 = smallest magnitude
     # a one-column row has no rank spread (mergekit divides 0 by 0): use the middle probability
     rank_norm = ranks / (m - 1) if m > 1 else torch.full_like(ranks, 0.5)
     probs = (density - epsilon) + rank_norm * (2 * epsilon)

@@ -8,7 +8,12 @@ DARE (arXiv:2311.03099), Model Breadcrumbs (arXiv:2312.06795) and DELLA (arXiv:2
 step 1 for another sparsifier (``sparsify.py``). Semantics follow mergekit 0.1.5's
 ``GeneralizedTaskArithmeticMerge``: weight before electing; elected sign + where the sum >= 0;
 a zero contribution never agrees; normalize divides by the summed weights of the agreeing models
-(0 -> 1); then lambda; then base + mixed, rounded to the base dtype.
+(0 -> 1); then lambda; then base + mixed, rounded to the base dtype. One deliberate difference:
+TIES keeps exactly k = max(1, int(density * numel)) entries per tensor, and entries tied at the
+k-th magnitude are kept by lowest flat index (mergekit leaves that to argsort's order); see
+``select.py``. With ``thresholds`` (whole-model trimming, the paper's variant) an entry is kept
+iff |delta| >= its model's threshold. bf16/fp16 inputs are computed in fp32 chunks rounded where
+mergekit's own bf16 ops round, so results are bit-identical to mergekit's away from such ties.
 
 Run: python -m pytest tests/merge/test_methods.py -q
 """
