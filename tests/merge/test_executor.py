@@ -241,3 +241,20 @@ def test_tokenizer_source_and_chat_template(zoo, tmp_path):
     tok = json.loads((out.path / "tokenizer_config.json").read_text())
     assert tok["from"] == "ft_b" and "<|im_start|>" in tok["chat_template"]
     assert "<|im_start|>" in (out.path / "chat_template.jinja").read_text()
+
+
+def test_pickle_checkpoint_refused_unless_allowed(zoo, tmp_path):
+    paths, t = zoo
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    torch.save(t["ft_b"], folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps(CONFIG))
+    r = ta_recipe(paths)
+    r["models"][1]["model"] = str(folder)
+    with pytest.raises(MergeError, match="pickle"):
+        run_merge(r, tmp_path / "out", device="cpu", progress=False)
+    assert not (tmp_path / "out").exists()
+    out = run_merge(r, tmp_path / "out", device="cpu", allow_pickle=True, progress=False)
+    ref = read(run_merge(ta_recipe(paths), tmp_path / "ref", device="cpu", progress=False).path)
+    got = read(out.path)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
