@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -32,8 +33,10 @@ def spans(n: int, chunk: int = CHUNK):
 
 
 def cpu_workers() -> int:
-    """Worker threads for chunk loops on CPU: torch's intra-op thread count (default: the cores)."""
-    return max(1, torch.get_num_threads())
+    """Worker threads for chunk loops on CPU: torch's intra-op thread count (default: the cores),
+    as it was before any running chunk loop lowered it."""
+    with _ops_lock:
+        return max(1, _ops_threads if _ops_users else torch.get_num_threads())
 
 
 def run_chunks(numel: int, chunk: int, make_worker, device) -> list:
@@ -63,14 +66,34 @@ def run_chunks(numel: int, chunk: int, make_worker, device) -> list:
                 return
             worker(*span)
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _single_threaded_ops():
         with ThreadPoolExecutor(n) as pool:
             list(pool.map(loop, workers))  # re-raises a worker's exception here
-    finally:
-        torch.set_num_threads(previous)
     return workers
+
+
+_ops_lock = threading.Lock()
+_ops_users = 0
+_ops_threads = 0
+
+
+@contextmanager
+def _single_threaded_ops():
+    """torch intra-op threads = 1 while any chunk loop runs; the first caller saves the setting
+    and the last one restores it, so concurrent merges cannot leave the process single-threaded."""
+    global _ops_users, _ops_threads
+    with _ops_lock:
+        if _ops_users == 0:
+            _ops_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _ops_users += 1
+    try:
+        yield
+    finally:
+        with _ops_lock:
+            _ops_users -= 1
+            if _ops_users == 0:
+                torch.set_num_threads(_ops_threads)
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -62,6 +62,8 @@ def generalized_task_arithmetic(
 ):
     from merge.methods.registry import MethodResult
 
+    if base is not None and not models:  # nothing to merge into the base, as mergekit
+        return MethodResult(base.clone(), None)
     check_inputs(name, base, models, need_base=True)
     if len(model_params) != len(models):
         raise ValueError(f"{name}: {len(models)} models but {len(model_params)} parameter sets")

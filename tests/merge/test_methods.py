@@ -245,3 +245,18 @@ def test_errors_name_the_problem():
     s = get_method("slerp")
     with pytest.raises(ValueError, match="exactly two"):
         s.fn(torch.zeros(3), [torch.ones(3), torch.ones(3)], [s.model_params()] * 2, s.global_params(t=0.5))
+
+
+def test_concurrent_merges_restore_torch_threads():
+    """Chunk loops lower torch's intra-op threads while they run and must restore them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from merge.methods.common import CHUNK
+
+    before = torch.get_num_threads()
+    base = torch.randn(4 * CHUNK + 3)
+    models = [base + 0.1 * torch.randn_like(base) for _ in range(2)]
+    with ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(lambda _: run("ties", base, models, [0.5, 0.5], [0.3, 0.3]).tensor, range(3)))
+    assert torch.get_num_threads() == before
+    assert all(torch.equal(o, outs[0]) for o in outs)
