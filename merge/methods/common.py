@@ -49,7 +49,7 @@ def run_chunks(numel: int, chunk: int, make_worker, device) -> list:
     Independent chunks only meet once, at the end. Torch ops release the GIL, so threads overlap.
     """
     todo = list(spans(numel, chunk))
-    n = min(cpu_workers(), len(todo)) if device.type == "cpu" else 1
+    n = max(1, min(cpu_workers(), len(todo))) if device.type == "cpu" else 1
     workers = [make_worker() for _ in range(n)]
     if n == 1:
         for s, e in todo:

@@ -26,7 +26,8 @@ def _sums(a: Tensor, b: Tensor, fn) -> list[float]:
 
     class Worker:
         def __init__(self) -> None:
-            self.buf, self.acc = torch.empty(2, C, dtype=wd, device=a.device), 0
+            self.buf = torch.empty(2, C, dtype=wd, device=a.device)
+            self.acc = torch.zeros(3, dtype=torch.float64, device=a.device)
 
         def __call__(self, s: int, e: int) -> None:
             x, y = self.buf[0, : e - s].copy_(a[s:e]), self.buf[1, : e - s].copy_(b[s:e])

@@ -122,7 +122,7 @@ def random(delta: Tensor, density: float, generator: torch.Generator | None):
 def della_magprune(delta: Tensor, density: float, epsilon: float, generator: torch.Generator | None, shape):
     if density >= 1:
         return KeepAll()
-    if density <= 0:
+    if density <= 0 or delta.numel() == 0:
         return topk(delta, 0)
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError(f"della: epsilon={epsilon} must keep density +/- epsilon in (0, 1) (density={density})")

@@ -260,3 +260,19 @@ def test_concurrent_merges_restore_torch_threads():
         outs = list(pool.map(lambda _: run("ties", base, models, [0.5, 0.5], [0.3, 0.3]).tensor, range(3)))
     assert torch.get_num_threads() == before
     assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (), (1,)])
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_degenerate_shapes(name, shape):
+    base = torch.zeros(shape, dtype=torch.bfloat16)
+    models = [torch.full(shape, 0.5, dtype=torch.bfloat16), torch.full(shape, -0.25, dtype=torch.bfloat16)]
+    m = get_method(name)
+    if name == "slerp":
+        r = m.fn(base, models[:1], [m.model_params()], m.global_params(t=0.5))
+    elif name == "linear":
+        r = m.fn(base, models, [m.model_params(weight=1.0)] * 2, m.global_params())
+    else:
+        r = m.fn(base, models, [m.model_params(weight=1.0, density=0.5)] * 2, m.global_params(),
+                 generator=torch.Generator().manual_seed(0))
+    assert r.tensor.shape == base.shape and r.tensor.dtype == base.dtype
