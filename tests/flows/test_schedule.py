@@ -51,3 +51,21 @@ def test_schedule_without_a_server_is_refused(nogo_pipeline):
                         "--cron", "0 3 * * *"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2
     assert "needs a Prefect server" in r.stderr
+
+
+def test_prefect_yaml_deployment_is_loadable():
+    """The example deployment names a real entrypoint, its parameters and a valid cron."""
+    import inspect
+
+    import yaml
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.flows import load_flow_from_entrypoint
+
+    root = Path(__file__).resolve().parents[2]
+    spec = yaml.safe_load((root / "prefect.yaml").read_text())
+    (dep,) = spec["deployments"]
+    flow = load_flow_from_entrypoint(str(root / dep["entrypoint"]))
+    assert flow.name == "mergeline-pipeline"
+    assert set(dep["parameters"]) <= set(inspect.signature(flow.fn).parameters)
+    assert (root / dep["parameters"]["pipeline"]).is_file()
+    CronSchedule(cron=dep["schedules"][0]["cron"], timezone=dep["schedules"][0]["timezone"])
