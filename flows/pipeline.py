@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger
@@ -96,9 +98,24 @@ def pipeline_flow(pipeline: str, refresh: bool = False) -> dict:
     return summary
 
 
+@dataclass
+class _Run:
+    """What every stage needs: the pipeline, the MLflow client and parent run, the run folder,
+    the Prefect task options (result storage, refresh) and the flow's logger."""
+
+    pipe: Pipeline
+    c: Any
+    mlflow_uri: str
+    parent: str
+    run_dir: Path
+    opts: dict
+    log: Any
+
+
 def _stages(pipe: Pipeline, c, mlflow_uri: str, parent: str, run_dir: Path, opts: dict, log) -> dict:
     from evaluation.suite import check_ready, load_suite
 
+    r = _Run(pipe, c, mlflow_uri, parent, run_dir, opts, log)
     primary, recipes = candidates(pipe)
     main = recipes[primary]
     compat_policy = _policy(pipe, pipe.compat_policy)
@@ -112,107 +129,132 @@ def _stages(pipe: Pipeline, c, mlflow_uri: str, parent: str, run_dir: Path, opts
                                     "seed": pipe.merge.seed})
     tracking.log_json(c, parent, recipes, "recipes.json")
 
-    # -- 1. compatibility gate: before any merge ------------------------------------
-    with tracking.child_run(c, parent, "check") as run:
-        compat = check_compat.with_options(**opts)(main, compat_policy)
-        tracking.log_json(c, run, compat, "compat_report.json")
-        tracking.log_metrics(c, run, {"delta_norms": (compat.get("norms") or {}).get("per_model", {}),
-                                      "compat_fail": compat["status"] == "fail"})
-        tracking.set_tags(c, run, {"status": compat["status"]})
-    (run_dir / "compat_report.json").write_text(json.dumps(compat, indent=2))
+    compat = _check(r, main, compat_policy)
     if compat["status"] == "fail":
         return _stopped_by_compat(compat, run_dir, c, parent, log)
+    merged, table, states, fresh_runs = _merge_and_evaluate(r, recipes, suite)
+    report, paths = _report_and_gate(r, suite, table, primary, merged, compat, gate_policy, fresh_runs,
+                                     recipe_hash(main))
+    decision = report["decision"]
+    registered = _register(r, merged[primary], decision["verdict"], recipe_hash(main))
+    log.info(decision.get("reasons") and "\n".join(decision["reasons"]) or "all gate rules passed")
+    return {"decision": decision["verdict"], "stage": "gate", "primary": primary,
+            "reasons": decision["reasons"], "report": str(paths.get("md") or next(iter(paths.values()))),
+            "reports": {k: str(v) for k, v in paths.items()},
+            "models": {n: m["path"] for n, m in merged.items()}, "registered": registered,
+            "lm_eval_runs": fresh_runs, "states": states,
+            "reused_merges": sorted(n for n, m in merged.items() if m.get("reused"))}
 
-    # -- 2 + 3. merges and evaluations, side by side ----------------------------------
-    folders = inputs(main)
-    base = base_name(main)
+
+def _check(r: _Run, recipe: dict, policy: dict | None) -> dict:
+    """1. The compatibility gate, before any merge."""
+    with tracking.child_run(r.c, r.parent, "check") as run:
+        compat = check_compat.with_options(**r.opts)(recipe, policy)
+        tracking.log_json(r.c, run, compat, "compat_report.json")
+        tracking.log_metrics(r.c, run, {"delta_norms": (compat.get("norms") or {}).get("per_model", {}),
+                                        "compat_fail": compat["status"] == "fail"})
+        tracking.set_tags(r.c, run, {"status": compat["status"]})
+    (r.run_dir / "compat_report.json").write_text(json.dumps(compat, indent=2))
+    return compat
+
+
+def _merge_and_evaluate(r: _Run, recipes: dict[str, dict], suite):
+    """2 + 3. Every merge and every evaluation as a task, submitted together: the base's and the
+    fine-tunes' evaluations run while the merges do, each merge's evaluation as soon as it lands."""
+    pipe, primary = r.pipe, next(iter(recipes))
+    folders = inputs(recipes[primary])
+    base = base_name(recipes[primary])
     finetunes = {n: p for n, p in folders.items() if n != base}
     unknown = sorted(set(suite.retention) - set(finetunes))
     if unknown:
         raise PipelineError(f"eval suite: retention names {unknown} are not models of the recipe "
                             f"(models: {sorted(finetunes)}); name the fine-tune folders alike")
     suite_dict = suite.model_dump(mode="json")
-    score_cache = str(Path(pipe.workdir_path) / "score-cache")
-    evals = {"base": evaluate_model.with_options(**opts).submit(
-        name="base", path=str(folders[base]), role="base", suite=suite_dict, cache_dir=score_cache)}
-    for n in suite.retention:
-        evals[n] = evaluate_model.with_options(**opts).submit(
-            name=n, path=str(finetunes[n]), role="finetune", suite=suite_dict, cache_dir=score_cache)
-    merges = {}
-    for name, recipe in recipes.items():
-        merges[name] = merge_model.with_options(**opts).submit(
-            name=name, recipe=recipe, models_dir=str(pipe.workdir_path / "models"),
-            key=merge_key(recipe, pipe.merge.seed), seed=pipe.merge.seed, device=pipe.merge.device,
-            out_shard_size=pipe.merge.out_shard_size, allow_pickle=pipe.merge.allow_pickle,
-            mlflow_run_id=parent, refresh=opts["refresh_cache"])
+    score_cache = str(pipe.workdir_path / "score-cache")
+
+    def evaluate(name, path, role):
+        return evaluate_model.with_options(**r.opts).submit(
+            name=name, path=str(path), role=role, suite=suite_dict, cache_dir=score_cache)
+
+    evals = {"base": evaluate("base", folders[base], "base")}
+    evals.update({n: evaluate(n, finetunes[n], "finetune") for n in suite.retention})
+    merges = {name: merge_model.with_options(**r.opts).submit(
+        name=name, recipe=recipe, models_dir=str(pipe.workdir_path / "models"),
+        key=merge_key(recipe, pipe.merge.seed), seed=pipe.merge.seed, device=pipe.merge.device,
+        out_shard_size=pipe.merge.out_shard_size, allow_pickle=pipe.merge.allow_pickle,
+        mlflow_run_id=r.parent, refresh=r.opts["refresh_cache"]) for name, recipe in recipes.items()}
     merged = {}
     for name, fut in merges.items():
         m = merged[name] = fut.result()
-        evals[name] = evaluate_model.with_options(**opts).submit(
-            name=name, path=m["path"], role="candidate", suite=suite_dict, cache_dir=score_cache)
-        with tracking.child_run(c, parent, f"merge:{name}") as run:
-            tracking.log_params(c, run, {"recipe": recipes[name], "content_hash": m["content_hash"]})
-            tracking.log_text(c, run, yaml.safe_dump(recipes[name], sort_keys=False), "recipe.yaml")
-            stats = m["stats"] or {}
-            tracking.log_metrics(c, run, {"seconds": m["seconds"],
-                                          "sign_conflict_rate": (stats.get("sign_conflict") or {}).get("rate"),
-                                          "per_model": stats.get("per_model") or {}})
-            for f in ("merge_stats.json", "merge_stats_tensors.csv", "lineage.json", "README.md"):
-                tracking.log_artifact(c, run, Path(m["path"]) / f, "merge")
+        evals[name] = evaluate(name, m["path"], "candidate")
+        _log_merge(r, name, recipes[name], m)
     tables = {n: f.result() for n, f in evals.items()}
-    table = combine(list(tables.values()))
     # Which stages ran and which came from the cache (Prefect state "Cached"): the resume story.
     states = {f"merge:{n}": f.state.name for n, f in merges.items()}
     states.update({f"evaluate:{n}": f.state.name for n, f in evals.items()})
     fresh_runs = sum(tables[n].runs for n, f in evals.items() if f.state.name != "Cached")
+    return merged, combine(list(tables.values())), states, fresh_runs
 
-    # -- 4. report and gate --------------------------------------------------------
+
+def _log_merge(r: _Run, name: str, recipe: dict, m: dict) -> None:
+    with tracking.child_run(r.c, r.parent, f"merge:{name}") as run:
+        tracking.log_params(r.c, run, {"recipe": recipe, "content_hash": m["content_hash"]})
+        tracking.log_text(r.c, run, yaml.safe_dump(recipe, sort_keys=False), "recipe.yaml")
+        stats = m["stats"] or {}
+        tracking.log_metrics(r.c, run, {"seconds": m["seconds"],
+                                        "sign_conflict_rate": (stats.get("sign_conflict") or {}).get("rate"),
+                                        "per_model": stats.get("per_model") or {}})
+        for f in ("merge_stats.json", "merge_stats_tensors.csv", "lineage.json", "README.md"):
+            tracking.log_artifact(r.c, run, Path(m["path"]) / f, "merge")
+
+
+def _report_and_gate(r: _Run, suite, table, primary: str, merged: dict, compat: dict,
+                     gate_policy: dict, fresh_runs: int, main_hash: str):
+    """4. Metrics, report (json/md/html + plots) and the gate's decision, logged and published."""
     from evaluation.plots import all_plots
     from evaluation.report import build_report, render_markdown, write_reports
 
+    c, parent = r.c, r.parent
     report = build_report(suite, table, primary=primary,
                           merge_stats={n: m["stats"] for n, m in merged.items()}, compat=compat,
                           policy=gate_policy,
-                          extra_inputs={"pipeline": pipe.name, "recipe_hash": recipe_hash(main),
+                          extra_inputs={"pipeline": r.pipe.name, "recipe_hash": main_hash,
                                         "mlflow_run_id": parent})
     decision = report["decision"]
-    verdict = decision["verdict"]
-    paths = write_reports(report, run_dir / "report")
-    plots_dir = run_dir / "report" / "plots"
+    paths = write_reports(report, r.run_dir / "report")
+    plots_dir = r.run_dir / "report" / "plots"
     plots_dir.mkdir(exist_ok=True)
     for pname, png in all_plots(report).items():
         if png:
             (plots_dir / f"{pname}.png").write_bytes(png)
+    summaries = {n: cand.get("summary", {}) for n, cand in report["candidates"].items()}
     with tracking.child_run(c, parent, "evaluate") as run:
         tracking.log_metrics(c, run, {"scores": {f"{s['model']}.{s['task']}": s["value"] for s in report["scores"]},
                                       "lm_eval_runs": fresh_runs})
-        tracking.log_metrics(c, run, {n: cand.get("summary", {}) for n, cand in report["candidates"].items()})
+        tracking.log_metrics(c, run, summaries)
     with tracking.child_run(c, parent, "gate") as run:
         tracking.log_metrics(c, run, {"go": decision["go"]})
-        tracking.set_tags(c, run, {"decision": verdict})
+        tracking.set_tags(c, run, {"decision": decision["verdict"]})
         tracking.log_json(c, run, decision, "decision.json")
         for p in paths.values():
             tracking.log_artifact(c, run, Path(p), "report")
         tracking.log_artifact(c, run, plots_dir, "report/plots")
-    tracking.log_metrics(c, parent, {n: cand.get("summary", {}) for n, cand in report["candidates"].items()})
-    _prefect_artifacts(render_markdown(report), report["scores"], pipe.name)
+    tracking.log_metrics(c, parent, summaries)
+    _prefect_artifacts(render_markdown(report), report["scores"], r.pipe.name)
+    return report, paths
 
-    # -- 5. register -----------------------------------------------------------------
+
+def _register(r: _Run, m: dict, verdict: str, main_hash: str) -> dict | None:
+    """5. The primary merge into the registry: `candidate` always, `champion` only on GO."""
+    set_run_id(m["path"], r.parent)  # a reused merge records the run that registered it
     registered = None
-    m = merged[primary]
-    set_run_id(m["path"], parent)  # a reused merge records the run that registered it
-    if pipe.tracking.register_as:
-        with tracking.child_run(c, parent, "register") as run:
-            registered = register_model(mlflow_uri, pipe.tracking.register_as, m["path"], parent, m["content_hash"], verdict,
-                                        {"mergeline.recipe_hash": recipe_hash(main)})
-            tracking.log_params(c, run, registered)
-    tracking.log_artifact(c, parent, Path(m["path"]) / "lineage.json")
-    log.info(decision.get("reasons") and "\n".join(decision["reasons"]) or "all gate rules passed")
-    return {"decision": verdict, "stage": "gate", "primary": primary, "reasons": decision["reasons"],
-            "report": str(paths.get("md") or next(iter(paths.values()))), "reports": {k: str(v) for k, v in paths.items()},
-            "models": {n: m["path"] for n, m in merged.items()}, "registered": registered,
-            "lm_eval_runs": fresh_runs, "states": states,
-            "reused_merges": sorted(n for n, m in merged.items() if m.get("reused"))}
+    if r.pipe.tracking.register_as:
+        with tracking.child_run(r.c, r.parent, "register") as run:
+            registered = register_model(r.mlflow_uri, r.pipe.tracking.register_as, m["path"], r.parent,
+                                        m["content_hash"], verdict, {"mergeline.recipe_hash": main_hash})
+            tracking.log_params(r.c, run, registered)
+    tracking.log_artifact(r.c, r.parent, Path(m["path"]) / "lineage.json")
+    return registered
 
 
 def _stopped_by_compat(compat: dict, run_dir: Path, c, parent: str, log) -> dict:
