@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from merge.methods.common import chunk_size, run_chunks
 from merge.methods.select import TopK, topk
 
 
@@ -141,10 +142,29 @@ def della_magprune(delta: Tensor, density: float, epsilon: float, generator: tor
 
 def l1_rescale(delta: Tensor, sparsifier) -> float:
     """mergekit's ``rescale``: the factor making the kept entries' L1 norm equal the whole delta's,
-    summed and divided in the delta's own dtype exactly as mergekit does (1 when either is ~0)."""
-    a = delta.abs()
-    before = a.sum()
-    after = a.mul_(sparsifier.mask(a, 0)).sum()
+    summed and divided in the delta's own dtype as mergekit does (1 when either is ~0).
+    16-bit CPU deltas are summed over fp32 chunks (torch's bf16 ops are slow) and rounded after."""
+    if delta.dtype in (torch.float32, torch.float64) or delta.device.type != "cpu":
+        a = delta.abs()
+        before, after = a.sum(), a.mul_(sparsifier.mask(a, 0)).sum()
+    else:
+        before, after = (torch.tensor(v, dtype=delta.dtype) for v in _l1_sums(delta, sparsifier))
     if before < 1e-7 or after < 1e-7:
         return 1.0
     return float(before / after)
+
+
+def _l1_sums(delta: Tensor, sparsifier) -> tuple[float, float]:
+    C = chunk_size(delta)
+
+    class Worker:
+        def __init__(self) -> None:
+            self.buf, self.acc = torch.empty(C), torch.zeros(2, dtype=torch.float64)
+
+        def __call__(self, s: int, e: int) -> None:
+            a = self.buf[: e - s].copy_(delta[s:e]).abs_()
+            self.acc[0] += a.sum()
+            self.acc[1] += a.mul_(sparsifier.mask(a, s)).sum()
+
+    total = sum(w.acc for w in run_chunks(delta.numel(), C, Worker, delta.device))
+    return float(total[0]), float(total[1])

@@ -162,3 +162,26 @@ def test_linear_slerp_parity_many_chunks(name):
         ref = mergekit_api.merge_tensors([base, models[0]], "slerp", parameters={"t": 0.3}, base_index=0)
     torch.testing.assert_close(got.tensor, ref, rtol=0, atol=1e-6)
     assert got.stats is not None and got.stats.models[-1].kept > 0
+
+
+def test_bf16_rescale_factor_within_one_step_of_mergekit():
+    """rescale in bf16: mergekit's bf16 .sum() rounds partial sums (its L1 totals can be off by more
+    than half a bf16 step), ours sums exactly and rounds once, so the factor may differ by one bf16
+    step; the rescaled deltas then differ by at most ~2 steps (sign elections downstream can flip,
+    so this is checked on the sparsified deltas, not the merge)."""
+    from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify as mk_sparsify
+
+    from merge.methods import sparsify
+
+    base, models = inputs((300, 200), dtype=torch.bfloat16, seed=9, scale=0.5)
+    for m, d in zip(models, DENSITIES):
+        delta = m - base
+        sel = sparsify.magnitude(delta.reshape(-1), d)
+        factor = torch.tensor(sparsify.l1_rescale(delta.reshape(-1), sel), dtype=torch.bfloat16).float()
+        ours = (delta.float() * sel.mask(delta.float().abs().reshape(-1)).reshape(delta.shape) * factor).bfloat16()
+        ref = mk_sparsify(delta, density=d, method=SparsificationMethod.magnitude, rescale_norm=RescaleNorm.l1)
+        both = (ours != 0) & (ref != 0)  # entries both kept (tie choices aside)
+        g, r = ours[both].float(), ref[both].float()
+        step = torch.exp2(torch.floor(torch.log2(r.abs())) - 7)  # one bf16 step of ref
+        assert bool(((g - r).abs() <= 2 * step).all())
+        assert int(both.sum()) > 0.9 * int(d * delta.numel())  # most kept entries are compared
