@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from merge.checkpoint import Checkpoint
+from merge.methods.common import _single_threaded_ops, cpu_workers
 
 from .policy import NormsPolicy
 from .report import Check
@@ -95,7 +96,9 @@ def stream_norms(base: Checkpoint, models: dict[str, Checkpoint], names: list[st
 
     Tensors are spread over `threads` Python threads (default: torch's thread count), each
     running single-threaded torch ops on cache-sized chunks: on small per-chunk ops, torch's
-    own intra-op threads cost more in synchronisation than they save.
+    own intra-op threads cost more in synchronisation than they save. The process-wide thread
+    setting is lowered and restored by the same guard the merge methods use, so a check and a
+    merge running side by side cannot leave the process single-threaded.
     """
     keys = list(models)
     k = len(keys)
@@ -113,21 +116,17 @@ def stream_norms(base: Checkpoint, models: dict[str, Checkpoint], names: list[st
             return name, None, [], False  # integer buffers (position ids) are not weights
         ms = [models[m].get(name).reshape(-1) for m in keys]
         if getattr(local, "buf", None) is None:
+            torch.set_num_threads(1)  # this worker thread's own OpenMP setting
             local.buf = torch.empty(k + 1, width, dtype=torch.float32)
         g = _gram(b.reshape(-1), ms, local.buf)
         bad = [] if torch.isfinite(g).all() else _find_nonfinite(name, b, dict(zip(keys, ms)))
         return name, g, bad, b.dim() >= 2
 
-    workers = threads or torch.get_num_threads()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for name, g, bad, is_matrix in pool.map(work, names):
-                if g is not None:
-                    _accumulate(res, name, g, bad, is_matrix, infos[name].numel)
-    finally:
-        torch.set_num_threads(previous)
+    workers = threads or cpu_workers()
+    with _single_threaded_ops(), ThreadPoolExecutor(max_workers=workers) as pool:
+        for name, g, bad, is_matrix in pool.map(work, names):
+            if g is not None:
+                _accumulate(res, name, g, bad, is_matrix, infos[name].numel)
     return res
 
 
