@@ -113,11 +113,17 @@ def magnitude_outliers(delta: Tensor, density: float, gamma: float):
     return Window(keep=topk(delta, n - n_bot), drop=topk(delta, n - n_bot - target_n))
 
 
-def random(delta: Tensor, density: float, generator: torch.Generator | None):
+def random(delta: Tensor, density: float, generator: torch.Generator | None, chunk: int = 1 << 20):
     if density >= 1:
         return KeepAll()
-    u = torch.rand(delta.numel(), generator=generator, device=delta.device)
-    return Stored(u < density)
+    # drawn chunk by chunk in a fixed order (same seed -> same mask) to bound the fp32 scratch
+    keep = torch.empty(delta.numel(), dtype=torch.bool, device=delta.device)
+    u = torch.empty(min(chunk, max(1, delta.numel())), device=delta.device)
+    for s in range(0, delta.numel(), chunk):
+        part = u[: min(chunk, delta.numel() - s)]
+        torch.lt(torch.rand(part.shape, generator=generator, device=delta.device, out=part), density,
+                 out=keep[s : s + part.numel()])
+    return Stored(keep)
 
 
 def della_magprune(delta: Tensor, density: float, epsilon: float, generator: torch.Generator | None, shape):
