@@ -5,7 +5,8 @@ full-size temporary; over cache-sized chunks with preallocated buffers the same 
 Why float32 inside: on CPUs without native bf16 arithmetic torch's bf16 ops cost ~7 ns/element
 against ~0.3 ns for fp32 (measured here), so chunks are upcast, computed in fp32 and rounded to
 the compute dtype exactly where mergekit's bf16 arithmetic rounds (``Rounder``), which keeps
-bf16 results bit-identical to mergekit's wherever its own sums are.
+bf16 TIES results bit-identical to mergekit's away from threshold ties (tested).
+Why worker threads: see ``run_chunks``.
 
 Run: python -m pytest tests/merge/test_methods.py -q
 """

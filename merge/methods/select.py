@@ -13,7 +13,11 @@ the lowest-flat-index entries with |x| == t until exactly k are kept (mergekit l
 argsort's order). ``TopK.mask`` applies this as ``>= t`` before flat index ``cut`` and ``> t``
 from there on, so masks can be built chunk by chunk.
 
-Run: python -m pytest tests/merge/test_methods.py -q -k select; python benchmarks/bench_select.py
+Measured (8M elements, one thread, CPU time on the shared 2-core box): argsort 111 ns/element,
+torch.topk 18, torch.kthvalue 12, this radix select 2.6 (fp32) and 1.6 (bf16).
+
+Run: python -m pytest tests/merge/test_methods.py -q -k "topk or tie or histogram"
+     python benchmarks/bench_select.py
 """
 from __future__ import annotations
 
