@@ -156,3 +156,6 @@ def check_inputs(name: str, base: Tensor | None, models: list[Tensor], need_base
                              f"expected {tuple(ref.shape)}")
     if not ref.is_floating_point():
         raise TypeError(f"merge method {name!r} needs floating-point tensors, got {ref.dtype}")
+
+
+single_threaded_ops = _single_threaded_ops  # public name for other packages (merge.compat uses it)
