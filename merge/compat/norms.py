@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from merge.checkpoint import Checkpoint
-from merge.methods.common import _single_threaded_ops, cpu_workers
+from merge.methods.common import cpu_workers, single_threaded_ops
 
 from .policy import NormsPolicy
 from .report import Check
@@ -123,7 +123,7 @@ def stream_norms(base: Checkpoint, models: dict[str, Checkpoint], names: list[st
         return name, g, bad, b.dim() >= 2
 
     workers = threads or cpu_workers()
-    with _single_threaded_ops(), ThreadPoolExecutor(max_workers=workers) as pool:
+    with single_threaded_ops(), ThreadPoolExecutor(max_workers=workers) as pool:
         for name, g, bad, is_matrix in pool.map(work, names):
             if g is not None:
                 _accumulate(res, name, g, bad, is_matrix, infos[name].numel)
