@@ -48,11 +48,14 @@ def _hash(obj: Any) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
 
 
-def _json(path: Path) -> Any:
+def _json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable tokenizer file ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: unreadable tokenizer file (expected a JSON object)")
+    return data
 
 
 def _content(tok: Any) -> str | None:
@@ -69,7 +72,7 @@ def read_tokenizer(folder: str | Path) -> TokenizerInfo | None:
     sp_hash = ""
     if "tokenizer.json" in files:
         tj = _json(folder / "tokenizer.json")
-        model = tj.get("model") if isinstance(tj, dict) else None
+        model = tj.get("model")
         if not isinstance(model, dict):
             raise CheckpointError(f"{folder / 'tokenizer.json'}: unreadable tokenizer file (no 'model' section)")
         raw = model.get("vocab")

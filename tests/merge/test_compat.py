@@ -256,11 +256,13 @@ def test_unknown_policy_key_names_it(tiny):
         load_policy({"waive": ["tokenizer.chat"]})
 
 
-def test_corrupt_tokenizer_names_the_file(tiny, tmp_path):
+@pytest.mark.parametrize("file,text", [("tokenizer.json", '{"model": {"vocab": '), ("tokenizer.json", '{"x": 1}'),
+                                       ("tokenizer_config.json", "[1, 2]")])
+def test_corrupt_tokenizer_names_the_file(tiny, tmp_path, file, text):
     bad = tmp_path / "badtok"
     shutil.copytree(tiny["ft_a"], bad)
-    (bad / "tokenizer.json").write_text('{"model": {"vocab": ')
-    with pytest.raises(CheckpointError, match=r"badtok/tokenizer\.json"):
+    (bad / file).write_text(text)
+    with pytest.raises(CheckpointError, match=rf"badtok/{file}: unreadable tokenizer file"):
         check_models(tiny["base"], {"bad": bad})
 
 
