@@ -46,7 +46,27 @@ def zoo_build(
     force: bool = typer.Option(False, "--force", help="Rebuild even if a cached zoo with the same inputs exists."),
 ):
     """Build (or reuse) the zoo: a base, its fine-tunes, negative specimens, eval data."""
-    not_yet("zoo build")
+    from rich.table import Table
+
+    from evaluation.zoo import build_zoo
+    from evaluation.zoo.build import ZooBuildError
+
+    try:
+        zoo = build_zoo(out_dir, seed=seed, force=force)
+    except FileExistsError as e:
+        fail(str(e), EXIT_BAD_INPUT)
+    except ZooBuildError as e:
+        fail(f"zoo build failed its own check: {e}", EXIT_FAILED)
+    matrix = zoo.manifest["task_matrix"]
+    table = Table(title=f"task matrix (seed {zoo.manifest['seed']})")
+    table.add_column("model")
+    for task in zoo.tasks:
+        table.add_column(task, justify="right")
+    for name, scores in matrix.items():
+        table.add_row(name, *(f"{scores[t]:.2f}" for t in zoo.tasks))
+    out = Console()
+    out.print(f"zoo: {zoo.root}", highlight=False, soft_wrap=True)
+    out.print(table)
 
 
 @app.command()

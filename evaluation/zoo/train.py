@@ -1,0 +1,151 @@
+"""Train the zoo's tiny GPT-2 models on the CPU, deterministically.
+
+Pretraining fits every weight on generic text. Fine-tuning follows the regime in which
+merging keeps skills (Yadav et al., 2023, arXiv:2306.01708, and shared/notes/merging.md):
+a low learning rate, few steps, half of every batch replayed from the base's own text, and
+only a subset of the weights trainable (each skill its own MLP layers), so the task vectors
+are small and sparse relative to the base.
+
+    python -c "from evaluation.zoo.train import tiny_config; print(tiny_config(512))"
+"""
+from __future__ import annotations
+
+import random
+import re
+from contextlib import contextmanager
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+THREADS = 2  # fixed: the reduction order of CPU kernels depends on the thread count
+
+
+class TrainSpec(BaseModel):
+    """One training run. `trainable` is a regex over parameter names (None: all)."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: int
+    lr: float
+    batch_size: int = 32
+    replay: float = 0.0  # fraction of each batch drawn from the generic text
+    trainable: str | None = None
+    weight_decay: float = 0.0
+    warmup: int = 20
+
+
+def tiny_config(vocab_size: int, n_embd: int = 128, n_layer: int = 4, n_head: int = 4):
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=n_embd, n_layer=n_layer,
+                      n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=1, tie_word_embeddings=True)
+
+
+@contextmanager
+def deterministic(seed: int):
+    """Seed torch and pin threads and algorithms for the duration of one training run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
+
+
+def init_model(config, seed: int):
+    from transformers import GPT2LMHeadModel
+
+    with deterministic(seed):
+        return GPT2LMHeadModel(config)
+
+
+def encode(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(prompt, completion) -> (ids, loss mask): the loss covers only the completion, ended by eos."""
+    out = []
+    for prompt, completion in pairs:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        whole = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
+        # The split must not change tokenization, or training would teach a different
+        # token sequence than lm-eval later sees.
+        if whole != (p + c)[:-1]:
+            raise ValueError(f"prompt/answer boundary changes tokenization: {prompt!r} + {completion!r}")
+        out.append((p + c, [0] * len(p) + [1] * len(c)))
+    return out
+
+
+def batch(examples, pad_id: int):
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (x, m) in enumerate(examples):
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(m)] = torch.tensor(m)
+    labels = ids.masked_fill(mask == 0, -100)
+    attention = (torch.arange(width)[None, :] < torch.tensor([len(x) for x, _ in examples])[:, None])
+    return ids, attention.long(), labels
+
+
+def trainable_names(model, pattern: str | None) -> list[str]:
+    names = [n for n, _ in model.named_parameters() if pattern is None or re.search(pattern, n)]
+    if not names:
+        raise ValueError(f"trainable pattern {pattern!r} matches no parameter")
+    return names
+
+
+def train(model, task: list, generic: list, spec: TrainSpec, seed: int, pad_id: int,
+          progress=None) -> dict:
+    """Train in place. `task`/`generic` are encoded examples; each batch takes
+    `replay * batch_size` generic examples and the rest from `task` (all generic when
+    `task` is empty). Returns {"loss": last loss, "trainable": parameter count}."""
+    rng = random.Random(f"train-{seed}")
+    names = set(trainable_names(model, spec.trainable))
+    params = []
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+        if n in names:
+            params.append(p)
+    n_replay = spec.batch_size if not task else round(spec.replay * spec.batch_size)
+    loss = torch.tensor(float("nan"))
+    with deterministic(seed):
+        opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay,
+                                betas=(0.9, 0.98))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / spec.warmup) * max(0.0, 1 - s / spec.steps) ** 0.5)
+        model.train()
+        for step in range(spec.steps):
+            examples = [rng.choice(generic) for _ in range(n_replay)]
+            examples += [rng.choice(task) for _ in range(spec.batch_size - n_replay)]
+            ids, attention, labels = batch(examples, pad_id)
+            loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            if progress is not None:
+                progress(1)
+        model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return {"loss": float(loss.detach()), "trainable": sum(p.numel() for p in params)}
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, pairs: list[tuple[str, str]], max_new: int = 8) -> float:
+    """Quick in-process exact match (used while training; the zoo's matrix uses lm-eval)."""
+    correct = 0
+    for prompt, answer in pairs:
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        for _ in range(max_new):
+            nxt = model(input_ids=ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            if nxt.item() == tokenizer.eos_token_id:
+                break
+        text = tokenizer.decode(ids[0, -(ids.shape[1] - len(tokenizer(prompt)["input_ids"])):],
+                                skip_special_tokens=True)
+        correct += text.strip().split("\n")[0] == answer
+    return correct / max(1, len(pairs))

@@ -1,0 +1,52 @@
+"""The lm-eval runner: offline, local YAML tasks, tidy frames."""
+from __future__ import annotations
+
+import pytest
+
+from evaluation.lm_eval_runner import SAMPLE_COLUMNS, SCORE_COLUMNS, run_lm_eval
+
+
+@pytest.fixture(scope="module")
+def base_run(zoo):
+    return run_lm_eval(zoo.base, ["zoo_addition", "zoo_general_mc"], include_path=zoo.tasks_dir, limit=8)
+
+
+def test_scores_frame_has_the_promised_columns(base_run):
+    s = base_run.scores
+    assert list(s.columns) == SCORE_COLUMNS
+    assert set(s.task) == {"zoo_addition", "zoo_general_mc"}
+    primary = s[s.primary].set_index("task").metric.to_dict()
+    assert primary == {"zoo_addition": "exact_match", "zoo_general_mc": "acc"}
+    assert s.value.between(0, 1).all()
+    assert not s.metric.str.contains("stderr").any()
+
+
+def test_samples_frame_has_one_row_per_item(base_run):
+    s = base_run.samples
+    assert list(s.columns) == SAMPLE_COLUMNS
+    assert (s.groupby("task").size() == 8).all()
+    assert set(s.correct.unique()) <= {0.0, 1.0}
+    # the per-sample rows agree with the aggregate score
+    for task in ("zoo_addition", "zoo_general_mc"):
+        assert s[s.task == task].correct.mean() == pytest.approx(base_run.score(task))
+    mc = s[s.task == "zoo_general_mc"]
+    assert mc.response.str.fullmatch(r"\d").all()  # index of the chosen answer
+
+
+def test_config_identifies_tasks_and_lm_eval_version(base_run, zoo):
+    cfg = base_run.config
+    assert cfg["lm_eval_version"].startswith("0.4")
+    assert set(cfg["tasks"]) == {"zoo_addition", "zoo_general_mc"}
+    assert str(zoo.tasks_dir.resolve()) in str(cfg["tasks"]["zoo_addition"])
+
+
+def test_finetune_scores_high_on_its_own_task(zoo):
+    run = run_lm_eval(zoo.finetunes["reverse"], ["zoo_reverse"], include_path=zoo.tasks_dir, limit=20)
+    assert run.score("zoo_reverse") >= 0.8
+
+
+def test_bad_inputs_name_what_is_wrong(zoo, tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        run_lm_eval(tmp_path, ["zoo_addition"], include_path=zoo.tasks_dir)
+    with pytest.raises(KeyError, match="zoo_nope"):
+        run_lm_eval(zoo.base, ["zoo_nope"], include_path=zoo.tasks_dir)
