@@ -1,20 +1,28 @@
 """Prefect tasks: evaluate one model on the suite (lm-eval through evaluation.evaluate), and
 combine the per-model tables into one.
 
-One task per model lets the evaluations run side by side (threads, or Dask workers) and lets a
-rerun reuse every evaluation whose model did not change: the key is the model's content hash,
-the suite and the evaluation code, never its path.
+One task per model lets the evaluations run beside the merges (and side by side on Dask workers
+in separate processes) and lets a rerun reuse every evaluation whose model did not change: the
+key is the model's content hash, the suite and the evaluation code, never its path.
 
     from tasks.eval_tasks import evaluate_model, combine
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from prefect import task
 
 from merge.hashing import content_hash
 from tasks.caching import code_version, key_of
+
+
+# lm-eval and transformers keep process-wide state (seeds, loaded task registries, accelerate's
+# state); two evaluations in threads of one process failed intermittently ("'NoneType' object has
+# no attribute 'type'"). One lm-eval run at a time per process: merges still run beside it, and
+# Dask workers in other processes or machines still evaluate in parallel.
+_LM_EVAL_LOCK = threading.Lock()
 
 
 def eval_key(context, parameters: dict) -> str:
@@ -29,7 +37,8 @@ def evaluate_model(name: str, path: str, role: str, suite: dict, cache_dir: str 
     from evaluation.suite import EvalSuite
 
     s = EvalSuite.model_validate(suite)
-    return evaluate_models(s, {name: Path(path)}, cache_dir, roles={name: role}, log=None)
+    with _LM_EVAL_LOCK:
+        return evaluate_models(s, {name: Path(path)}, cache_dir, roles={name: role}, log=None)
 
 
 def combine(tables: list):
