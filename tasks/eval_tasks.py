@@ -33,6 +33,11 @@ def eval_key(context, parameters: dict) -> str:
 @task(name="evaluate", cache_key_fn=eval_key, persist_result=True, retries=1, retry_delay_seconds=5)
 def evaluate_model(name: str, path: str, role: str, suite: dict, cache_dir: str | None = None):
     """lm-eval scores of one model (a ScoreTable with one model), via the score cache."""
+    return _evaluate(name, path, role, suite, cache_dir)
+
+
+def _evaluate(name: str, path: str, role: str, suite: dict, cache_dir: str | None):
+    # A plain module-level function: Dask pickles it by reference, so the lock never travels.
     from evaluation.evaluate import evaluate_models
     from evaluation.suite import EvalSuite
 
