@@ -404,10 +404,12 @@ def model_thresholds(plan: Plan, dev: torch.device) -> list[float] | None:
         if not job.floating:
             continue
         ts = [s.reader.read(src).to(dev, job.compute_dtype) for s, src in zip(plan.inputs, job.sources)]
-        deltas = [t - ts[base_i] for i, t in enumerate(ts) if i != base_i]
-        for h, d in zip(hists, deltas):
-            h.add(d)
-        del ts, deltas
+        # add_pair computes the delta in fp32 chunks on one worker per core: much faster than
+        # a bf16 subtraction on this thread.
+        others = [t for i, t in enumerate(ts) if i != base_i]
+        for h, t in zip(hists, others):
+            h.add_pair(ts[base_i], t)
+        del ts, others
     densities = []
     for s in plan.merged:
         d = resolve("density", [s.parameters, plan.recipe.parameters], "", 0.0)
