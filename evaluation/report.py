@@ -106,7 +106,8 @@ def _compat_summary(compat: dict | None) -> dict | None:
         return None
     return {"status": compat.get("status"),
             "checks": [{k: c.get(k) for k in ("name", "status", "message", "waived")} for c in compat.get("checks", [])],
-            "norms": compat.get("norms", {})}
+            # per-model norms and cosines only: the per-tensor table would swamp the report.
+            "norms": {k: (compat.get("norms") or {}).get(k, {}) for k in ("per_model", "cosine")}}
 
 
 def write_reports(report: dict, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Path]:
