@@ -30,9 +30,9 @@ PRETRAIN = dict(steps=400, lr=3e-3, batch_size=32)
 SECOND_BASE = dict(steps=200, lr=3e-3, batch_size=32)
 ARCH = dict(n_embd=96, n_layer=3, n_head=4)
 FINETUNE = {
-    "addition": dict(steps=300, lr=3e-3, replay=0.25, trainable=r"wte|h\.[01]\."),
-    "reverse": dict(steps=300, lr=3e-3, replay=0.25, trainable=r"wte|h\.[23]\."),
-    "facts": dict(steps=300, lr=3e-3, replay=0.25, trainable=r"wte|h\.[12]\.mlp"),
+    "addition": dict(steps=300, lr=3e-3, replay=0.25, trainable=r"wte|h\.[01]\.", task_rows_only=True),
+    "reverse": dict(steps=300, lr=3e-3, replay=0.25, trainable=r"wte|h\.[23]\.", task_rows_only=True),
+    "facts": dict(steps=300, lr=3e-3, replay=0.25, trainable=r"wte|h\.[12]\.mlp", task_rows_only=True),
 }
 # A fine-tune must beat the base and every other fine-tune on its own primary task by this much.
 MARGIN = 0.3

@@ -31,6 +31,10 @@ class TrainSpec(BaseModel):
     trainable: str | None = None
     weight_decay: float = 0.0
     warmup: int = 20
+    # Train only the embedding rows of tokens the task uses. Adam moves every row that gets
+    # any gradient by about lr per step, so a full-embedding fine-tune writes a dense task
+    # vector over the whole vocabulary; three of those collide in any merge.
+    task_rows_only: bool = False
 
 
 def tiny_config(vocab_size: int, n_embd: int = 128, n_layer: int = 4, n_head: int = 4):
@@ -109,6 +113,12 @@ def train(model, task: list, generic: list, spec: TrainSpec, seed: int, pad_id: 
         if n in names:
             params.append(p)
     n_replay = spec.batch_size if not task else round(spec.replay * spec.batch_size)
+    hooks = []
+    if spec.task_rows_only and task:
+        emb = model.get_input_embeddings().weight
+        rows = torch.zeros(emb.shape[0], 1)
+        rows[sorted({i for ids, _ in task for i in ids} - {pad_id, model.config.eos_token_id})] = 1.0
+        hooks.append(emb.register_hook(lambda g: g * rows))
     loss = torch.tensor(float("nan"))
     with deterministic(seed):
         opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay,
@@ -129,6 +139,8 @@ def train(model, task: list, generic: list, spec: TrainSpec, seed: int, pad_id: 
             if progress is not None:
                 progress(1)
         model.eval()
+    for h in hooks:
+        h.remove()
     for p in model.parameters():
         p.requires_grad_(True)
     return {"loss": float(loss.detach()), "trainable": sum(p.numel() for p in params)}

@@ -73,7 +73,8 @@ def test_same_seed_same_weights_and_different_seed_differs():
 
     def run(seed):
         model = init_model(tiny_config(len(tok), n_embd=32, n_layer=2, n_head=2), seed)
-        spec = TrainSpec(steps=4, lr=1e-3, batch_size=8, replay=0.5, trainable=r"wte|h\.0\.")
+        spec = TrainSpec(steps=4, lr=1e-3, batch_size=8, replay=0.5, trainable=r"wte|h\.0\.",
+                         task_rows_only=True)
         train(model, T, G, spec, seed, tok.pad_token_id)
         return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -91,6 +92,10 @@ def test_finetunes_change_only_their_trainable_weights(zoo):
         changed = {k for k in base if not torch.equal(base[k], ft[k])}
         assert changed, skill
         assert all(re.search(spec[skill]["trainable"], k) for k in changed), (skill, changed)
+        # only the embedding rows of the skill's own tokens move: a sparse task vector
+        wte = "transformer.wte.weight"
+        rows_changed = (base[wte] != ft[wte]).any(dim=1).float().mean().item()
+        assert 0 < rows_changed < 0.5, (skill, rows_changed)
 
 
 def test_different_base_has_same_shapes_but_is_far_from_the_base(zoo):
