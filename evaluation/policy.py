@@ -29,8 +29,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from merge.config_files import explain, read_yaml_mapping
 
 
 class PolicyError(ValueError):
@@ -85,25 +86,14 @@ def load_policy(path: str | Path | dict) -> GatePolicy:
     if isinstance(path, dict):
         data, where = path, "<dict>"
     else:
-        path, where = Path(path), str(path)
-        if not path.is_file():
-            raise PolicyError(f"{where}: gate policy file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise PolicyError(f"{where}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise PolicyError(f"{where}: the policy must be a mapping")
+        where = str(path)
+        data = read_yaml_mapping(path, "gate policy", PolicyError)
     if data.get("schema_version", 1) != 1:
         raise PolicyError(f"{where}: schema_version {data['schema_version']!r} is not supported (expected 1)")
     try:
         return GatePolicy.model_validate(data)
     except ValidationError as e:
-        parts = []
-        for err in e.errors():
-            key = ".".join(str(x) for x in err["loc"])
-            parts.append(f"{key}: {'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}")
-        raise PolicyError(f"{where}: {'; '.join(parts)}") from e
+        raise PolicyError(f"{where}: {explain(e)}") from None
 
 
 if __name__ == "__main__":

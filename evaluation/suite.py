@@ -26,8 +26,9 @@ import sys
 from pathlib import Path
 from typing import Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from merge.config_files import explain, read_yaml_mapping
 
 TaskType = Literal["generation", "multiple_choice", "loglikelihood", "unknown"]
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -94,18 +95,11 @@ def load_suite(path: str | Path | dict, placeholders: dict[str, str | Path] | No
     else:
         path = Path(path)
         where, base_dir = str(path), path.parent
-        if not path.is_file():
-            raise SuiteError(f"{where}: eval suite file not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise SuiteError(f"{where}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise SuiteError(f"{where}: the suite must be a mapping")
+        data = read_yaml_mapping(path, "eval suite", SuiteError)
     try:
         suite = EvalSuite.model_validate(data)
     except ValidationError as e:
-        raise SuiteError(f"{where}: {_explain(e)}") from e
+        raise SuiteError(f"{where}: {explain(e)}") from None
     return resolve(suite, placeholders, base_dir=base_dir)
 
 
@@ -137,15 +131,6 @@ def check_ready(suite: EvalSuite) -> None:
     for p in suite.include_paths:
         if not Path(p).exists():
             raise SuiteError(f"include_paths: folder {p} does not exist")
-
-
-def _explain(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        key = ".".join(str(x) for x in err["loc"]) or "<root>"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        parts.append(f"{key}: {msg}")
-    return "; ".join(parts)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from merge import config_files
+from merge.config_files import parse_yaml_mapping
+
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -129,12 +132,7 @@ def load_pipeline(path: str | Path, values: dict[str, str] | None = None) -> Pip
     if missing := sorted(set(_PLACEHOLDER.findall(text))):
         raise PipelineError(f"{path}: placeholder(s) {missing} not set; set them as environment "
                             f"variables (`mergeline demo` writes a filled-in copy for the zoo)")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise PipelineError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise PipelineError(f"{path}: a pipeline file is a YAML mapping (name, recipe, eval_suite, ...)")
+    data = parse_yaml_mapping(text, str(path), "pipeline", PipelineError)
     if "source_dir" in data:
         raise PipelineError(f"{path}: unknown key 'source_dir'")
     try:
@@ -150,17 +148,8 @@ def load_pipeline(path: str | Path, values: dict[str, str] | None = None) -> Pip
 
 
 def explain(e: ValidationError) -> str:
-    msgs = []
-    for err in e.errors():
-        # Union members add their type name to the location; drop those for a readable key.
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("str", "dict[", "Baseline")))
-        if err["type"] == "extra_forbidden":
-            msgs.append(f"unknown key '{loc}'")
-        elif err["type"] == "missing":
-            msgs.append(f"missing required key '{loc}'")
-        else:
-            msgs.append(f"key '{loc}': {err['msg']}")
-    return "; ".join(dict.fromkeys(msgs))
+    # Baseline entries are a union of a method name and a mapping: drop their member tags too.
+    return config_files.explain(e, union_tags=(*config_files.UNION_TAGS, "Baseline"))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ from typing import Annotated, Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, field_validator
 
+from merge.config_files import explain, read_yaml_mapping
+
 from merge.parameters import MISSING, candidate_values, resolve
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -129,20 +131,10 @@ class MergeRecipe(BaseModel):
 
 
 # -- reading -------------------------------------------------------------------
-def _format_validation_error(e: ValidationError, where: str) -> str:
-    msgs = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            parent = err["loc"][:-1]
-            cls = InputModel if parent[:1] == ("models",) else TokenizerSpec if parent[:1] == ("tokenizer",) else MergeRecipe
-            allowed = ", ".join(k for k in cls.model_fields if k not in ("source_dir", "slices", "modules"))
-            msgs.append(f"unknown key {loc!r} (allowed: {allowed})")
-        elif err["type"] == "missing":
-            msgs.append(f"missing required key {loc!r}")
-        else:
-            msgs.append(f"{loc}: {err['msg']}")
-    return f"{where}: " + "; ".join(msgs)
+def _allowed_keys(parent: tuple) -> list[str]:
+    """The keys valid where an unknown key was found, for the error message."""
+    cls = InputModel if parent[:1] == ("models",) else TokenizerSpec if parent[:1] == ("tokenizer",) else MergeRecipe
+    return [k for k in cls.model_fields if k not in ("source_dir", "slices", "modules")]
 
 
 def load_recipe(path_or_dict: str | Path | Mapping[str, Any], validate: bool = True) -> MergeRecipe:
@@ -152,14 +144,7 @@ def load_recipe(path_or_dict: str | Path | Mapping[str, Any], validate: bool = T
     else:
         path = Path(path_or_dict)
         where = str(path)
-        if not path.is_file():
-            raise RecipeError(f"{path}: recipe file not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: not valid YAML ({e})") from e
-        if not isinstance(data, dict):
-            raise RecipeError(f"{path}: a recipe is a YAML mapping with merge_method, models, ...")
+        data = read_yaml_mapping(path, "recipe", RecipeError)
         source_dir = str(path.resolve().parent)
     if "source_dir" in data:
         raise RecipeError(f"{where}: unknown key 'source_dir'")
@@ -169,7 +154,7 @@ def load_recipe(path_or_dict: str | Path | Mapping[str, Any], validate: bool = T
     try:
         recipe = MergeRecipe.model_validate({**data, "source_dir": source_dir})
     except ValidationError as e:
-        raise RecipeError(_format_validation_error(e, where)) from None
+        raise RecipeError(f"{where}: {explain(e, _allowed_keys)}") from None
     if validate:
         check_recipe_semantics(recipe, where)
     return recipe

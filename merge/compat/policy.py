@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from merge.config_files import explain, read_yaml_mapping
 
 DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "configs" / "compat_policy.yaml"
 
@@ -109,16 +110,8 @@ def load_policy(source: str | Path | dict | CompatPolicy | None = None) -> Compa
         source = DEFAULT_POLICY if DEFAULT_POLICY.is_file() else {}
     if isinstance(source, (str, Path)):
         where = str(source)
-        path = Path(source)
-        if not path.is_file():
-            raise PolicyError(f"{path}: policy file not found")
-        try:
-            source = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise PolicyError(f"{path}: invalid YAML ({e})") from e
+        source = read_yaml_mapping(source, "compatibility policy", PolicyError)
     try:
         return CompatPolicy.model_validate(source)
     except ValidationError as e:
-        first = e.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise PolicyError(f"{where}: {key}: {first['msg']}") from e
+        raise PolicyError(f"{where}: {explain(e)}") from None

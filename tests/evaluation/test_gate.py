@@ -72,7 +72,7 @@ def test_per_task_thresholds_and_margin():
 
 
 def test_policy_errors_name_the_key(tmp_path):
-    with pytest.raises(PolicyError, match=r"retention.min_meen: unknown key"):
+    with pytest.raises(PolicyError, match=r"unknown key 'retention.min_meen'"):
         load_policy({"retention": {"min_meen": 0.5}})
     with pytest.raises(PolicyError, match="schema_version 2"):
         load_policy({"schema_version": 2})
@@ -121,7 +121,7 @@ def test_gate_cli_unusable_input_exits_2(report_files, tmp_path):
         (str(not_json), str(policy)): "not valid JSON",
         (str(old), str(policy)): "schema_version 99",
         (str(broken), str(policy)): "malformed report",
-        (str(good), str(typo)): "regresion: unknown key",
+        (str(good), str(typo)): "unknown key 'regresion'",
         (str(good), str(tmp_path / "nope.yaml")): "policy file not found",
     }
     for (rep, pol), message in cases.items():

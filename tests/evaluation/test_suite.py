@@ -25,12 +25,12 @@ def test_shipped_suite_loads_and_needs_the_zoo_placeholder(tmp_path):
 def test_unknown_key_is_named(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text("retention: {a: [t]}\nlimt: 5\n")
-    with pytest.raises(SuiteError, match=r"s.yaml: limt: unknown key"):
+    with pytest.raises(SuiteError, match=r"s.yaml: unknown key 'limt'"):
         load_suite(p)
 
 
 def test_bad_values_are_named(tmp_path):
-    with pytest.raises(SuiteError, match="retention: Value error, fine-tune 'a' lists no tasks"):
+    with pytest.raises(SuiteError, match="key 'retention': Value error, fine-tune 'a' lists no tasks"):
         load_suite({"retention": {"a": []}})
     with pytest.raises(SuiteError, match="both in 'general' and 'retention'"):
         load_suite({"retention": {"a": ["t"]}, "general": ["t"]})
