@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from evaluation.plots import PLOTS, all_plots
-from evaluation.report import score_matrix
+from evaluation.report import score_matrix, sign_conflict_table
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1100px;
@@ -117,15 +117,7 @@ def render_html(report: dict) -> str:
                           f["flip_rate"]] for n, c in report["candidates"].items() for f in c["interference"]["flips"]]))
 
     parts.append("<h2>Sign-conflict proxy</h2>")
-    rows = []
-    for n, c in report["candidates"].items():
-        sc = c["sign_conflict"]
-        if not sc["available"]:
-            rows.append([n, None, "no merge stats", None, None, None])
-        for m, v in sc["per_model"].items():
-            rows.append([n, sc["rate"], m, v["kept_fraction"], v["dropped_fraction_of_kept"], v["dropped_magnitude_share"]])
-    parts.append(_table(["candidate", "conflict rate", "model", "kept fraction", "dropped by election (of kept)",
-                         "dropped magnitude share"], rows))
+    parts.append(_table(*sign_conflict_table(report)))
 
     parts.append("<h2>Compatibility</h2>")
     comp = report.get("compat")

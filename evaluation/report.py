@@ -144,6 +144,19 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def sign_conflict_table(report: dict) -> tuple[list[str], list[list]]:
+    """Headers and rows of the sign-conflict proxy, one row per candidate and merged model."""
+    rows = []
+    for n, c in report["candidates"].items():
+        sc = c["sign_conflict"]
+        if not sc["available"]:
+            rows.append([n, None, "no merge stats", None, None, None])
+        for m, v in sc["per_model"].items():
+            rows.append([n, sc["rate"], m, v["kept_fraction"], v["dropped_fraction_of_kept"], v["dropped_magnitude_share"]])
+    return (["candidate", "conflict rate", "model", "kept fraction", "dropped by election (of kept)",
+             "dropped magnitude share"], rows)
+
+
 def score_matrix(report: dict) -> tuple[list[str], list[str], dict]:
     models = list(report["inputs"]["models"])
     tasks = list(dict.fromkeys(s["task"] for s in report["scores"]))
@@ -190,15 +203,7 @@ def render_markdown(report: dict) -> str:
                           [[f["task"], f["reference"], f["items"], f["reference_correct"], f["flips"], f["gains"],
                             f["flip_rate"]] for f in i["flips"]]) + "\n")
     out.append("## Sign-conflict proxy (from merge_stats.json)\n")
-    rows = []
-    for n, c in report["candidates"].items():
-        sc = c["sign_conflict"]
-        if not sc["available"]:
-            rows.append([n, None, "no merge stats", None, None, None])
-        for m, v in sc["per_model"].items():
-            rows.append([n, sc["rate"], m, v["kept_fraction"], v["dropped_fraction_of_kept"], v["dropped_magnitude_share"]])
-    out.append(_table(["candidate", "conflict rate", "model", "kept fraction", "dropped by election (of kept)",
-                       "dropped magnitude share"], rows) + "\n")
+    out.append(_table(*sign_conflict_table(report)) + "\n")
     comp = report.get("compat")
     out.append("## Compatibility\n")
     if comp:
