@@ -1,0 +1,49 @@
+"""mergekit's example recipes in configs/recipes/ run unchanged: each is copied byte for byte
+beside a `models/` folder of tiny models and merged through the `mergeline merge` CLI.
+
+    python -m pytest tests/merge/test_example_recipes.py -q
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "configs" / "recipes").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def models_dir(tiny_models, tmp_path_factory) -> Path:
+    """models/base, ft_a, ft_b and a third fine-tune ft_c, as the example recipes expect."""
+    root = tmp_path_factory.mktemp("examples")
+    for name in ("base", "ft_a", "ft_b"):
+        shutil.copytree(tiny_models[name], root / "models" / name)
+    # ft_c: ft_a's weights nudged again, so all three task vectors differ.
+    ft_c = root / "models" / "ft_c"
+    shutil.copytree(tiny_models["ft_a"], ft_c)
+    weights = load_file(ft_c / "model.safetensors")
+    g = torch.Generator().manual_seed(7)
+    weights = {k: v + 0.002 * torch.randn(v.shape, generator=g) for k, v in weights.items()}
+    save_file(weights, ft_c / "model.safetensors", metadata={"format": "pt"})
+    return root
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_example_recipe_runs_unchanged(recipe, models_dir, monkeypatch):
+    shutil.copy(recipe, models_dir / recipe.name)
+    monkeypatch.chdir(models_dir)
+    out = models_dir / "out" / recipe.stem
+    result = CliRunner().invoke(app, ["merge", recipe.name, str(out), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    merged = load_file(out / "model.safetensors")
+    base = load_file(models_dir / "models" / "base" / "model.safetensors")
+    assert merged.keys() == base.keys()
+    # The merge did something: at least one tensor moved away from the base.
+    assert any(not torch.equal(merged[k].float(), base[k].float()) for k in base)
+    assert (out / "merge_stats.json").is_file() and (out / "config.json").is_file()
