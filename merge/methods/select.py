@@ -73,27 +73,55 @@ def _kth_desc(hist: np.ndarray, k: int) -> tuple[int, int]:
     return len(hist) - 1 - j, int(above_or_at[j - 1]) if j else 0
 
 
-def deltas_with_histograms(base: Tensor, models: list[Tensor]) -> tuple[list[Tensor], list[np.ndarray]]:
-    """``compute_delta`` of every model and each delta's 15-bit magnitude histogram, in ONE pass
-    over 16-bit CPU tensors: numpy's bincount holds the GIL, but while one worker counts, the
-    others compute deltas with torch (which releases it), so the two costs overlap."""
+HIST_CHUNK = 1 << 19  # positions per stored histogram row (0.25 B/element): the tie cut scans one row's span
+
+
+@dataclass(frozen=True)
+class ChunkHistograms:
+    """15-bit magnitude histograms of one flat 16-bit tensor, one row per HIST_CHUNK positions.
+
+    The rows sum to the tensor's histogram; their column at the threshold key tells which chunk
+    holds the tie cut, so ``topk`` scans one chunk instead of the whole tensor for it."""
+
+    rows: Tensor  # (chunks, 1 << 15) int32
+
+    # numpy, not torch: a torch reduction over dim 0 here runs on the intra-op thread pool,
+    # which stalled for seconds per merge on the loaded 2-core box (measured with py-spy)
+    def total(self) -> np.ndarray:
+        return self.rows.numpy().sum(0, dtype=np.int64)
+
+    def locate(self, key: int, need: int) -> tuple[int, int]:
+        """(start position of the chunk holding the ``need``-th entry with ``key``, entries with
+        ``key`` before that chunk)."""
+        seen = np.cumsum(self.rows.numpy()[:, key], dtype=np.int64)
+        j = int(np.searchsorted(seen, need))
+        return j * HIST_CHUNK, int(seen[j - 1]) if j else 0
+
+
+def deltas_with_histograms(base: Tensor, models: list[Tensor]) -> tuple[list[Tensor], list[ChunkHistograms]]:
+    """``compute_delta`` of every model and each delta's per-chunk 15-bit magnitude histograms,
+    in ONE pass over 16-bit CPU tensors, one worker per core. Counting uses torch.bincount on the
+    masked int16 bit patterns (0.7 ns/element, releases the GIL) rather than numpy's bincount
+    (1.3 ns, holds the GIL: the two workers then took turns)."""
     b, ms, n = flat_(base), [flat_(m) for m in models], len(models)
     outs = [torch.empty_like(b) for _ in models]
-    C = min(CHUNK, max(1, b.numel()))  # larger than the merge chunk: amortizes the histogram adds
+    rows = torch.empty(n, -(-b.numel() // HIST_CHUNK), 1 << 15, dtype=torch.int32)
 
-    class Worker:
-        def __init__(self) -> None:
-            self.buf = torch.empty(2, C, dtype=torch.float32)
-            self.hist = np.zeros((n, 1 << 16), dtype=np.int64)
+    def make_worker():
+        keys = torch.empty(min(HIST_CHUNK, b.numel()), dtype=torch.int16)
 
-        def __call__(self, s: int, e: int) -> None:
-            y = self.buf[1, : e - s].copy_(b[s:e])
+        def work(s: int, e: int) -> None:
             for i, m in enumerate(ms):
-                outs[i][s:e].copy_(self.buf[0, : e - s].copy_(m[s:e]).sub_(y))
-                self.hist[i] += np.bincount(_u16(outs[i][s:e]), minlength=1 << 16)
+                # torch's 16-bit sub computes in fp32 and rounds once, like compute_delta, and is
+                # now 2x faster than its explicit fp32 chunks (measured: 0.37 vs 0.77 ns/element)
+                d = torch.sub(m[s:e], b[s:e], out=outs[i][s:e])
+                k = torch.bitwise_and(d.view(torch.int16), 0x7FFF, out=keys[: e - s])
+                rows[i, s // HIST_CHUNK].copy_(torch.bincount(k, minlength=1 << 15))
 
-    hist = sum(w.hist for w in run_chunks(b.numel(), C, Worker, b.device))
-    return outs, [h[: 1 << 15] + h[1 << 15 :] for h in hist]
+        return work
+
+    run_chunks(b.numel(), HIST_CHUNK, make_worker, b.device)
+    return outs, [ChunkHistograms(r) for r in rows]
 
 
 def _hist16(flat: Tensor) -> np.ndarray:
@@ -113,12 +141,12 @@ def _keys(flat: Tensor, s: int, e: int) -> np.ndarray:
     return flat[s:e].view(torch.int32).numpy().view(np.uint32) & np.uint32(0x7FFFFFFF)
 
 
-def _tie_cut(flat: Tensor, key: int, need: int, ties: int) -> int:
+def _tie_cut(flat: Tensor, key: int, need: int, ties: int, hist: ChunkHistograms | None = None) -> int:
     """Flat position just after the ``need``-th entry whose magnitude key equals ``key``."""
     if need >= ties:
         return flat.numel()
-    seen = 0
-    for s in range(0, flat.numel(), CHUNK):
+    start, seen = hist.locate(key, need) if hist is not None else (0, 0)
+    for s in range(start, flat.numel(), CHUNK):
         eq = _keys(flat, s, min(s + CHUNK, flat.numel())) == key
         c = int(eq.sum())
         if seen + c >= need:
@@ -139,7 +167,8 @@ def topk(x: Tensor, k: int, hist: np.ndarray | None = None) -> TopK:
     """Exact top-k of |x| (x is e.g. a task vector; signs are ignored). No sort of x.
 
     Ties at the k-th magnitude keep the lowest flat indices. NaN ranks above inf.
-    ``hist``: x's 15-bit magnitude histogram when already known (``deltas_with_histograms``).
+    ``hist``: x's 15-bit magnitude histogram when already known, as an array or as
+    ``ChunkHistograms`` (``deltas_with_histograms``), which also locates the tie cut.
     """
     flat = x.detach().reshape(-1)
     n = flat.numel()
@@ -152,14 +181,15 @@ def topk(x: Tensor, k: int, hist: np.ndarray | None = None) -> TopK:
     if flat.element_size() != 2:
         key, above, ties = _kth32(flat, k)
         return TopK(k, _key_to_float(key, flat.dtype), _tie_cut(flat, key, k - above, ties))
-    hist = _hist16(flat) if hist is None else hist
+    chunked = hist if isinstance(hist, ChunkHistograms) else None
+    hist = _hist16(flat) if hist is None else chunked.total() if chunked else hist
     key, above = _kth_desc(hist, k)
     t = _key_to_float(key, flat.dtype)
     counts = hist[key + 1 :]
     occupied = np.flatnonzero(counts)  # skip empty inf/NaN bins: 0 * inf would poison the sum
     magnitude = float(counts[occupied] @ _values16(flat.dtype)[key + 1 :][occupied]) + (k - above) * t
     kept_nonzero = k if key > 0 else above  # ties at magnitude 0 are zeros
-    return TopK(k, t, _tie_cut(flat, key, k - above, int(hist[key])), kept_nonzero, magnitude)
+    return TopK(k, t, _tie_cut(flat, key, k - above, int(hist[key]), chunked), kept_nonzero, magnitude)
 
 
 @functools.cache
