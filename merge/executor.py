@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 from merge.checkpoint import DTYPES, Checkpoint, CheckpointError
 from merge.device import resolve_device
+from merge.methods.common import empty_huge
 from merge.parameters import MISSING, layer_t, num_layers, resolve
 from merge.recipe import MergeRecipe, RecipeError, check_weight_sum, get_method_or_error, load_recipe, model_names
 from merge.resolve import resolve_model
@@ -92,7 +93,8 @@ class TensorReader:
         fd = self._fds.get(shard)
         if fd is None:
             fd = self._fds[shard] = os.open(self.ckpt.folder / shard, os.O_RDONLY)
-        buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        # huge pages: far fewer page faults on these large, fresh, once-written buffers
+        buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) if pin else empty_huge(nbytes, torch.uint8)
         view = memoryview(buf.numpy())
         done = 0
         while done < nbytes:

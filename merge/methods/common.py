@@ -12,6 +12,8 @@ Run: python -m pytest tests/merge/test_methods.py -q
 """
 from __future__ import annotations
 
+import ctypes
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -95,6 +97,26 @@ def _single_threaded_ops():
             _ops_users -= 1
             if _ops_users == 0:
                 torch.set_num_threads(_ops_threads)
+
+
+_HUGE = 2 << 20  # transparent huge page size on x86-64 Linux
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def empty_huge(numel: int, dtype: torch.dtype) -> Tensor:
+    """torch.empty for a large flat CPU buffer, backed by transparent huge pages where the kernel
+    allows them on request (THP mode "madvise", as here). Why: every merged tensor's inputs,
+    deltas and output are fresh allocations, first touched once; with 4 KiB pages that was
+    ~540k page faults and ~1.4 s of kernel time per 322M-parameter merge (measured: /usr/bin/time,
+    and THP_MEM_ALLOC_ENABLE=1 which does the same for every torch allocation)."""
+    t = torch.empty(numel, dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    if _libc is not None and nbytes >= 2 * _HUGE:
+        start = -(-t.data_ptr() // _HUGE) * _HUGE  # madvise wants page-aligned ranges
+        end = (t.data_ptr() + nbytes) // _HUGE * _HUGE
+        if end > start:
+            _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 14)  # MADV_HUGEPAGE
+    return t
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from merge.methods.common import compute_delta, run_chunks
+from merge.methods.common import compute_delta, empty_huge, run_chunks
 from merge.methods.common import flat as flat_
 
 CHUNK = 1 << 18  # elements per numpy pass: bincount's intp copy of a chunk stays in cache
@@ -104,7 +104,7 @@ def deltas_with_histograms(base: Tensor, models: list[Tensor]) -> tuple[list[Ten
     masked int16 bit patterns (0.7 ns/element, releases the GIL) rather than numpy's bincount
     (1.3 ns, holds the GIL: the two workers then took turns)."""
     b, ms, n = flat_(base), [flat_(m) for m in models], len(models)
-    outs = [torch.empty_like(b) for _ in models]
+    outs = [empty_huge(b.numel(), b.dtype) for _ in models]
     rows = torch.empty(n, -(-b.numel() // HIST_CHUNK), 1 << 15, dtype=torch.int32)
 
     def make_worker():

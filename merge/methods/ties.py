@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from merge.methods import select, sparsify
-from merge.methods.common import Rounder, check_inputs, chunk_size, compute_delta, flat, run_chunks, work_dtype
+from merge.methods.common import Rounder, check_inputs, chunk_size, compute_delta, empty_huge, flat, run_chunks, work_dtype
 from merge.methods.stats import ModelStats, TensorStats
 
 
@@ -95,7 +95,7 @@ def _merge_chunks(b: Tensor, deltas: list[Tensor], masks: list, model_params: li
     scale = torch.tensor(scales, dtype=dtype, device=dev).to(wd).reshape(n, 1)
     weight_sum = float(rnd(w.sum(0)))
     job = _Job(b, deltas, masks, w, scale if any(x != 1.0 for x in scales) else None, params, consensus,
-               divisor_all=1.0 if abs(weight_sum) < 1e-8 else weight_sum, out=torch.empty_like(b))
+               divisor_all=1.0 if abs(weight_sum) < 1e-8 else weight_sum, out=_empty_out(b))
     C = chunk_size(b)
     workers = run_chunks(b.numel(), C, lambda: _Worker(job, C), dev)
     acc = sum(wk.acc for wk in workers)
@@ -105,6 +105,10 @@ def _merge_chunks(b: Tensor, deltas: list[Tensor], masks: list, model_params: li
         acc[0] = torch.tensor([float(m.kept_nonzero) for m in masks], dtype=torch.float64)
         acc[1] = torch.tensor([m.kept_magnitude for m in masks], dtype=torch.float64)
     return job.out, _stats(b.numel(), acc.tolist(), pos.tolist(), w, scale, consensus)
+
+
+def _empty_out(b: Tensor) -> Tensor:
+    return empty_huge(b.numel(), b.dtype) if b.device.type == "cpu" else torch.empty_like(b)
 
 
 @dataclass
