@@ -166,10 +166,10 @@ class _Worker:
             g = _row_sum(d, self.S[:L]).sign_().add_(0.5).sign_()
             # 3. Disjoint merge: keep only contributions agreeing with g (a zero never agrees)
             d.mul_(g)
-            pos[0] += _indicator(_row_min(d, self.Y[:L]).neg_()).sum()  # someone disagrees: a conflict
+            pos[0] -= _row_min(d, self.Y[:L]).clamp_(max=0).sign_().sum()  # someone disagrees: a conflict
             d.clamp_(min=0)  # the agreeing magnitudes
             q = _indicator(torch.clamp(d, max=1, out=x))  # 1 where agreeing, else 0
-            pos[1] += _indicator(_row_sum(q, self.Y[:L])).sum()  # an agreeing contribution exists
+            pos[1] += _row_sum(q, self.Y[:L]).sign_().sum()  # an agreeing contribution exists
             acc[2] += q.sum(1)
             acc[3] += d.sum(1)
             rnd(_row_sum(d, mixed).mul_(g))
@@ -201,15 +201,15 @@ def _row_sum(x: Tensor, out: Tensor) -> Tensor:
 
 
 def _row_min(x: Tensor, out: Tensor) -> Tensor:
-    out.copy_(x[0])
-    for row in x[1:]:
+    torch.minimum(x[0], x[1], out=out) if x.shape[0] > 1 else out.copy_(x[0])
+    for row in x[2:]:
         torch.minimum(out, row, out=out)
     return out
 
 
 def _row_max(x: Tensor, out: Tensor) -> Tensor:
-    out.copy_(x[0])
-    for row in x[1:]:
+    torch.maximum(x[0], x[1], out=out) if x.shape[0] > 1 else out.copy_(x[0])
+    for row in x[2:]:
         torch.maximum(out, row, out=out)
     return out
 
