@@ -5,7 +5,7 @@ vocab 32000, intermediate 2816: 322.5M parameters, bf16, ~616 MB) and three fine
 are 1e-3 relative in norm (before rounding to bf16, which zeroes the smallest ones: the regime of
 real bf16 fine-tunes, with many ties at the trim threshold), then runs the same recipe (TIES, density 0.2, weights 0.4/0.3/0.3, normalize,
 dtype bfloat16) through both tools, each in its own subprocess so wall time and peak RSS are the
-tool's own (peak RSS from resource.getrusage(RUSAGE_CHILDREN) of a fresh child per run).
+tool's own (peak RSS and CPU seconds from resource.getrusage(RUSAGE_CHILDREN) of a fresh child per run).
 Also times the floor: reading all four inputs and writing one output, nothing computed.
 
     python benchmarks/bench_merge.py                 # both tools, prints the table
@@ -111,37 +111,44 @@ def build_models(cache: str | Path = ".bench", seed: int = 0) -> BenchModels:
 
 
 def timed_subprocess(code: str, env: dict | None = None) -> tuple[float, int]:
-    """Run `python -c code` in a fresh process; (wall seconds, that child's peak RSS in bytes).
+    """Run `python -c code` in a fresh process; (wall seconds, that child's peak RSS in bytes)."""
+    return timed_run(code, env)[:2]
+
+
+def timed_run(code: str, env: dict | None = None) -> tuple[float, int, float]:
+    """(wall seconds, peak RSS bytes, CPU seconds user + system) of `python -c code` in a fresh process.
 
     Each call is measured in a fresh helper process, so RUSAGE_CHILDREN there sees only this run.
+    CPU seconds are printed too because wall times on a shared box swing with other people's load.
     """
     wrapper = textwrap.dedent(f"""\
         import resource, subprocess, sys, time, json
         t = time.perf_counter()
         r = subprocess.run([sys.executable, "-c", {code!r}])
         dt = time.perf_counter() - t
-        print(json.dumps([r.returncode, dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024]))
+        u = resource.getrusage(resource.RUSAGE_CHILDREN)
+        print(json.dumps([r.returncode, dt, u.ru_maxrss * 1024, u.ru_utime + u.ru_stime]))
         """)
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     out = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, env=full_env, cwd=ROOT)
     try:
-        rc, dt, rss = json.loads(out.stdout.strip().splitlines()[-1])
+        rc, dt, rss, cpu = json.loads(out.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
         raise RuntimeError(f"benchmark child failed:\n{out.stdout}\n{out.stderr}") from None
     if rc != 0:
         raise RuntimeError(f"benchmark child exited {rc}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return dt, rss
+    return dt, rss, cpu
 
 
-def run_mergeline(m: BenchModels, out: Path, device: str = "cpu") -> tuple[float, int]:
-    return timed_subprocess(textwrap.dedent(f"""\
+def run_mergeline(m: BenchModels, out: Path, device: str = "cpu") -> tuple[float, int, float]:
+    return timed_run(textwrap.dedent(f"""\
         from merge.executor import run_merge
         run_merge({str(m.recipe)!r}, {str(out)!r}, device={device!r}, overwrite=True, progress=False)
         """))
 
 
-def run_mergekit(m: BenchModels, out: Path, device: str = "cpu") -> tuple[float, int]:
-    return timed_subprocess(textwrap.dedent(f"""\
+def run_mergekit(m: BenchModels, out: Path, device: str = "cpu") -> tuple[float, int, float]:
+    return timed_run(textwrap.dedent(f"""\
         import yaml
         from mergekit.config import MergeConfiguration
         from mergekit.merge import MergeOptions, run_merge
@@ -151,10 +158,10 @@ def run_mergekit(m: BenchModels, out: Path, device: str = "cpu") -> tuple[float,
         """))
 
 
-def run_floor(m: BenchModels, out: Path) -> tuple[float, int]:
+def run_floor(m: BenchModels, out: Path) -> tuple[float, int, float]:
     """Read every input tensor and write the base once: the I/O a merge cannot avoid."""
     folders = [str(m.base)] + [str(f) for f in m.finetunes]
-    return timed_subprocess(textwrap.dedent(f"""\
+    return timed_run(textwrap.dedent(f"""\
         from pathlib import Path
         from merge.checkpoint import DTYPES, Checkpoint
         from merge.executor import TensorReader
@@ -213,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"models ready in {time.perf_counter() - t:.1f} s under {Path(args.cache).resolve()}")
     out = Path(args.cache).resolve() / "out"
     warm_page_cache(m)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())  # others' work on the box skews wall times
     rows = []
     floor = run_floor(m, out / "floor")
     rows.append(("floor: read 4 inputs + write 1", *floor))
@@ -223,12 +231,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "mergekit"):
         results["mergekit"] = run_mergekit(m, out / "mergekit", args.device)
         rows.append((f"mergekit ties ({args.device})", *results["mergekit"]))
-    rows += [(label, s, rss) for label, s, rss, _ in ROWS]
-    print(f"\n{'run':38s} {'wall s':>8s} {'peak RSS GB':>12s}")
-    for label, s, rss in rows:
-        print(f"{label:38s} {s:8.2f} {rss / 1e9:12.2f}")
+    rows += [(label, s, rss, float("nan")) for label, s, rss, _ in ROWS]
+    print(f"\n{'run':38s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS GB':>12s}   (load average before: {load})")
+    for label, s, rss, cpu in rows:
+        print(f"{label:38s} {s:8.2f} {cpu:8.2f} {rss / 1e9:12.2f}")
     if len(results) == 2:
-        (ml, ml_rss), (mk, mk_rss) = results["mergeline"], results["mergekit"]
+        (ml, ml_rss, _), (mk, mk_rss, _) = results["mergeline"], results["mergekit"]
         diff = max_abs_diff(out / "mergeline", out / "mergekit")
         print(f"\nspeed-up {mk / ml:.1f}x (target >= 5x), peak memory {ml_rss / mk_rss:.2f}x of mergekit's "
               f"(target <= 1), largest |mergeline - mergekit| = {diff:.3g}")
