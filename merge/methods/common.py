@@ -25,8 +25,8 @@ CHUNK = 1 << 16  # elements per fused chunk on CPU: a worker's few fp32 rows of 
 CHUNK_GPU = 1 << 24  # on a GPU, chunks only bound the scratch memory; fewer kernel launches
 
 
-def chunk_size(x: Tensor) -> int:
-    return min(CHUNK if x.device.type == "cpu" else CHUNK_GPU, max(1, x.numel()))
+def chunk_size(x: Tensor, cpu_chunk: int = CHUNK) -> int:
+    return min(cpu_chunk if x.device.type == "cpu" else CHUNK_GPU, max(1, x.numel()))
 
 
 def spans(n: int, chunk: int = CHUNK):
