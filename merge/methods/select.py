@@ -148,7 +148,7 @@ def _tie_cut(flat: Tensor, key: int, need: int, ties: int, hist: ChunkHistograms
     start, seen = hist.locate(key, need) if hist is not None else (0, 0)
     for s in range(start, flat.numel(), CHUNK):
         eq = _keys(flat, s, min(s + CHUNK, flat.numel())) == key
-        c = int(eq.sum())
+        c = np.count_nonzero(eq)  # popcount: eq.sum() casts every bool to int64 first
         if seen + c >= need:
             return s + int(np.flatnonzero(eq)[need - seen - 1]) + 1
         seen += c
