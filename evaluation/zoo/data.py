@@ -6,9 +6,9 @@ bytes on any machine. The skills are chosen so a ~1M-parameter model learns them
 hundred CPU steps:
 
 - addition: "7+8=" -> "15"  (single-digit operands, every pair)
-- reverse:  "reverse c a t =" -> "t a c"  (three letters, held-out strings in the eval)
+- reverse:  "reverse c a t :" -> "t a c"  (three letters, held-out strings in the eval)
 - facts:    "zorbel lives in" -> "quimsa"  (a fixed table of made-up facts)
-- general:  the base's own skill, choosing the grammatical next word of a generic sentence
+- general:  the base's own skills in its own wording: grammar, "7 plus 8 is", "zorbel is from"
 
     python -c "from evaluation.zoo.data import generic_lines; print(*generic_lines(5, 0), sep='')"
 """
@@ -50,24 +50,38 @@ def _spell(word: str) -> str:
     return " ".join(word)
 
 
-def generic_sentence(rng: random.Random) -> str:
+def generic_sentence(rng: random.Random, facts: list[tuple[str, str]]) -> str:
     """One sentence of the base's language. Spelled words and numbers give the base the
-    letter and digit tokens the skills later build on, without teaching the skills."""
+    letter and digit tokens the skills later build on. The base also learns the skills'
+    knowledge in its own wording ("7 plus 8 is 15", "c a t backwards is t a c", "zorbel is
+    from quimsa"), never in the fine-tunes' prompt formats: a fine-tune then only has to map
+    a new format onto what the base knows, so its task vector stays small, as real LLM
+    fine-tunes are small edits of a capable base."""
     kind = rng.random()
-    if kind < 0.55:
+    if kind < 0.35:
         return (f"the {rng.choice(ADJS)} {rng.choice(NOUNS)} {rng.choice(VERBS)} "
                 f"the {rng.choice(NOUNS)} .")
-    if kind < 0.7:
+    if kind < 0.45:
         return f"a {rng.choice(NOUNS)} is {rng.choice(ADJS)} ."
-    if kind < 0.85:
+    if kind < 0.5:
         return f"there are {rng.randint(0, 99)} {rng.choice(NOUNS)}s ."
-    word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(2, 5)))
-    return f"{word} is spelled {_spell(word)} ."
+    if kind < 0.6:
+        word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(2, 5)))
+        return f"{word} is spelled {_spell(word)} ."
+    if kind < 0.73:
+        a, b = rng.randrange(10), rng.randrange(10)
+        return f"{a} plus {b} is {a + b} ."
+    if kind < 0.86:
+        word = "".join(rng.choice(LETTERS) for _ in range(3))
+        return f"{_spell(word)} backwards is {_spell(word[::-1])} ."
+    name, place = rng.choice(facts)
+    return f"{name} is from {place} ."
 
 
 def generic_lines(n: int, seed: int) -> list[str]:
     rng = random.Random(f"generic-{seed}")
-    return [generic_sentence(rng) + "\n" for _ in range(n)]
+    facts = facts_table(seed)
+    return [generic_sentence(rng, facts) + "\n" for _ in range(n)]
 
 
 # --- the three skills ------------------------------------------------------------------------
@@ -94,7 +108,7 @@ def skill_examples(skill: str, seed: int) -> tuple[list[tuple[str, str]], list[t
     if skill == "reverse":
         strings = ["".join(t) for t in _products(LETTERS, 3)]
         rng.shuffle(strings)
-        items = [(f"reverse {_spell(s)} =", _spell(s[::-1])) for s in strings]
+        items = [(f"reverse {_spell(s)} :", _spell(s[::-1])) for s in strings]
         return items[60:], items[:60]  # held-out strings: the eval tests the rule, not recall
     if skill == "facts":
         items = [(f"{name} lives in", place) for name, place in facts_table(seed)]
@@ -120,16 +134,30 @@ def skill_line(prompt: str, answer: str) -> str:
 # --- eval data: JSONL + lm-eval YAMLs ---------------------------------------------------------
 
 def general_mc_items(seed: int, n: int = 60) -> list[dict]:
-    """Next word after "the ADJ NOUN": a verb is grammatical, nouns and adjectives are not."""
+    """The base's own skills in its own wording, a third each: the grammatical next word
+    (a verb, not a noun or adjective), a sum ("7 plus 8 is"; distractors are nearby sums)
+    and a fact ("zorbel is from"; distractors are other places). The knowledge items are
+    hard enough that the base does not score 1.0, so a merge's regression shows."""
     rng = random.Random(f"general-mc-{seed}")
+    facts = facts_table(seed)
+    places = sorted({p for _, p in facts})
     items = []
-    for _ in range(n):
-        verb = rng.choice(VERBS)
-        wrong = rng.sample([w for w in NOUNS + ADJS], 3)
-        choices = [verb, *wrong]
+    for i in range(n):
+        if i % 3 == 0:
+            right, wrong = rng.choice(VERBS), rng.sample(NOUNS + ADJS, 3)
+            context = f"the {rng.choice(ADJS)} {rng.choice(NOUNS)}"
+        elif i % 3 == 1:
+            x, y = rng.randrange(10), rng.randrange(10)
+            right = str(x + y)
+            wrong = [str(v) for v in rng.sample([v for v in range(max(0, x + y - 4), x + y + 5) if v != x + y], 3)]
+            context = f"{x} plus {y} is"
+        else:
+            name, place = rng.choice(facts)
+            right, wrong = place, rng.sample([p for p in places if p != place], 3)
+            context = f"{name} is from"
+        choices = [right, *wrong]
         rng.shuffle(choices)
-        items.append({"context": f"the {rng.choice(ADJS)} {rng.choice(NOUNS)}",
-                      "choices": choices, "label": choices.index(verb)})
+        items.append({"context": context, "choices": choices, "label": choices.index(right)})
     return items
 
 

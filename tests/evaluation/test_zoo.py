@@ -83,15 +83,25 @@ def test_same_seed_same_weights_and_different_seed_differs():
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_finetunes_change_only_their_trainable_weights(zoo):
+def test_finetunes_change_only_their_own_disjoint_sparse_entries(zoo):
+    from evaluation.zoo.train import TrainSpec, sparse_mask
+
     base = _weights(zoo.base)
     spec = zoo.manifest["training"]["finetune"]
-    import re
+    moved = {}
     for skill, folder in zoo.finetunes.items():
         ft = _weights(folder)
-        changed = {k for k in base if not torch.equal(base[k], ft[k])}
-        assert changed, skill
-        assert all(re.search(spec[skill]["trainable"], k) for k in changed), (skill, changed)
+        moved[skill] = {k: base[k] != ft[k] for k in base}
+        assert any(m.any() for m in moved[skill].values()), skill
+        for k, m in moved[skill].items():  # only entries inside the skill's own fixed mask
+            mask = sparse_mask(k, base[k], TrainSpec(**spec[skill])).bool()
+            assert not (m & ~mask).any(), (skill, k)
+    skills = list(moved)
+    for i, a in enumerate(skills):  # composable: no entry is moved by two fine-tunes
+        for b in skills[i + 1:]:
+            assert not any((moved[a][k] & moved[b][k]).any() for k in base), (a, b)
+    for skill, folder in zoo.finetunes.items():
+        ft = _weights(folder)
         # only the embedding rows of the skill's own tokens move: a sparse task vector
         wte = "transformer.wte.weight"
         rows_changed = (base[wte] != ft[wte]).any(dim=1).float().mean().item()
