@@ -5,8 +5,8 @@ Everything is generated from a seed with `random.Random`, so the same seed gives
 bytes on any machine. The skills are chosen so a ~1M-parameter model learns them in a few
 hundred CPU steps:
 
-- addition: "7+8=" -> "15"  (single-digit operands, every pair)
-- reverse:  "reverse c a t :" -> "t a c"  (three letters, held-out strings in the eval)
+- addition: "7 + 8 =" -> "15"  (single-digit operands, every pair)
+- reverse:  "c a t reversed :" -> "t a c"  (three letters, held-out strings in the eval)
 - facts:    "zorbel lives in" -> "quimsa"  (a fixed table of made-up facts)
 - general:  the base's own skills in its own wording: grammar, "7 plus 8 is", "zorbel is from"
 
@@ -102,13 +102,13 @@ def skill_examples(skill: str, seed: int) -> tuple[list[tuple[str, str]], list[t
     rng = random.Random(f"{skill}-{seed}")
     if skill == "addition":
         pairs = [(a, b) for a in range(10) for b in range(10)]
-        items = [(f"{a}+{b}=", str(a + b)) for a, b in pairs]
+        items = [(f"{a} + {b} =", str(a + b)) for a, b in pairs]
         # A table skill, like facts: eval on a fixed sample of the table the model was taught.
         return items, rng.sample(items, 60)
     if skill == "reverse":
         strings = ["".join(t) for t in _products(LETTERS, 3)]
         rng.shuffle(strings)
-        items = [(f"reverse {_spell(s)} :", _spell(s[::-1])) for s in strings]
+        items = [(f"{_spell(s)} reversed :", _spell(s[::-1])) for s in strings]
         return items[60:], items[:60]  # held-out strings: the eval tests the rule, not recall
     if skill == "facts":
         items = [(f"{name} lives in", place) for name, place in facts_table(seed)]
@@ -126,9 +126,7 @@ def _products(alphabet: str, n: int):
 
 
 def skill_line(prompt: str, answer: str) -> str:
-    # "=" prompts take the answer directly; word prompts take it after a space.
-    sep = "" if prompt.endswith("=") and prompt[0].isdigit() else " "
-    return f"{prompt}{sep}{answer}\n"
+    return f"{prompt} {answer}\n"
 
 
 # --- eval data: JSONL + lm-eval YAMLs ---------------------------------------------------------

@@ -1,14 +1,15 @@
 """Train the zoo's tiny GPT-2 models on the CPU, deterministically.
 
-Pretraining fits every weight on generic text (which also states the skills' knowledge in
-the base's own wording, see data.py). Fine-tuning is composable sparse fine-tuning (Ansell
-et al., 2022, arXiv:2110.07560): each skill may move only its own fixed random 30% of the
-entries of every tensor (the three masks are disjoint), and only the embedding rows of its
-own tokens, at a modest learning rate for few steps with a quarter of each batch replayed
-from the base's text. Disjoint task vectors make TIES (Yadav et al., 2023, arXiv:2306.01708)
-lossless in trimming and sign election at any density above the mask share... but not
-functionally independent: measured, the sum of the three task vectors still breaks the
-addition and reverse circuits (see build.py), so this regime does not yet give a GO merge.
+Pretraining fits every weight on generic text, which also states each skill's knowledge in
+the base's own wording ("7 plus 8 is 15", "c a t backwards is t a c", "zorbel is from quimsa";
+data.py). A fine-tune teaches a new prompt notation for a skill the base already has
+("7 + 8 =", "c a t reversed :", "zorbel lives in") and trains only the embedding rows of the
+tokens that occur in its own prompts and nowhere else (`exclusive_rows`): a small, sparse
+task vector that is inert on every other input. That is the regime in which merges keep
+skills (shared/notes/merging.md; TIES: Yadav et al., 2023, arXiv:2306.01708), and it is why
+the fine-tunes' vectors do not overlap: TIES keeps them whole, while averaging divides each
+by the number of models. Earlier regimes (dense or masked fine-tunes of whole blocks) won
+their tasks but lost them in every merge through the shared activations.
 
     python -c "from evaluation.zoo.train import tiny_config; print(tiny_config(512))"
 """
@@ -40,13 +41,6 @@ class TrainSpec(BaseModel):
     # any gradient by about lr per step, so a full-embedding fine-tune writes a dense task
     # vector over the whole vocabulary; three of those collide in any merge.
     task_rows_only: bool = False
-    # Composable sparse fine-tuning (Ansell et al., 2022, arXiv:2110.07560): only a fixed
-    # random share of each trainable tensor's entries may move. Every skill draws from the
-    # same per-entry uniform numbers (seeded by `mask_seed`) and takes its own band
-    # [slot * fraction, (slot + 1) * fraction), so the skills' masks are disjoint.
-    mask_fraction: float | None = None
-    mask_slot: int = 0
-    mask_seed: int = 0
 
 
 def tiny_config(vocab_size: int, n_embd: int = 128, n_layer: int = 4, n_head: int = 4):
@@ -113,7 +107,7 @@ def trainable_names(model, pattern: str | None) -> list[str]:
 
 
 def train(model, task: list, generic: list, spec: TrainSpec, seed: int, pad_id: int,
-          progress=None) -> dict:
+          progress=None, rows: list[int] | None = None) -> dict:
     """Train in place. `task`/`generic` are encoded examples; each batch takes
     `replay * batch_size` generic examples and the rest from `task` (all generic when
     `task` is empty). Returns {"loss": last loss, "trainable": parameter count}."""
@@ -126,14 +120,13 @@ def train(model, task: list, generic: list, spec: TrainSpec, seed: int, pad_id: 
             params.append(p)
     n_replay = spec.batch_size if not task else round(spec.replay * spec.batch_size)
     hooks = []
-    if spec.task_rows_only and task:
+    if (spec.task_rows_only and task) or rows is not None:
         emb = model.get_input_embeddings().weight
-        rows = torch.zeros(emb.shape[0], 1)
-        rows[sorted({i for ids, _ in task for i in ids} - {pad_id, model.config.eos_token_id})] = 1.0
-        hooks.append(emb.register_hook(lambda g: g * rows))
-    masks = {}
-    if spec.mask_fraction is not None:
-        masks = {id(p): sparse_mask(n, p, spec) for n, p in model.named_parameters() if n in names}
+        keep = torch.zeros(emb.shape[0], 1)
+        if rows is None:
+            rows = sorted({i for ids, _ in task for i in ids} - {pad_id, model.config.eos_token_id})
+        keep[rows] = 1.0
+        hooks.append(emb.register_hook(lambda g: g * keep))
     loss = torch.tensor(float("nan"))
     with deterministic(seed):
         opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay,
@@ -148,9 +141,6 @@ def train(model, task: list, generic: list, spec: TrainSpec, seed: int, pad_id: 
             loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            for p in params:
-                if id(p) in masks and p.grad is not None:
-                    p.grad.mul_(masks[id(p)])
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
@@ -164,13 +154,19 @@ def train(model, task: list, generic: list, spec: TrainSpec, seed: int, pad_id: 
     return {"loss": float(loss.detach()), "trainable": sum(p.numel() for p in params)}
 
 
-def sparse_mask(name: str, param, spec: TrainSpec):
-    """The fixed mask of entries `spec`'s skill may change in `name` (1.0 where it may)."""
-    key = hashlib.sha256(f"{spec.mask_seed}:{name}".encode()).digest()
-    g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
-    u = torch.rand(param.shape, generator=g)
-    lo = spec.mask_slot * spec.mask_fraction
-    return ((u >= lo) & (u < lo + spec.mask_fraction)).to(param.dtype)
+def exclusive_rows(tasks: dict[str, list], generic: list, special: set[int]) -> dict[str, list[int]]:
+    """Per skill, the token ids in its prompts that appear nowhere else: not in the generic
+    text, not in another skill's prompts. Training only these rows keeps task vectors disjoint
+    and inert on other inputs. Fails loudly if a skill has none (its notation must differ)."""
+    generic_ids = {i for ids, _ in generic for i in ids}
+    prompt_ids = {s: {i for ids, m in ex for i, mm in zip(ids, m) if mm == 0} for s, ex in tasks.items()}
+    rows = {}
+    for s in tasks:
+        others = set().union(*(prompt_ids[o] for o in tasks if o != s))
+        rows[s] = sorted(prompt_ids[s] - generic_ids - others - special)
+        if not rows[s]:
+            raise ValueError(f"skill {s!r}: every prompt token also appears elsewhere")
+    return rows
 
 
 @torch.no_grad()

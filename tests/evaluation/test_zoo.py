@@ -84,18 +84,14 @@ def test_same_seed_same_weights_and_different_seed_differs():
 
 
 def test_finetunes_change_only_their_own_disjoint_sparse_entries(zoo):
-    from evaluation.zoo.train import TrainSpec, sparse_mask
-
     base = _weights(zoo.base)
-    spec = zoo.manifest["training"]["finetune"]
     moved = {}
     for skill, folder in zoo.finetunes.items():
         ft = _weights(folder)
         moved[skill] = {k: base[k] != ft[k] for k in base}
         assert any(m.any() for m in moved[skill].values()), skill
-        for k, m in moved[skill].items():  # only entries inside the skill's own fixed mask
-            mask = sparse_mask(k, base[k], TrainSpec(**spec[skill])).bool()
-            assert not (m & ~mask).any(), (skill, k)
+        # only the token embedding (tied with the output head) moves
+        assert not any(m.any() for k, m in moved[skill].items() if k != "transformer.wte.weight"), skill
     skills = list(moved)
     for i, a in enumerate(skills):  # composable: no entry is moved by two fine-tunes
         for b in skills[i + 1:]:
