@@ -21,10 +21,9 @@ def test_demo_go_end_to_end(zoo, prefect_server, tmp_path):
     r = subprocess.run([MERGELINE, "demo", "--workdir", str(work), "--zoo", str(zoo.root)],
                        capture_output=True, text=True, env=_env(), timeout=900)
     out = r.stdout
-    # 0 GO / 1 NO-GO are both a completed demo; which one is the zoo's and the recipe's business
-    assert r.returncode in (0, 1), out + r.stderr[-3000:]
-    go = r.returncode == 0
-    assert ("GO" if go else "NO-GO") in out and "stage: gate" in out
+    # The zoo's fine-tunes survive a TIES merge (see evaluation/zoo/train.py): the demo ships.
+    assert r.returncode == 0, out + r.stderr[-3000:]
+    assert "GO" in out and "NO-GO" not in out and "stage: gate" in out
     assert f"mlflow ui --backend-store-uri sqlite:///{work.resolve()}/mlflow.db" in out
     report = Path(out.split("report: ", 1)[1].split()[0])
     assert report.is_file() and report.suffix == ".md"
@@ -34,7 +33,8 @@ def test_demo_go_end_to_end(zoo, prefect_server, tmp_path):
     candidate = tracking.folder_of(c, "mergeline-demo@candidate")
     assert candidate.parent == work.resolve() / "models" and (candidate / "lineage.json").is_file()
     aliases = c.get_registered_model("mergeline-demo").aliases
-    assert ("champion" in aliases) == go  # champion moves only on GO
+    assert {"candidate", "champion"} <= set(aliases)  # champion moves only on GO
+    assert aliases["champion"] == aliases["candidate"]
 
 
 def test_demo_nogo_pipeline(zoo, prefect_server, tmp_path):
