@@ -79,35 +79,30 @@ def _get(url: str, timeout: float) -> int:
         return resp.status
 
 
-def check_prefect(api_url: str | None, timeout: float = 5.0) -> None:
-    """Raise ServerUnreachable unless `api_url`'s /health answers 200 (None: nothing to check)."""
-    if not api_url:
-        return
-    url = api_url.rstrip("/") + "/health"
+def _check_health(what: str, setting: str, base_url: str, hint: str, timeout: float) -> None:
+    """Raise ServerUnreachable unless `base_url`/health answers 200; `hint` says how to fix it."""
+    url = base_url.rstrip("/") + "/health"
     try:
         status = _get(url, timeout)
     except (urllib.error.URLError, OSError, ValueError) as e:
-        raise ServerUnreachable(
-            f"Prefect server at PREFECT_API_URL={api_url} is unreachable ({_reason(e)}); start it "
-            f"with `prefect server start` or unset PREFECT_API_URL to run without a server") from None
+        raise ServerUnreachable(f"{what} server at {setting}={base_url} is unreachable ({_reason(e)}); {hint}") from None
     if status != 200:
-        raise ServerUnreachable(f"Prefect server at {api_url} answered {status} on {url}")
+        raise ServerUnreachable(f"{what} server at {base_url} answered {status} on {url}")
+
+
+def check_prefect(api_url: str | None, timeout: float = 5.0) -> None:
+    """Raise ServerUnreachable unless `api_url`'s /health answers 200 (None: nothing to check)."""
+    if api_url:
+        _check_health("Prefect", "PREFECT_API_URL", api_url, "start it with `prefect server start` "
+                      "or unset PREFECT_API_URL to run without a server", timeout)
 
 
 def check_mlflow(uri: str, timeout: float = 5.0) -> None:
     """Raise ServerUnreachable unless an http(s) MLflow server answers /health, or a local store's
     folder is writable."""
     if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
-        try:
-            status = _get(url, timeout)
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            raise ServerUnreachable(
-                f"MLflow server at MLFLOW_TRACKING_URI={uri} is unreachable ({_reason(e)}); start "
-                f"it with `mlflow server` or unset MLFLOW_TRACKING_URI to use a local SQLite "
-                f"store") from None
-        if status != 200:
-            raise ServerUnreachable(f"MLflow server at {uri} answered {status} on {url}")
+        _check_health("MLflow", "MLFLOW_TRACKING_URI", uri, "start it with `mlflow server` or unset "
+                      "MLFLOW_TRACKING_URI to use a local SQLite store", timeout)
     elif uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).parent
         try:
