@@ -50,15 +50,20 @@ def _grouped_bars(ax, groups: list[str], series: dict[str, list[float | None]]) 
     ax.set_xticks(range(len(groups)), groups, rotation=20 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
 
 
+def _per_task(report: dict, section: str, field: str) -> tuple[list[str], dict[str, list]]:
+    """The primary candidate's tasks in `section`, and each candidate's `field` per task."""
+    tasks = [r["task"] for r in report["candidates"][report["primary"]][section]]
+    series = {}
+    for c in _candidates(report):
+        by_task = {r["task"]: r[field] for r in report["candidates"][c][section]}
+        series[c] = [by_task.get(t) for t in tasks]
+    return tasks, series
+
+
 def retention_per_task(report: dict) -> bytes | None:
-    cands = _candidates(report)
-    tasks = [r["task"] for r in report["candidates"][report["primary"]]["retention"]]
+    tasks, series = _per_task(report, "retention", "retention")
     if not tasks:
         return None
-    series = {}
-    for c in cands:
-        by_task = {r["task"]: r["retention"] for r in report["candidates"][c]["retention"]}
-        series[c] = [by_task.get(t) for t in tasks]
     fig = Figure(figsize=(max(6, 1.6 * len(tasks) + 2), 3.8))
     ax = fig.subplots()
     _grouped_bars(ax, tasks, series)
@@ -73,14 +78,9 @@ def retention_per_task(report: dict) -> bytes | None:
 
 
 def regression_vs_base(report: dict) -> bytes | None:
-    cands = _candidates(report)
-    tasks = [r["task"] for r in report["candidates"][report["primary"]]["regression"]]
+    tasks, series = _per_task(report, "regression", "delta")
     if not tasks:
         return None
-    series = {}
-    for c in cands:
-        by_task = {r["task"]: r["delta"] for r in report["candidates"][c]["regression"]}
-        series[c] = [by_task.get(t) for t in tasks]
     fig = Figure(figsize=(max(6, 1.6 * len(tasks) + 2), 3.4))
     ax = fig.subplots()
     _grouped_bars(ax, tasks, series)
