@@ -35,10 +35,6 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     raise typer.Exit(code)
 
 
-def not_yet(what: str) -> None:
-    fail(f"`mergeline {what}` is not available yet in this version", EXIT_BAD_INPUT)
-
-
 @zoo_app.command("build")
 def zoo_build(
     out_dir: Optional[Path] = typer.Argument(None, help="Where to put the zoo (default: the machine-wide cache)."),

@@ -30,10 +30,6 @@ class Tracking:
     artifact_location: str | None  # set explicitly for local stores (else ./mlruns of the cwd)
     prefect_api_url: str | None  # None = Prefect's temporary in-process server
 
-    @property
-    def mlflow_is_local(self) -> bool:
-        return not self.mlflow_uri.startswith(("http://", "https://", "databricks"))
-
 
 def default_environment() -> None:
     """Settings every run wants, unless the user chose otherwise."""

@@ -167,20 +167,3 @@ def exclusive_rows(tasks: dict[str, list], generic: list, special: set[int]) -> 
         if not rows[s]:
             raise ValueError(f"skill {s!r}: every prompt token also appears elsewhere")
     return rows
-
-
-@torch.no_grad()
-def greedy_accuracy(model, tokenizer, pairs: list[tuple[str, str]], max_new: int = 8) -> float:
-    """Quick in-process exact match (used while training; the zoo's matrix uses lm-eval)."""
-    correct = 0
-    for prompt, answer in pairs:
-        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-        for _ in range(max_new):
-            nxt = model(input_ids=ids).logits[0, -1].argmax()
-            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-            if nxt.item() == tokenizer.eos_token_id:
-                break
-        text = tokenizer.decode(ids[0, -(ids.shape[1] - len(tokenizer(prompt)["input_ids"])):],
-                                skip_special_tokens=True)
-        correct += text.strip().split("\n")[0] == answer
-    return correct / max(1, len(pairs))

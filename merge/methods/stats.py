@@ -56,13 +56,5 @@ class TensorStats:
         self.positions_with_kept += other.positions_with_kept
         return self
 
-    @property
-    def conflict_rate(self) -> float:
-        return self.conflict_positions / self.positions_with_kept if self.positions_with_kept else 0.0
-
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def empty_stats(numel: int, n_models: int) -> TensorStats:
-    return TensorStats(numel=numel, models=[ModelStats(numel=numel) for _ in range(n_models)])
