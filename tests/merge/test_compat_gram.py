@@ -1,0 +1,64 @@
+"""The fused Gram kernel of the norm pass (`merge/compat/gram.py`) against float64 torch.
+
+    pytest tests/merge/test_compat_gram.py -q
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from merge.compat.gram import BLOCK, slab_gram
+
+
+def reference(rows: list[torch.Tensor]) -> np.ndarray:
+    """Gram of [rows[i] - base ...] + [base], computed from the stored values in float64."""
+    base = rows[-1].double()
+    r = torch.stack([x.double() - base for x in rows[:-1]] + [base])
+    return (r @ r.T).numpy()
+
+
+def finetunes(k: int, n: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    models = [base + 0.01 * torch.randn(n, generator=g) for _ in range(k)]
+    return [t.to(dtype) for t in [*models, base]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("n", [7, BLOCK, 3 * BLOCK + 5])  # shorter than a block, one block, a ragged tail
+def test_matches_float64_reference(dtype, k, n):
+    rows = finetunes(k, n, dtype)
+    got, want = slab_gram(rows), reference(rows)
+    assert got.shape == (k + 1, k + 1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9 * np.abs(want).max())
+    np.testing.assert_array_equal(got, got.T)  # the lower triangle is mirrored from the upper
+
+
+def test_mixed_dtypes_are_widened():
+    rows = finetunes(2, 2 * BLOCK + 1, torch.float32)
+    rows[0] = rows[0].bfloat16()
+    np.testing.assert_allclose(slab_gram(rows), reference(rows), rtol=1e-5)
+
+
+def test_identical_model_has_exactly_zero_delta():
+    rows = finetunes(2, 5000, torch.bfloat16)
+    rows[1] = rows[-1].clone()  # model 1 is the base
+    g = slab_gram(rows)
+    assert g[1, 1] == 0.0 and g[0, 1] == 0.0
+    assert g[0, 0] > 0
+
+
+def test_precision_does_not_degrade_with_length():
+    """Blocks are summed in float64: a long slab keeps float32 accuracy per block."""
+    rows = finetunes(1, 4_000_000, torch.bfloat16, seed=3)
+    np.testing.assert_allclose(slab_gram(rows), reference(rows), rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", [0, -1])  # in a model, in the base
+def test_nonfinite_input_reaches_the_result(bad, where):
+    rows = finetunes(2, 3000, torch.bfloat16)
+    rows[where][2999] = bad  # in the ragged last block
+    assert not np.isfinite(slab_gram(rows)).all()
