@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("folders", nargs="*", type=Path, help="BASE MODEL [MODEL ...]")
     ap.add_argument("--cache", type=Path, default=Path(".bench"), help="where bench_merge.py builds its 300M set")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--chunks", default="65536,262144,1048576,4194304", help="chunk sizes to compare")
+    ap.add_argument("--chunks", default="1048576,4194304,16777216", help="chunk sizes (elements per job) to compare")
     args = ap.parse_args()
     if len(args.folders) >= 2:
         base, models = args.folders[0], {p.name: p for p in args.folders[1:]}

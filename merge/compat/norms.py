@@ -2,11 +2,10 @@
 
 Task vectors tau_i = theta_i - theta_0 (Ilharco et al., 2023, arXiv:2212.04089; TIES,
 Yadav et al., 2023, arXiv:2306.01708). A genuine fine-tune moves a few percent of the base's
-norm; an unrelated initialisation of the same architecture sits near sqrt(2). Streamed one
-tensor name at a time (all models together), in float32 chunks: per chunk the deltas are
-stacked into a (models x chunk) matrix D and one matmul D @ D.T yields every squared norm
-(diagonal) and pairwise dot product (off-diagonal) at once, so cosine similarities cost no
-extra pass. Memory: one tensor per model plus models x chunk x 4 bytes.
+norm; an unrelated initialisation of the same architecture sits near sqrt(2). Streamed in
+chunks of one tensor (all models together) from the memory-mapped files: per chunk, the Gram
+matrix of [tau_1 .. tau_k, theta_0] (`gram.py`) yields every squared norm (diagonal) and
+pairwise dot product (off-diagonal) at once, so cosine similarities cost no extra pass.
 
 The flags use the relative delta over weight MATRICES only (`relative_delta_matrices`):
 norm weights initialised to ones are shared by any two models of an architecture and, in
@@ -18,15 +17,16 @@ like a fine-tune. Over matrices, an unrelated base sits near sqrt(2) at any size
 from __future__ import annotations
 
 import math
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from merge.checkpoint import Checkpoint
 from merge.methods.common import cpu_workers, single_threaded_ops
 
+from .gram import slab_gram
 from .policy import NormsPolicy
 from .report import Check
 
@@ -91,14 +91,13 @@ def _num(x: float | None) -> float | None:
 
 
 def stream_norms(base: Checkpoint, models: dict[str, Checkpoint], names: list[str],
-                 chunk: int = 1 << 18, threads: int | None = None) -> NormResult:
+                 chunk: int = 1 << 22, threads: int | None = None) -> NormResult:
     """Accumulate delta norms and dot products over `names` (all present with equal shapes).
 
-    Tensors are spread over `threads` Python threads (default: torch's thread count), each
-    running single-threaded torch ops on cache-sized chunks: on small per-chunk ops, torch's
-    own intra-op threads cost more in synchronisation than they save. The process-wide thread
-    setting is lowered and restored by the same guard the merge methods use, so a check and a
-    merge running side by side cannot leave the process single-threaded.
+    Each tensor is split into chunks of `chunk` elements, and `threads` Python threads (default:
+    torch's thread count) run the fused Gram kernel (`gram.slab_gram`, which releases the GIL)
+    on one chunk at a time, so a large embedding does not leave one thread working alone.
+    Tensors are memory-mapped: only the chunk being read is touched.
     """
     keys = list(models)
     k = len(keys)
@@ -107,48 +106,27 @@ def stream_norms(base: Checkpoint, models: dict[str, Checkpoint], names: list[st
     infos = base.infos()
     for m in models.values():
         m.infos()  # open every shard here, not concurrently in the workers
-    width = min(chunk, max((infos[n].numel for n in names), default=1))
-    local = threading.local()
+    weights = [n for n in names if base.get(n).is_floating_point()]  # integer buffers (position ids) are not weights
+    jobs = [(n, s, min(s + chunk, infos[n].numel)) for n in weights for s in range(0, infos[n].numel, chunk)]
 
-    def work(name: str):
-        b = base.get(name)
-        if not b.is_floating_point():
-            return name, None, [], False  # integer buffers (position ids) are not weights
-        ms = [models[m].get(name).reshape(-1) for m in keys]
-        if getattr(local, "buf", None) is None:
-            torch.set_num_threads(1)  # this worker thread's own OpenMP setting
-            local.buf = torch.empty(k + 1, width, dtype=torch.float32)
-        g = _gram(b.reshape(-1), ms, local.buf)
-        bad = [] if torch.isfinite(g).all() else _find_nonfinite(name, b, dict(zip(keys, ms)))
-        return name, g, bad, b.dim() >= 2
+    def work(job: tuple[str, int, int]) -> np.ndarray:
+        name, s, e = job
+        rows = [models[m].get(name).reshape(-1)[s:e] for m in keys] + [base.get(name).reshape(-1)[s:e]]
+        return slab_gram(rows)
 
+    grams = {n: np.zeros((k + 1, k + 1)) for n in weights}
     workers = threads or cpu_workers()
-    with single_threaded_ops(), ThreadPoolExecutor(max_workers=workers) as pool:
-        for name, g, bad, is_matrix in pool.map(work, names):
-            if g is not None:
-                _accumulate(res, name, g, bad, is_matrix, infos[name].numel)
+    # The kernel is numba's, but dtypes other than bf16/float32 are widened by torch: one torch
+    # thread per worker (its own OpenMP setting, and the process-wide one while this runs), or
+    # torch's intra-op threads fight the workers for the cores.
+    with single_threaded_ops(), ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        for (name, _, _), g in zip(jobs, pool.map(work, jobs)):
+            grams[name] += g
+    for name in weights:
+        g = torch.from_numpy(grams[name])
+        bad = [] if torch.isfinite(g).all() else _find_nonfinite(name, base.get(name), {m: models[m].get(name) for m in keys})
+        _accumulate(res, name, g, bad, len(infos[name].shape) >= 2, infos[name].numel)
     return res
-
-
-def _gram(b: torch.Tensor, ms: list[torch.Tensor], buf: torch.Tensor) -> torch.Tensor:
-    """(k+1)-square Gram matrix of [tau_1 .. tau_k, theta_0] over one flattened tensor.
-
-    Rows 0..k-1 of the chunk buffer hold the deltas, row k the base: one small matmul per chunk
-    gives the squared delta norms, their pairwise dot products and ||theta_0||^2 together.
-    Converting with copy_ then subtracting in float32 is faster than a mixed-dtype subtract.
-    """
-    k = len(ms)
-    width = buf.shape[1]
-    g = torch.zeros(k + 1, k + 1, dtype=torch.float64)
-    for s in range(0, b.numel(), width):
-        e = min(s + width, b.numel())
-        d = buf[:, : e - s]
-        d[k].copy_(b[s:e])
-        for i, m in enumerate(ms):
-            d[i].copy_(m[s:e])
-            d[i].sub_(d[k])
-        g += (d @ d.T).double()
-    return g
 
 
 def _accumulate(res: NormResult, name: str, g: torch.Tensor, bad: list[dict], is_matrix: bool, numel: int) -> None:

@@ -48,9 +48,10 @@ class NormsPolicy(BaseModel):
     identical_tolerance: float = Field(0.0, ge=0)
     # Two models whose task vectors have cosine above this and equal norms are one model twice.
     duplicate_cosine: float = Field(0.9999, gt=0, le=1)
-    # Elements per streamed chunk: the float32 working set is (models + 1) x chunk x 4 bytes per
-    # thread; about 1 MB per row stays in cache, which keeps the pass near a plain read.
-    chunk_elements: int = Field(1 << 18, gt=0)
+    # Elements per job of the norm pass: a large tensor is split into chunks of this size so the
+    # threads share it. Dtypes other than bf16/float32 are widened a chunk at a time, using
+    # (models + 1) x chunk x 4 bytes per thread.
+    chunk_elements: int = Field(1 << 22, gt=0)
 
 
 class ArchitecturePolicy(BaseModel):
