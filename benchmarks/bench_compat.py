@@ -61,6 +61,30 @@ def norm_pass(base: Path, models: dict[str, Path], chunk: int) -> None:
     stream_norms(b, ms, b.names(), chunk)
 
 
+def compare(base: Path, models: dict[str, Path], repeat: int = 3, chunks: list[int] | None = None) -> None:
+    """Print the header checks and the norm pass against a plain read of the same inputs."""
+    chunks = chunks or [1 << 22]
+    inputs = [base, *models.values()]
+    nbytes = sum(Checkpoint(f).nbytes() for f in inputs)
+    print(f"inputs: {len(inputs)} folders, {nbytes / 1e9:.2f} GB; torch threads {torch.get_num_threads()}, "
+          f"cpus {os.cpu_count()}")
+    plain_read(inputs)  # warm the page cache so every measurement reads from memory
+
+    headers = best(lambda: check_models(base, models, {"norms": {"enabled": False}}), repeat)
+    read = best(lambda: plain_read(inputs), repeat)
+    print(f"{'header checks (config, headers, tokenizer)':<46} {headers:8.3f} s   target < 1 s")
+    print(f"{'plain read of all inputs once':<46} {read:8.3f} s   ({nbytes / read / 1e9:.2f} GB/s)")
+    threads = torch.get_num_threads()
+    read_t = best(lambda: threaded_read(inputs, threads), repeat)
+    print(f"{f'plain read, {threads} threads':<46} {read_t:8.3f} s   ({nbytes / read_t / 1e9:.2f} GB/s)")
+    read = min(read, read_t)  # compare against the faster read
+    for chunk in chunks:
+        t = best(lambda: norm_pass(base, models, chunk), repeat)
+        print(f"{'delta-norm pass, chunk ' + str(chunk):<46} {t:8.3f} s   {t / read:5.2f}x the read (target <= 2x)")
+    full = best(lambda: check_models(base, models), 1)
+    print(f"{'full check_models (default policy)':<46} {full:8.3f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", nargs="*", type=Path, help="BASE MODEL [MODEL ...]")
@@ -77,25 +101,7 @@ def main() -> None:
 
         bench = build_models(args.cache)
         base, models = bench.base, {p.name: p for p in bench.finetunes}
-    inputs = [base, *models.values()]
-    nbytes = sum(Checkpoint(f).nbytes() for f in inputs)
-    print(f"inputs: {len(inputs)} folders, {nbytes / 1e9:.2f} GB; torch threads {torch.get_num_threads()}, "
-          f"cpus {os.cpu_count()}")
-    plain_read(inputs)  # warm the page cache so every measurement reads from memory
-
-    headers = best(lambda: check_models(base, models, {"norms": {"enabled": False}}), args.repeat)
-    read = best(lambda: plain_read(inputs), args.repeat)
-    print(f"{'header checks (config, headers, tokenizer)':<46} {headers:8.3f} s   target < 1 s")
-    print(f"{'plain read of all inputs once':<46} {read:8.3f} s   ({nbytes / read / 1e9:.2f} GB/s)")
-    threads = torch.get_num_threads()
-    read_t = best(lambda: threaded_read(inputs, threads), args.repeat)
-    print(f"{f'plain read, {threads} threads':<46} {read_t:8.3f} s   ({nbytes / read_t / 1e9:.2f} GB/s)")
-    read = min(read, read_t)  # compare against the faster read
-    for chunk in (int(c) for c in args.chunks.split(",")):
-        t = best(lambda: norm_pass(base, models, chunk), args.repeat)
-        print(f"{'delta-norm pass, chunk ' + str(chunk):<46} {t:8.3f} s   {t / read:5.2f}x the read (target <= 2x)")
-    full = best(lambda: check_models(base, models), 1)
-    print(f"{'full check_models (default policy)':<46} {full:8.3f} s")
+    compare(base, models, args.repeat, [int(c) for c in args.chunks.split(",")])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ are 1e-3 relative in norm (before rounding to bf16, which zeroes the smallest on
 real bf16 fine-tunes, with many ties at the trim threshold), then runs the same recipe (TIES, density 0.2, weights 0.4/0.3/0.3, normalize,
 dtype bfloat16) through both tools, each in its own subprocess so wall time and peak RSS are the
 tool's own (peak RSS and CPU seconds from resource.getrusage(RUSAGE_CHILDREN) of a fresh child per run).
-Also times the floor: reading all four inputs and writing one output, nothing computed.
+Also times the floor: reading all four inputs and writing one output, nothing computed, and
+the compatibility gate on the same models (`bench_compat.compare`: header checks, norm pass).
 
     python benchmarks/bench_merge.py                 # both tools, prints the table
     python benchmarks/bench_merge.py --only mergeline
@@ -242,6 +243,13 @@ def main(argv: list[str] | None = None) -> None:
               f"(target <= 1), largest |mergeline - mergekit| = {diff:.3g}")
         print("(ties at the trim threshold are broken by index in mergeline, by argsort order in mergekit,"
               " so a few bf16 steps of difference are expected)")
+
+    # The compatibility gate's speed targets (issue 4) on the same models, in this process.
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.bench_compat import compare
+
+    print("\ncompatibility gate on the same models:")
+    compare(m.base, {p.name: p for p in m.finetunes})
 
 
 if __name__ == "__main__":
