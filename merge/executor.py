@@ -393,29 +393,41 @@ class _Result:
 
 
 def model_thresholds(plan: Plan, dev: torch.device) -> list[float] | None:
-    """The paper's whole-model trimming (`trim_scope: model`): a first streaming pass builds a
-    histogram of each model's |delta| over ALL tensors and returns the k-th largest magnitude per
-    model (k = density * model size), which the method then applies to every tensor."""
+    """The paper's whole-model trimming (`trim_scope: model`): a streaming pass builds a histogram
+    of each model's |delta| over ALL tensors and returns the k-th largest magnitude per model
+    (k = density * model size), which the method then applies to every tensor. fp32 deltas take
+    a second pass that refines the k-th value's bin to the exact value."""
     if plan.recipe.trim_scope != "model":
         return None
     from merge.methods.select import MagnitudeHistogram
 
     base_i = plan.base_index
     hists = [MagnitudeHistogram() for _ in plan.merged]
-    for job in plan.jobs:
-        if not job.floating:
-            continue
-        ts = [s.reader.read(src).to(dev, job.compute_dtype) for s, src in zip(plan.inputs, job.sources)]
-        # add_pair computes the delta in fp32 chunks on one worker per core: much faster than
-        # a bf16 subtraction on this thread.
-        others = [t for i, t in enumerate(ts) if i != base_i]
-        for h, t in zip(hists, others):
-            h.add_pair(ts[base_i], t)
-        del ts, others
     densities = []
     for s in plan.merged:
         d = resolve("density", [s.parameters, plan.recipe.parameters], "", 0.0)
         densities.append(1.0 if d is MISSING else float(d))
+
+    def stream(into: list) -> None:
+        for job in plan.jobs:
+            if not job.floating:
+                continue
+            ts = [s.reader.read(src).to(dev, job.compute_dtype) for s, src in zip(plan.inputs, job.sources)]
+            # add_pair computes the delta in fp32 chunks on one worker per core: much faster than
+            # a bf16 subtraction on this thread.
+            others = [t for i, t in enumerate(ts) if i != base_i]
+            for h, t in zip(into, others):
+                if h is not None:
+                    h.add_pair(ts[base_i], t)
+            del ts, others
+
+    stream(hists)
+    second = [h if h.needs_second_pass else None for h in hists]
+    if any(second):
+        for h, d in zip(second, densities):
+            if h is not None:
+                h.begin_second_pass(d)
+        stream(second)
     return [h.threshold(d) for h, d in zip(hists, densities)]
 
 

@@ -204,18 +204,34 @@ def _values16(dtype: torch.dtype) -> np.ndarray:
 
 def _kth32(flat: Tensor, k: int) -> tuple[int, int, int]:
     """fp32 radix select: high-16-bit histogram, then low-16-bit histogram inside the bin."""
-    halves = flat.view(torch.int16).numpy().view(np.uint16)
+    halves = _halves(flat)
+    hi, above = _kth_desc(_high_hist(halves), k)
+    low_hist = _low_hist_in_bin(halves, hi)
+    lo, above_lo = _kth_desc(low_hist, k - above)
+    return (hi << 16) | lo, above + above_lo, int(low_hist[lo])
+
+
+def _halves(flat: Tensor) -> np.ndarray:
+    """A flat fp32 CPU tensor as its uint16 halves (high half at odd positions on little-endian)."""
+    return flat.view(torch.int16).numpy().view(np.uint16)
+
+
+def _high_hist(halves: np.ndarray) -> np.ndarray:
+    """Counts of the high 16 bits of each fp32 magnitude (sign bit masked off): 2^15 bins."""
     hist = np.zeros(1 << 15, dtype=np.int64)
-    for s in range(0, 2 * flat.numel(), 2 * CHUNK):
+    for s in range(0, halves.size, 2 * CHUNK):
         hist += np.bincount(halves[s + 1 - _LO : s + 2 * CHUNK : 2] & np.uint16(0x7FFF), minlength=1 << 15)
-    hi, above = _kth_desc(hist, k)
+    return hist
+
+
+def _low_hist_in_bin(halves: np.ndarray, hi: int) -> np.ndarray:
+    """Counts of the low 16 bits of the fp32 magnitudes whose high bits are `hi`: 2^16 bins."""
     low_hist = np.zeros(1 << 16, dtype=np.int64)
-    for s in range(0, 2 * flat.numel(), 2 * CHUNK):
+    for s in range(0, halves.size, 2 * CHUNK):
         part = halves[s : s + 2 * CHUNK]
         in_bin = (part[1 - _LO :: 2] & np.uint16(0x7FFF)) == hi
         low_hist += np.bincount(part[_LO::2][in_bin], minlength=1 << 16)
-    lo, above_lo = _kth_desc(low_hist, k - above)
-    return (hi << 16) | lo, above + above_lo, int(low_hist[lo])
+    return low_hist
 
 
 def _topk_kthvalue(flat: Tensor, k: int) -> TopK:
@@ -235,15 +251,18 @@ class MagnitudeHistogram:
 
     Feed every tensor's delta of one model with ``add``; ``threshold(density)`` returns the
     magnitude t of the k-th largest entry over the whole model (k = max(1, int(density * total))).
-    Keep entries with |delta| >= t. Exact for 16-bit deltas; for fp32 deltas t is the lower edge of
-    the 16-high-bit bin holding the k-th value (relative resolution 2^-7), i.e. it may keep a few
-    more entries than k.
+    Keep entries with |delta| >= t. 16-bit deltas need one pass. fp32 deltas need two, as in
+    ``_kth32``: the first finds the 16-high-bit bin of the k-th value; after
+    ``begin_second_pass(density)``, feeding the same deltas again counts the low bits inside
+    that bin, and the threshold is exact.
     """
 
     def __init__(self) -> None:
         self.hist = np.zeros(1 << 15, dtype=np.int64)
         self.dtype: torch.dtype | None = None
         self.total = 0
+        self._second: tuple[float, int, int] | None = None  # (density, high bin, entries above it)
+        self.low_hist = np.zeros(1 << 16, dtype=np.int64)
 
     def add(self, delta: Tensor) -> None:
         flat = delta.detach().reshape(-1).contiguous().cpu()
@@ -258,20 +277,36 @@ class MagnitudeHistogram:
         self.add(compute_delta(base.cpu(), model.cpu()))
 
     def _add_flat(self, flat: Tensor) -> None:
+        if self._second is not None:
+            self.low_hist += _low_hist_in_bin(_halves(flat), self._second[1])
+            return
         self.dtype = flat.dtype
         self.total += flat.numel()
-        if flat.element_size() == 2:
-            self.hist += _hist16(flat)
-            return
-        halves = flat.view(torch.int16).numpy().view(np.uint16)
-        for s in range(0, halves.size, 2 * CHUNK):
-            part = halves[s + 1 - _LO : s + 2 * CHUNK : 2] & np.uint16(0x7FFF)
-            self.hist += np.bincount(part, minlength=1 << 15)
+        self.hist += _hist16(flat) if flat.element_size() == 2 else _high_hist(_halves(flat))
+
+    @property
+    def needs_second_pass(self) -> bool:
+        return self.dtype == torch.float32 and self._second is None
+
+    def begin_second_pass(self, density: float) -> None:
+        """fp32: fix the bin of the k-th value; the next ``add`` calls (the same deltas) refine it."""
+        hi, above = _kth_desc(self.hist, self._k(density))
+        self._second = (density, hi, above)
 
     def threshold(self, density: float) -> float:
+        k = self._k(density)
+        if self.dtype != torch.float32:
+            return _key_to_float(_kth_desc(self.hist, k)[0], self.dtype)
+        if self._second is None or self._second[0] != density:
+            raise ValueError("MagnitudeHistogram: fp32 deltas need begin_second_pass(density) and a second "
+                             "pass over the same deltas before threshold(density)")
+        _, hi, above = self._second
+        if int(self.low_hist.sum()) < k - above:
+            raise ValueError("MagnitudeHistogram: the second pass saw fewer deltas than the first")
+        lo, _ = _kth_desc(self.low_hist, k - above)
+        return _key_to_float((hi << 16) | lo, torch.float32)
+
+    def _k(self, density: float) -> int:
         if self.total == 0:
             raise ValueError("MagnitudeHistogram.threshold: no tensors were added")
-        key, _ = _kth_desc(self.hist, max(1, int(density * self.total)))
-        if self.dtype == torch.float32:
-            return _key_to_float(key << 16, torch.float32)
-        return _key_to_float(key, self.dtype)
+        return max(1, int(density * self.total))

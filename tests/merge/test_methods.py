@@ -222,6 +222,29 @@ def test_linear_and_slerp_stats_against_base():
     assert r.stats.models[0].kept == 2 and r.stats.models[0].kept_magnitude == pytest.approx(1.5)
 
 
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.77])
+def test_magnitude_histogram_fp32_threshold_is_exact_after_a_second_pass(density):
+    """fp32 deltas: the first pass only finds the 16-high-bit bin; the second makes it exact."""
+    torch.manual_seed(11)
+    parts = [torch.randn(4000) * 1e-3, torch.randn(70, 90) * 3e-3, -torch.rand(5) * 1e-2]
+    h = MagnitudeHistogram()
+    for p in parts:
+        h.add(p)
+    assert h.needs_second_pass
+    with pytest.raises(ValueError, match="second pass"):
+        h.threshold(density)
+    h.begin_second_pass(density)
+    for p in parts:
+        h.add(p)
+    assert not h.needs_second_pass
+    whole = torch.cat([p.reshape(-1) for p in parts]).abs()
+    k = int(density * whole.numel())
+    assert h.threshold(density) == float(torch.sort(whole, descending=True).values[k - 1])
+    assert int((whole >= h.threshold(density)).sum()) == k  # no ties in random fp32: exactly k kept
+    with pytest.raises(ValueError, match="begin_second_pass"):
+        h.threshold(density / 2)  # the second pass refined the bin for one density only
+
+
 def test_magnitude_histogram_add_pair_equals_add():
     torch.manual_seed(9)
     base = torch.randn(5000).bfloat16()
