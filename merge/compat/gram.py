@@ -14,7 +14,8 @@ dot products are summed there: the inputs are read from memory once. bfloat16 is
 are added into float64, so precision does not degrade with the tensor's size.
 
 The kernel releases the GIL, so Python threads run it in parallel. It is compiled on first use
-for each number of models and cached on disk by numba (about a second, once).
+for each number of models and cached on disk by numba (about a second, once): next to this file,
+else in ~/.cache/numba; set NUMBA_CACHE_DIR where neither is writable.
 
     python benchmarks/bench_compat.py --cache /tmp/bench   # norm pass vs a plain read
 """
