@@ -49,8 +49,7 @@ class NormsPolicy(BaseModel):
     # Two models whose task vectors have cosine above this and equal norms are one model twice.
     duplicate_cosine: float = Field(0.9999, gt=0, le=1)
     # Elements per job of the norm pass: a large tensor is split into chunks of this size so the
-    # threads share it. Dtypes other than bf16/float32 are widened a chunk at a time, using
-    # (models + 1) x chunk x 4 bytes per thread.
+    # threads share it (the files are memory-mapped: a chunk costs no extra memory).
     chunk_elements: int = Field(1 << 22, gt=0)
 
 
