@@ -9,9 +9,9 @@ Why a numba kernel rather than torch ops: torch runs one op at a time, so wideni
 float32, subtracting the base and the matmul each stream the data through memory again; on two
 cores that measured 2-2.7x the time of a plain read of the inputs. Here each block of BLOCK
 elements is widened and subtracted into a small buffer that stays in the L1/L2 cache, and its
-dot products are summed there: the inputs are read from memory once. bfloat16 is widened by a
-16-bit shift of its bits (bf16 is the top half of a float32), exact. Each block's float32 sums
-are added into float64, so precision does not degrade with the tensor's size.
+dot products are summed there: the inputs are read from memory once. 16-bit floats are widened
+from their bits, exactly (bf16 is the top half of a float32; fp16 by the CPU's conversion). Each block's
+float32 sums are added into float64, so precision does not degrade with the tensor's size.
 
 The kernel releases the GIL, so Python threads run it in parallel. It is compiled on first use
 for each number of models and cached on disk by numba (about a second, once): next to this file,
@@ -24,10 +24,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
-from numba.extending import overload
+from llvmlite import ir
+from numba.extending import intrinsic, overload
 
 BLOCK = 1024  # elements per cache-resident block: (k+1) x 1024 x 4 bytes stays in L1/L2
-WIDEN = 1 << 16  # elements per torch widening step for other dtypes (fp16, fp64, mixed)
+WIDEN = 1 << 16  # elements per torch widening step for other dtypes (float64, mixed)
 # reassoc lets the dot products use vector partial sums; no "nnan"/"ninf": a NaN or Inf in the
 # inputs must reach the result, where the caller looks for it.
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
@@ -36,17 +37,19 @@ _FAST = {"reassoc", "contract", "nsz", "arcp"}
 def slab_gram(rows: list[torch.Tensor]) -> np.ndarray:
     """(k+1)-square float64 Gram matrix of [rows[i] - rows[-1] for i < k] + [rows[-1]].
 
-    `rows` are flat slabs of equal length: the k models, then the base. bf16 and float32 are
-    read in place; any other dtype (or a mix) is widened to float32 by torch, a cache-sized
+    `rows` are flat slabs of equal length: the k models, then the base. bf16, fp16 and float32
+    are read in place; any other dtype (or a mix) is widened to float32 by torch, a cache-sized
     piece at a time (widening a whole slab into fresh memory measured 7x slower).
     """
     dtypes = {r.dtype for r in rows}
     g = np.zeros((len(rows), len(rows)))
-    if dtypes == {torch.bfloat16}:
-        _gram(tuple(r.view(torch.int16).numpy().view(np.uint16) for r in rows), g)
-    elif dtypes == {torch.float32}:
+    if dtypes == {torch.float32}:
         _gram(tuple(r.numpy() for r in rows), g)
-    else:  # widen WIDEN elements at a time into a float32 buffer that stays in cache
+    elif dtypes == {torch.bfloat16}:  # numba has no 16-bit floats: pass the bits, as uint16...
+        _gram(tuple(r.view(torch.int16).numpy().view(np.uint16) for r in rows), g)
+    elif dtypes == {torch.float16}:  # ...and fp16 as int16, so the kernel can tell the two apart
+        _gram(tuple(r.view(torch.int16).numpy() for r in rows), g)
+    else:
         buf = torch.empty(len(rows), WIDEN)
         for s in range(0, rows[0].numel(), WIDEN):
             n = min(WIDEN, rows[0].numel() - s)
@@ -56,21 +59,43 @@ def slab_gram(rows: list[torch.Tensor]) -> np.ndarray:
     return g + np.triu(g, 1).T  # the kernel fills the upper triangle
 
 
-def _load(src, bits, out):
-    """Widen src to float32 into `out` (`bits` is the same buffer seen as uint32)."""
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """Reinterpret a uint32 as the float32 with the same bits (C's memcpy / a union)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return numba.float32(numba.uint32), codegen
 
 
-@overload(_load)
-def _load_impl(src, bits, out):
+@intrinsic
+def _f32_from_f16_bits(typingctx, bits):
+    """The float32 value of fp16 bits (an int16): LLVM's own half -> float conversion, which is
+    one vector instruction (vcvtph2ps) on x86 CPUs since 2012 and on ARM."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return numba.float32(numba.int16), codegen
+
+
+def _widen(src, out):
+    """out[:] = src as float32, for the kernel's three input formats."""
+
+
+@overload(_widen)
+def _widen_impl(src, out):
     # Loops index whole slices from 0: an offset index (src[s + j]) could be negative, and
     # numba's wrap-around check for that stops LLVM vectorising the loop (3x slower).
     if src.dtype == numba.uint16:  # bfloat16 bits: the top 16 bits of the float32
-        def widen_bf16(src, bits, out):
+        def widen_bf16(src, out):
             for j in range(src.size):
-                bits[j] = np.uint32(src[j]) << 16
+                out[j] = _f32_from_bits(np.uint32(src[j]) << np.uint32(16))
         return widen_bf16
+    if src.dtype == numba.int16:  # float16 bits
+        def widen_f16(src, out):
+            for j in range(src.size):
+                out[j] = _f32_from_f16_bits(src[j])
+        return widen_f16
 
-    def copy_f32(src, bits, out):
+    def copy_f32(src, out):
         for j in range(src.size):
             out[j] = src[j]
     return copy_f32
@@ -94,14 +119,13 @@ def _subtract(a, b):
 def _gram(rows, g):
     k = len(rows) - 1  # rows[k] is the base
     n = rows[0].size
-    bits = np.empty((k + 1, BLOCK), np.uint32)
-    buf = bits.view(np.float32)
+    buf = np.empty((k + 1, BLOCK), np.float32)
     for s in range(0, n, BLOCK):
         w = min(BLOCK, n - s)
-        _load(rows[k][s : s + w], bits[k, :w], buf[k, :w])
         base = buf[k, :w]
+        _widen(rows[k][s : s + w], base)
         for i in range(k):
-            _load(rows[i][s : s + w], bits[i, :w], buf[i, :w])
+            _widen(rows[i][s : s + w], buf[i, :w])
             _subtract(buf[i, :w], base)  # tau_i = theta_i - theta_0
         for p in range(k + 1):
             for q in range(p, k + 1):

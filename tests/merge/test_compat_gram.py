@@ -62,3 +62,14 @@ def test_nonfinite_input_reaches_the_result(bad, where):
     rows = finetunes(2, 3000, torch.bfloat16)
     rows[where][2999] = bad  # in the ragged last block
     assert not np.isfinite(slab_gram(rows)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_16_bit_pattern_widens_exactly(dtype):
+    """The kernel widens 16-bit floats from their bits: all 65536 patterns against torch.
+    With a base of 1, the Gram entry <tau, base> is v - 1, computed in float32: sign included."""
+    values = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    one = torch.ones(1, dtype=dtype)
+    got = np.array([slab_gram([v.reshape(1), one])[0, 1] for v in values])
+    want = (values.float() - 1).double().numpy()
+    np.testing.assert_array_equal(got, want)  # NaN where want is NaN, Inf where Inf
