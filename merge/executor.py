@@ -38,6 +38,7 @@ from merge.methods.common import empty_huge
 from merge.parameters import MISSING, layer_t, num_layers, resolve
 from merge.recipe import MergeRecipe, RecipeError, check_weight_sum, get_method_or_error, load_recipe, model_names
 from merge.resolve import resolve_model
+from merge.slices import layer_count, locate, parameter_sources
 from merge.stats import StatsAggregator
 from merge.writer import OutTensor, ShardWriter, copy_side_files, parse_size, staging_dir, write_chat_template, write_config
 
@@ -130,6 +131,7 @@ class TensorJob:
     out: OutTensor
     t: float
     floating: bool
+    slice_index: int | None = None  # `slices:` recipes: the slice whose settings apply
 
 
 @dataclass
@@ -189,6 +191,9 @@ def build_plan(recipe: MergeRecipe, allow_pickle: bool = False) -> Plan:
     order = {n: reference.reader.position(n) for n in ref_infos}
     out_names.sort(key=lambda n: order.get(n, ("~", 0)))  # read the reference sequentially
     n_layers = num_layers(reference.reader.ckpt.config, out_names)
+    if recipe.slices and layer_count(recipe.slices) != n_layers:
+        raise MergeError(f"the slices cover layers [0, {layer_count(recipe.slices)}) but {reference.ref!r} has "
+                         f"{n_layers}: slices must keep every layer (dropping or stacking layers is not supported)")
     out_dtype = _torch_dtype(recipe.out_dtype)
     compute = _torch_dtype(recipe.dtype)
     for name in out_names:
@@ -211,7 +216,11 @@ def build_plan(recipe: MergeRecipe, allow_pickle: bool = False) -> Plan:
             promoted = torch.promote_types(promoted, d)
         cdt = (compute or promoted) if floating else promoted
         odt = (out_dtype or cdt) if floating else promoted
-        plan.jobs.append(TensorJob(name, srcs, cdt, OutTensor(name, odt, tuple(shape)), layer_t(name, n_layers), floating))
+        t, scope = layer_t(name, n_layers), None
+        if recipe.slices:
+            sl, t = locate(recipe.slices, name)
+            scope = recipe.slices.index(sl)
+        plan.jobs.append(TensorJob(name, srcs, cdt, OutTensor(name, odt, tuple(shape)), t, floating, scope))
     return plan
 
 
@@ -232,17 +241,25 @@ def _build(cls, values: dict, what: str):
 def tensor_params(plan: Plan, job: TensorJob) -> tuple[list, Any]:
     """(per merged model parameter objects, global parameter object) for one tensor."""
     r, m = plan.recipe, plan.method
+    scope = r.slices[job.slice_index] if job.slice_index is not None else None
+
+    def sources(s: Source | None) -> list:  # highest precedence first, as mergekit searches them
+        if scope is not None:
+            return parameter_sources(scope, s.ref if s else None, r.parameters)
+        return [s.parameters, r.parameters] if s else [r.parameters]
+
     global_keys = [f.alias or n for n, f in m.global_params.model_fields.items()]
-    gvals = {k: v for k in global_keys if (v := resolve(k, [r.parameters], job.name, job.t)) is not MISSING}
+    gvals = {k: v for k in global_keys if (v := resolve(k, sources(None), job.name, job.t)) is not MISSING}
     model_keys = [f.alias or n for n, f in m.model_params.model_fields.items()]
-    per_model = []
+    per_model, merged_sources = [], []
     for i, s in enumerate(plan.inputs):
         if i == plan.base_index:
             continue
         src = job.sources[i]
-        vals = {k: v for k in model_keys if (v := resolve(k, [s.parameters, r.parameters], src, job.t)) is not MISSING}
+        vals = {k: v for k in model_keys if (v := resolve(k, sources(s), src, job.t)) is not MISSING}
         per_model.append(_build(m.model_params, vals, f"model {s.ref!r}, tensor {job.name!r}"))
-    check_weight_sum(r, m, job.name, job.t)
+        merged_sources.append(sources(s))
+    check_weight_sum(r, m, merged_sources, job.name, job.t)
     return per_model, _build(m.global_params, gvals, f"tensor {job.name!r}")
 
 

@@ -1,4 +1,4 @@
-"""Read a mergekit YAML recipe (the `models:` form) into a typed, validated MergeRecipe.
+"""Read a mergekit YAML recipe (the `models:` or `slices:` form) into a typed, validated MergeRecipe.
 
 A recipe mergekit runs is read unchanged:
 
@@ -15,7 +15,8 @@ A recipe mergekit runs is read unchanged:
 
 Everything is checked when the recipe is read, before any tensor is touched: unknown keys,
 unknown methods, parameters the method does not take, values out of range (each error names
-the key and what is allowed). Forms mergekit has and mergeline does not run yet (`slices`,
+the key and what is allowed). `slices:` runs when the slices keep every layer in place
+(`merge/slices.py`). Forms mergekit has and mergeline does not run yet (layer-stacking slices,
 `modules`, `tokenizer_source: union`, LoRA `+` references) are refused, never misread.
 Differences from mergekit are deliberate: mergekit ignores unknown keys and parameters.
 
@@ -33,11 +34,11 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, field_
 from merge.config_files import explain, read_yaml_mapping
 
 from merge.parameters import MISSING, candidate_values, resolve
+from merge.slices import check_aligned, parameter_sources
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 NOT_SUPPORTED = {
-    "slices": "`slices:` (layer-range merges) is not supported yet: write the recipe in the `models:` form",
-    "modules": "`modules:` is not supported yet: write the recipe in the `models:` form",
+    "modules": "`modules:` is not supported yet: write the recipe in the `models:` or `slices:` form",
 }
 
 
@@ -69,6 +70,22 @@ class InputModel(BaseModel):
         return v
 
 
+class InputSlice(InputModel):
+    """One source of a `slices:` entry: a model and the layers it contributes (merge/slices.py)."""
+
+    layer_range: tuple[int, int]
+
+
+class OutputSlice(BaseModel):
+    """One entry of `slices:`."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[InputSlice]
+    base_model: str | None = None
+    residual_weight: float | None = None
+    parameters: dict[str, Any] | None = None
+
+
 class TokenizerSpec(BaseModel):
     """mergekit's `tokenizer:` block; only `source: base` or a model reference is honoured."""
 
@@ -94,7 +111,7 @@ class MergeRecipe(BaseModel):
     # mergeline extension: "model" trims by the top-k of each model's WHOLE task vector, as in the
     # TIES paper (Yadav et al. 2023, sec. 3), instead of per tensor as mergekit does.
     trim_scope: Literal["tensor", "model"] = "tensor"
-    slices: Any = None
+    slices: list[OutputSlice] | None = None
     modules: Any = None
     # Where relative model paths are also looked up (the recipe file's folder); not a YAML key.
     source_dir: str | None = None
@@ -106,8 +123,12 @@ class MergeRecipe(BaseModel):
 
     # -- derived views ----------------------------------------------------------
     def inputs(self) -> list[InputModel]:
-        """The models merged, in order; the base is appended when `models:` omits it (mergekit)."""
-        models = list(self.models or [])
+        """The models merged, in order; the base is appended when `models:` omits it (mergekit).
+        For `slices:`, the first slice's models, without parameters: those are per slice."""
+        if self.slices:
+            models = [InputModel(model=s.model) for s in self.slices[0].sources]
+        else:
+            models = list(self.models or [])
         if self.base_model and all(m.model != self.base_model for m in models):
             models.append(InputModel(model=self.base_model))
         return models
@@ -124,7 +145,7 @@ class MergeRecipe(BaseModel):
         return self.base_model or self.inputs()[0].model
 
     def to_yaml(self) -> str:
-        data = self.model_dump(exclude_none=True, exclude={"source_dir", "slices", "modules"})
+        data = self.model_dump(exclude_none=True, exclude={"source_dir", "modules"})
         if self.trim_scope == "tensor":
             data.pop("trim_scope")
         return yaml.safe_dump(data, sort_keys=False)
@@ -133,8 +154,11 @@ class MergeRecipe(BaseModel):
 # -- reading -------------------------------------------------------------------
 def _allowed_keys(parent: tuple) -> list[str]:
     """The keys valid where an unknown key was found, for the error message."""
-    cls = InputModel if parent[:1] == ("models",) else TokenizerSpec if parent[:1] == ("tokenizer",) else MergeRecipe
-    return [k for k in cls.model_fields if k not in ("source_dir", "slices", "modules")]
+    classes = {"models": InputModel, "tokenizer": TokenizerSpec, "slices": OutputSlice}
+    cls = classes.get(parent[0], MergeRecipe) if parent else MergeRecipe
+    if parent[:1] == ("slices",) and len(parent) >= 4:  # slices[i].sources[j]
+        cls = InputSlice
+    return [k for k in cls.model_fields if k not in ("source_dir", "modules")]
 
 
 def load_recipe(path_or_dict: str | Path | Mapping[str, Any], validate: bool = True) -> MergeRecipe:
@@ -220,8 +244,15 @@ def get_method_or_error(name: str, where: str = "recipe"):
 def check_recipe_semantics(recipe: MergeRecipe, where: str = "recipe") -> None:
     """Everything about a recipe that can be checked without reading a model."""
     method = get_method_or_error(recipe.merge_method, where)
-    if not recipe.models:
-        raise RecipeError(f"{where}: 'models' must list at least one model")
+    if recipe.models and recipe.slices:
+        raise RecipeError(f"{where}: give either 'models' or 'slices', not both (as in mergekit)")
+    if not recipe.models and not recipe.slices:
+        raise RecipeError(f"{where}: 'models' (or 'slices') must list at least one model")
+    if recipe.slices:
+        try:
+            check_aligned(recipe.slices, recipe.base_model)
+        except ValueError as e:
+            raise RecipeError(f"{where}: {e}") from None
     if recipe.tokenizer_source == "union" or (recipe.tokenizer and recipe.tokenizer.source == "union"):
         raise RecipeError(f"{where}: tokenizer_source 'union' (building a merged vocabulary) is not supported yet; "
                           "use 'base' or a model reference whose tokenizer all models share")
@@ -229,12 +260,12 @@ def check_recipe_semantics(recipe: MergeRecipe, where: str = "recipe") -> None:
         raise RecipeError(f"{where}: tokenizer.tokens / tokenizer.pad_to_multiple_of are not supported yet")
     if recipe.tokenizer and recipe.tokenizer_source:
         raise RecipeError(f"{where}: give either 'tokenizer_source' or 'tokenizer', not both (as in mergekit)")
-    refs = [m.model for m in recipe.models]
+    refs = [m.model for m in recipe.models or []]
     dup = next((r for r in refs if refs.count(r) > 1), None)
     if dup:
         raise RecipeError(f"{where}: model {dup!r} is listed twice in 'models'")
     tok = recipe.tokenizer_ref
-    if tok is not None and tok not in refs and tok != recipe.base_model:
+    if tok is not None and tok not in [m.model for m in recipe.inputs()] and tok != recipe.base_model:
         raise RecipeError(f"{where}: tokenizer_source {tok!r} is neither 'base' nor one of the recipe's models")
     if method.requires_base and not recipe.base_model:
         raise RecipeError(f"{where}: merge_method {method.name!r} needs 'base_model' (the model the task vectors are taken from)")
@@ -243,6 +274,9 @@ def check_recipe_semantics(recipe: MergeRecipe, where: str = "recipe") -> None:
         if method.name != "ties":
             raise RecipeError(f"{where}: trim_scope 'model' (whole-model trimming) applies to merge_method 'ties' only, "
                               f"not {method.name!r}")
+        if recipe.slices:
+            raise RecipeError(f"{where}: trim_scope 'model' takes one density per model; write the recipe in the "
+                              "`models:` form (slices scope parameters by layer)")
         for i, m in enumerate(recipe.inputs()):
             d = (m.parameters or {}).get("density", (recipe.parameters or {}).get("density", 1.0))
             if not isinstance(d, (int, float)) or isinstance(d, bool):
@@ -251,35 +285,57 @@ def check_recipe_semantics(recipe: MergeRecipe, where: str = "recipe") -> None:
     model_fields = _param_fields(method.model_params)
     global_fields = _param_fields(method.global_params)
     allowed_global = {**model_fields, **global_fields}
-    for key, setting in (recipe.parameters or {}).items():
-        if key not in allowed_global:
-            raise RecipeError(f"{where}: parameters.{key}: {method.name!r} takes no parameter {key!r} "
-                              f"(allowed: {', '.join(sorted(allowed_global)) or 'none'})")
-        _check_setting_shape(key, setting, where)
-        _check_values(f"parameters.{key}", setting, allowed_global[key], where)
+    # Settings for the whole merge (or a whole slice) may hold per-model keys too, as in mergekit.
+    scopes = [("parameters", recipe.parameters)] + [(f"slices[{i}].parameters", sl.parameters)
+                                                    for i, sl in enumerate(recipe.slices or [])]
+    for at, settings in scopes:
+        for key, setting in (settings or {}).items():
+            if key not in allowed_global:
+                raise RecipeError(f"{where}: {at}.{key}: {method.name!r} takes no parameter {key!r} "
+                                  f"(allowed: {', '.join(sorted(allowed_global)) or 'none'})")
+            _check_setting_shape(key, setting, where)
+            _check_values(f"{at}.{key}", setting, allowed_global[key], where)
     inputs = recipe.inputs()
-    merged = [m for m in inputs if not (method.requires_base and m.model == recipe.base_model)]
+    merged = [m.model for m in inputs if not (method.requires_base and m.model == recipe.base_model)]
     if not merged:
         raise RecipeError(f"{where}: 'models' lists only the base model; nothing to merge into it")
-    for i, m in enumerate(recipe.models):
-        for key, setting in (m.parameters or {}).items():
+    for at, settings in _per_model_settings(recipe):
+        for key, setting in (settings or {}).items():
             if key in global_fields and key not in model_fields:
-                raise RecipeError(f"{where}: models[{i}].parameters.{key}: {key!r} applies to the whole merge; "
+                raise RecipeError(f"{where}: {at}.{key}: {key!r} applies to the whole merge; "
                                   f"put it under the top-level 'parameters' (per-model keys: {', '.join(sorted(model_fields)) or 'none'})")
             if key not in model_fields:
-                raise RecipeError(f"{where}: models[{i}].parameters.{key}: {method.name!r} takes no parameter {key!r} "
+                raise RecipeError(f"{where}: {at}.{key}: {method.name!r} takes no parameter {key!r} "
                                   f"(per-model keys: {', '.join(sorted(model_fields)) or 'none'})")
             _check_setting_shape(key, setting, where)
-            _check_values(f"models[{i}].parameters.{key}", setting, model_fields[key], where)
-    # Required per-model parameters (e.g. weight) must be given somewhere for every merged model.
-    for key, f in model_fields.items():
-        if not f.is_required():
-            continue
-        for m in merged:
-            if key not in (m.parameters or {}) and key not in (recipe.parameters or {}):
-                raise RecipeError(f"{where}: model {m.model!r} has no {key!r} (set models[].parameters.{key} "
-                                  f"or a global parameters.{key})")
-    check_weight_sum(recipe, method, name="", t=0.0, where=where, only_if_scalar=True)
+            _check_values(f"{at}.{key}", setting, model_fields[key], where)
+    # Required per-model parameters (e.g. weight) must be given somewhere for every merged model
+    # (in every slice), and normalized weights must not sum to zero.
+    for scope in _merge_scopes(recipe, merged):
+        for key, f in model_fields.items():
+            if f.is_required():
+                for ref, sources in scope.items():
+                    if not any(key in (s or {}) for s in sources):
+                        raise RecipeError(f"{where}: model {ref!r} has no {key!r} (set models[].parameters.{key} "
+                                          f"or a global parameters.{key})")
+        check_weight_sum(recipe, method, list(scope.values()), name="", t=0.0, where=where, only_if_scalar=True)
+
+
+def _per_model_settings(recipe: MergeRecipe) -> list[tuple[str, dict | None]]:
+    """(location in the YAML, settings) of every per-model `parameters` block."""
+    if recipe.slices:
+        return [(f"slices[{i}].sources[{j}].parameters", src.parameters)
+                for i, sl in enumerate(recipe.slices) for j, src in enumerate(sl.sources)]
+    return [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(recipe.models or [])]
+
+
+def _merge_scopes(recipe: MergeRecipe, merged: list[str]) -> list[dict[str, list]]:
+    """Per scope (the whole merge, or each slice): merged model -> its parameter sources,
+    highest precedence first."""
+    if recipe.slices:
+        return [{ref: parameter_sources(sl, ref, recipe.parameters) for ref in merged} for sl in recipe.slices]
+    own = {m.model: m.parameters for m in recipe.inputs()}
+    return [{ref: [own[ref], recipe.parameters] for ref in merged}]
 
 
 def _resolved_normalize(recipe: MergeRecipe, method) -> bool:
@@ -292,18 +348,17 @@ def _resolved_normalize(recipe: MergeRecipe, method) -> bool:
     return bool(value)
 
 
-def check_weight_sum(recipe: MergeRecipe, method, name: str, t: float, where: str = "recipe",
-                     only_if_scalar: bool = False) -> None:
-    """A method that divides by the sum of weights must not see weights summing to zero."""
+def check_weight_sum(recipe: MergeRecipe, method, sources: list[list], name: str, t: float,
+                     where: str = "recipe", only_if_scalar: bool = False) -> None:
+    """A method that divides by the sum of weights must not see weights summing to zero.
+    `sources`: per merged model, its parameter sources (highest precedence first)."""
     if "weight" not in _param_fields(method.model_params) or not _resolved_normalize(recipe, method):
         return
-    merged = [m for m in recipe.inputs() if not (method.requires_base and m.model == recipe.base_model)]
     weights = []
-    for m in merged:
-        sources = [m.parameters, recipe.parameters]
-        if only_if_scalar and any(isinstance(s.get("weight"), (list, dict)) for s in sources if s and "weight" in s):
+    for scopes in sources:
+        if only_if_scalar and any(isinstance(s.get("weight"), (list, dict)) for s in scopes if s and "weight" in s):
             return  # gradients and filters are checked per tensor during the merge
-        w = resolve("weight", sources, name, t)
+        w = resolve("weight", scopes, name, t)
         if w is MISSING or not isinstance(w, (int, float)):
             return
         weights.append(float(w))

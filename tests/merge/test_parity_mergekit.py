@@ -1,8 +1,9 @@
 """Model-level parity with the real mergekit: same recipe, same tiny float32 Llama, same tensors.
 
 For every deterministic method (linear, task_arithmetic, ties, breadcrumbs, breadcrumbs_ties,
-slerp), including a gradient parameter and a {filter, value} parameter, mergekit 0.1.5 and
-mergeline must write the same tensors within 1e-6. Deltas are continuous random values, so no
+slerp), including a gradient parameter and a {filter, value} parameter, and for the `slices:`
+form (settings scoped per slice), mergekit 0.1.5 and mergeline must write the same tensors
+within 1e-6. Deltas are continuous random values, so no
 two magnitudes tie at a trim threshold (where mergekit's argsort order would decide).
 mergekit is imported once for the module (about 9 s) and runs all recipes.
 
@@ -83,6 +84,26 @@ def recipes(m: dict[str, Path]) -> dict[str, dict]:
         "slerp": {"merge_method": "slerp", "base_model": b, "models": [{"model": b}, {"model": a}],
                   "parameters": {"t": [{"filter": "mlp", "value": [0.0, 0.5, 1.0]}, {"value": 0.3}]},
                   "dtype": "float32"},
+        # the `slices:` form: the canonical one-slice SLERP, and TIES with settings scoped per slice
+        "slerp_slices": {"merge_method": "slerp", "base_model": b,
+                         "slices": [{"sources": [{"model": b, "layer_range": [0, LAYERS]},
+                                                 {"model": a, "layer_range": [0, LAYERS]}]}],
+                         "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 0.7, 1.0]},
+                                              {"filter": "mlp", "value": [1.0, 0.4, 0.0]}, {"value": 0.5}]},
+                         "dtype": "float32"},
+        "ties_slices": {"merge_method": "ties", "base_model": b, "dtype": "float32",
+                        "parameters": {"normalize": True, "density": 0.9},
+                        "slices": [
+                            {"sources": [{"model": b, "layer_range": [0, 1]},
+                                         {"model": a, "layer_range": [0, 1], "parameters": {"weight": 0.5, "density": 0.3}},
+                                         {"model": bb, "layer_range": [0, 1], "parameters": {"weight": 0.4}},
+                                         {"model": c, "layer_range": [0, 1], "parameters": {"weight": [0.1, 0.9]}}]},
+                            {"sources": [{"model": b, "layer_range": [1, LAYERS]},
+                                         {"model": a, "layer_range": [1, LAYERS], "parameters": {"weight": [0.2, 0.8], "density": 0.7}},
+                                         {"model": bb, "layer_range": [1, LAYERS], "parameters": {"weight": 0.4}},
+                                         {"model": c, "layer_range": [1, LAYERS], "parameters": {"weight": 0.3}}],
+                             "parameters": {"density": [{"filter": "mlp", "value": 0.5}, {"value": 0.35}]}},
+                        ]},
     }
 
 
