@@ -32,6 +32,9 @@ def resolved_recipe(value: str | Path | dict, source_dir: str | Path | None = No
         data["base_model"] = folders[data["base_model"]]
     for m in data.get("models") or []:
         m["model"] = folders[m["model"]]
+    for sl in data.get("slices") or []:
+        for m in sl["sources"]:
+            m["model"] = folders[m["model"]]
     if data.get("tokenizer_source") and data["tokenizer_source"] in folders:
         data["tokenizer_source"] = folders[data["tokenizer_source"]]
     return data
@@ -39,8 +42,14 @@ def resolved_recipe(value: str | Path | dict, source_dir: str | Path | None = No
 
 def baseline_recipe(main: dict, method: str) -> dict:
     """The main recipe's models and weights, merged with `method` (e.g. linear, task_arithmetic).
-    Method-specific settings (density, lambda, ...) are dropped: a baseline is the plain method."""
-    models = [m for m in main.get("models") or [] if m["model"] != main.get("base_model")]
+    Method-specific settings (density, lambda, ...) are dropped: a baseline is the plain method.
+    A `slices:` recipe gives each model the weight it has in the first slice."""
+    models = main.get("models")
+    if models is None and main.get("slices"):
+        first = main["slices"][0]
+        models = [{"model": s["model"], "parameters": {**(first.get("parameters") or {}), **(s.get("parameters") or {})}}
+                  for s in first["sources"]]
+    models = [m for m in models or [] if m["model"] != main.get("base_model")]
     out: dict[str, Any] = {
         "merge_method": method,
         "models": [{"model": m["model"],

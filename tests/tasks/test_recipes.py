@@ -1,0 +1,39 @@
+"""Recipes as the pipeline passes them: absolute model folders, and the baselines derived from them.
+
+    pytest tests/tasks/test_recipes.py -q
+"""
+from __future__ import annotations
+
+from merge.recipe import load_recipe
+from tasks.recipes import baseline_recipe, resolved_recipe
+
+
+def slices_recipe() -> dict:
+    rng = lambda start, stop, **p: {"layer_range": [start, stop], **({"parameters": p} if p else {})}  # noqa: E731
+    return {
+        "merge_method": "ties", "base_model": "base", "parameters": {"density": 0.5},
+        "slices": [
+            {"sources": [{"model": "base", **rng(0, 1)}, {"model": "ft_a", **rng(0, 1, weight=0.7)},
+                         {"model": "ft_b", **rng(0, 1)}], "parameters": {"weight": 0.2}},
+            {"sources": [{"model": "base", **rng(1, 2)}, {"model": "ft_a", **rng(1, 2, weight=0.1)},
+                         {"model": "ft_b", **rng(1, 2, weight=0.1)}]},
+        ],
+    }
+
+
+def test_slices_models_are_resolved_to_absolute_folders(tmp_path):
+    for name in ("base", "ft_a", "ft_b"):
+        (tmp_path / name).mkdir()
+    data = resolved_recipe(slices_recipe(), source_dir=tmp_path)
+    refs = {s["model"] for sl in data["slices"] for s in sl["sources"]} | {data["base_model"]}
+    assert refs == {str((tmp_path / n).resolve()) for n in ("base", "ft_a", "ft_b")}
+    load_recipe(data)  # still a valid recipe, from any folder
+
+
+def test_baseline_of_a_slices_recipe_takes_the_first_slice_weights():
+    out = baseline_recipe(slices_recipe(), "linear")
+    assert out == {"merge_method": "linear", "models": [
+        {"model": "ft_a", "parameters": {"weight": 0.7}},   # its own setting wins over the slice's
+        {"model": "ft_b", "parameters": {"weight": 0.2}},   # the slice's setting
+    ]}
+    load_recipe(out)
