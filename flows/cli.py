@@ -95,10 +95,18 @@ def check(
     Exit 0 on pass or warn, 1 when a check fails, 2 when an input is unusable."""
     import json
 
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     from merge.compat import INPUT_ERRORS, check_recipe
 
+    # The header checks take milliseconds; the norm pass reads every model once: a bar for that.
+    bar = Progress(TextColumn("[bold]base-delta norms"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), transient=True, console=err)
+    task = bar.add_task("norms", total=None)
     try:
-        report = check_recipe(recipe, policy, allow_pickle=allow_pickle)
+        with bar:
+            report = check_recipe(recipe, policy, allow_pickle=allow_pickle,
+                                  on_progress=lambda done, total: bar.update(task, completed=done, total=total))
     except INPUT_ERRORS as e:
         fail(str(e))
     if json_out:

@@ -17,7 +17,7 @@ missing shard, an unreadable tokenizer, the same model twice) raises an error fr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from merge.checkpoint import Checkpoint, CheckpointError
 from merge.recipe import RecipeError, load_recipe, model_names
@@ -43,8 +43,10 @@ INPUT_ERRORS: tuple[type[Exception], ...] = (CheckpointError, CompatInputError, 
 
 
 def check_models(base: str | Path, models: Mapping[str, str | Path], policy: Any = None, *,
-                 allow_pickle: bool = False, base_name: str | None = None) -> CompatReport:
-    """Check that every model in `models` (short name -> folder) can be merged onto `base`."""
+                 allow_pickle: bool = False, base_name: str | None = None,
+                 on_progress: Callable[[int, int], None] | None = None) -> CompatReport:
+    """Check that every model in `models` (short name -> folder) can be merged onto `base`.
+    `on_progress(done, total)`: the norm pass's progress, in elements of the base."""
     pol = load_policy(policy)
     if not models:
         raise CompatInputError("no models to check against the base")
@@ -65,13 +67,13 @@ def check_models(base: str | Path, models: Mapping[str, str | Path], policy: Any
     checks += check_tensors(infos, base_name)
     checks += check_tokenizers(tokenizers, base_name)
     report = CompatReport(checks, base=str(base), models={n: str(Path(p)) for n, p in models.items()})
-    report.checks += _norms(report, ckpts, infos, base_name, pol)
+    report.checks += _norms(report, ckpts, infos, base_name, pol, on_progress)
     _apply_policy(report, pol)
     return report
 
 
 def _norms(report: CompatReport, ckpts: dict[str, Checkpoint], infos, base_name: str,
-           pol: CompatPolicy) -> list[Check]:
+           pol: CompatPolicy, on_progress=None) -> list[Check]:
     names = [n for n in KNOWN_CHECKS if n.startswith("norms.")]
     if not pol.norms.enabled:
         return [Check(n, "skip", "skipped: norms disabled by the policy") for n in names]
@@ -81,7 +83,7 @@ def _norms(report: CompatReport, ckpts: dict[str, Checkpoint], infos, base_name:
     if not shared:
         return [Check(n, "skip", "skipped: no tensor shared by all models") for n in names]
     models = {n: c for n, c in ckpts.items() if n != base_name}
-    res = stream_norms(ckpts[base_name], models, shared, pol.norms.chunk_elements)
+    res = stream_norms(ckpts[base_name], models, shared, pol.norms.chunk_elements, on_progress=on_progress)
     report.norms = {**res.to_dict(), "not_compared": sorted(set().union(*infos.values()) - set(shared))}
     return norm_checks(res, pol.norms)
 
@@ -105,7 +107,8 @@ def _refuse_duplicates(base: Path, models: dict[str, Path]) -> None:
         seen[key] = name
 
 
-def check_recipe(recipe_or_path: Any, policy: Any = None, *, allow_pickle: bool = False) -> CompatReport:
+def check_recipe(recipe_or_path: Any, policy: Any = None, *, allow_pickle: bool = False,
+                 on_progress: Callable[[int, int], None] | None = None) -> CompatReport:
     """Resolve a mergekit recipe's base and models, then `check_models` them."""
     if hasattr(recipe_or_path, "merge_method"):
         recipe = recipe_or_path
@@ -129,5 +132,6 @@ def check_recipe(recipe_or_path: Any, policy: Any = None, *, allow_pickle: bool 
         _refuse_duplicates(base, folders)
     except CompatInputError as e:
         raise CompatInputError(f"{where}: {e}") from None
-    return check_models(base, folders, policy, allow_pickle=allow_pickle, base_name=names[reference])
+    return check_models(base, folders, policy, allow_pickle=allow_pickle, base_name=names[reference],
+                        on_progress=on_progress)
 

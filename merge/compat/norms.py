@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,13 +92,15 @@ def _num(x: float | None) -> float | None:
 
 
 def stream_norms(base: Checkpoint, models: dict[str, Checkpoint], names: list[str],
-                 chunk: int = 1 << 22, threads: int | None = None) -> NormResult:
+                 chunk: int = 1 << 22, threads: int | None = None,
+                 on_progress: Callable[[int, int], None] | None = None) -> NormResult:
     """Accumulate delta norms and dot products over `names` (all present with equal shapes).
 
     Each tensor is split into chunks of `chunk` elements, and `threads` Python threads (default:
     torch's thread count) run the fused Gram kernel (`gram.slab_gram`, which releases the GIL)
     on one chunk at a time, so a large embedding does not leave one thread working alone.
-    Tensors are memory-mapped: only the chunk being read is touched.
+    Tensors are memory-mapped: only the chunk being read is touched. `on_progress(done, total)`
+    is called (in this thread) with the base's elements compared so far, for a progress bar.
     """
     keys = list(models)
     k = len(keys)
@@ -119,9 +122,13 @@ def stream_norms(base: Checkpoint, models: dict[str, Checkpoint], names: list[st
     # The kernel is numba's, but dtypes other than bf16/float32 are widened by torch: one torch
     # thread per worker (its own OpenMP setting, and the process-wide one while this runs), or
     # torch's intra-op threads fight the workers for the cores.
+    total, done = sum(e - s for _, s, e in jobs), 0
     with single_threaded_ops(), ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        for (name, _, _), g in zip(jobs, pool.map(work, jobs)):
+        for (name, s, e), g in zip(jobs, pool.map(work, jobs)):
             grams[name] += g
+            done += e - s
+            if on_progress is not None:
+                on_progress(done, total)
     for name in weights:
         g = torch.from_numpy(grams[name])
         bad = [] if torch.isfinite(g).all() else _find_nonfinite(name, base.get(name), {m: models[m].get(name) for m in keys})

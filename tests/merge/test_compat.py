@@ -130,6 +130,14 @@ def test_norms_match_a_direct_computation(tiny):
     assert per_t["delta_norm"] == pytest.approx(float((a["transformer.wte.weight"] - b["transformer.wte.weight"]).norm()), rel=1e-5)
 
 
+def test_norm_pass_reports_progress_up_to_every_element(tiny):
+    calls = []
+    report = check_models(tiny["base"], fts(tiny, "ft_a", "ft_b"), {"norms": {"chunk_elements": 100}},
+                          on_progress=lambda done, total: calls.append((done, total)))
+    assert len(calls) > 1 and [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert calls[-1][0] == calls[-1][1] == report.norms["numel"]
+
+
 # -- negative specimens --------------------------------------------------------
 def test_different_base_is_flagged_by_the_norms(tiny):
     report = check_models(tiny["base"], fts(tiny, "ft_a", "ft_b", "other_base"))
