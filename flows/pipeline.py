@@ -206,6 +206,7 @@ def _log_merge(r: _Run, name: str, recipe: dict, m: dict) -> None:
                                         "per_model": stats.get("per_model") or {}})
         for f in ("merge_stats.json", "merge_stats_tensors.csv", "lineage.json", "README.md"):
             tracking.log_artifact(r.c, run, Path(m["path"]) / f, "merge")
+        tracking.log_csv_table(r.c, run, Path(m["path"]) / "merge_stats_tensors.csv", "merge/merge_stats_tensors.json")
 
 
 def _report_and_gate(r: _Run, suite, table, primary: str, merged: dict, compat: dict,

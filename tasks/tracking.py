@@ -111,6 +111,19 @@ def log_artifact(c: MlflowClient, run_id: str, path: Path, artifact_path: str | 
         c.log_artifact(run_id, str(path), artifact_path)
 
 
+def log_csv_table(c: MlflowClient, run_id: str, path: Path, artifact_file: str) -> None:
+    """A CSV as an MLflow table artifact: browsable in the UI's artifact view, and read back with
+    `mlflow.load_table(artifact_file, run_ids=[run_id])` as a DataFrame."""
+    import pandas as pd
+
+    if Path(path).is_file():
+        table = pd.read_csv(path)
+        # Text columns as 'object': MLflow looks for them that way, and pandas 3 warns on 'str'.
+        text = [col for col in table.columns if pd.api.types.is_string_dtype(table[col])]
+        table[text] = table[text].astype(object)
+        c.log_table(run_id, table, artifact_file)
+
+
 def log_json(c: MlflowClient, run_id: str, obj: Any, name: str) -> None:
     log_text(c, run_id, json.dumps(obj, indent=2, default=str), name)
 

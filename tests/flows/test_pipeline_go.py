@@ -2,6 +2,8 @@
 aliases, Prefect artifacts; a rerun is served from the caches; a changed fine-tune re-does only
 what depends on it (its evaluation, the merges and theirs, not the base's or the other's), here
 on a local Dask cluster."""
+import csv
+import json
 import os
 import shutil
 import subprocess
@@ -63,7 +65,10 @@ def test_go_pipeline_tracking_registry_and_caching(tiny_models, tiny_tasks, pref
     merge_run = children["merge:ties"]
     assert "sign_conflict_rate" in merge_run.data.metrics
     arts = {a.path for a in c.list_artifacts(merge_run.info.run_id, "merge")}
-    assert {"merge/merge_stats.json", "merge/lineage.json", "merge/README.md"} <= arts
+    assert {"merge/merge_stats.json", "merge/lineage.json", "merge/README.md", "merge/merge_stats_tensors.json"} <= arts
+    table = json.loads(Path(c.download_artifacts(merge_run.info.run_id, "merge/merge_stats_tensors.json")).read_text())
+    rows = list(csv.DictReader(open(Path(s1["models"]["ties"]) / "merge_stats_tensors.csv")))
+    assert table["columns"][:3] == ["tensor", "layer", "model"] and len(table["data"]) == len(rows) > 0
     gate_arts = {a.path for a in c.list_artifacts(children["gate"].info.run_id, "report")}
     assert any(p.endswith(".html") for p in gate_arts)
     assert Path(exp.artifact_location.removeprefix("file://")) == work / "mlartifacts"
