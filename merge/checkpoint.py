@@ -47,6 +47,20 @@ class TensorInfo:
         return n
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON object from `path` (config.json, adapter_config.json); CheckpointError naming the
+    file when it is missing, not JSON, or not an object."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {path.name} missing")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: {path.name} must be a JSON object")
+    return data
+
+
 def _read_weight_map(index: Path) -> dict[str, str]:
     """The `weight_map` of a sharded checkpoint's index (tensor name -> shard file)."""
     try:
@@ -59,16 +73,29 @@ def _read_weight_map(index: Path) -> dict[str, str]:
 
 
 class Checkpoint:
-    """Lazy access to the tensors of one model folder."""
+    """Lazy access to the tensors of one model folder, or of `BASE+ADAPTER` (a base model folder
+    with a LoRA adapter merged into each tensor as it is read: merge/lora.py)."""
 
     def __init__(self, folder: str | Path, allow_pickle: bool = False):
-        self.folder = Path(folder)
+        model, adapter = str(folder), None
+        if "+" in model:
+            from merge.lora import LoraAdapter
+            from merge.resolve import split_adapter
+
+            model, adapter_folder = split_adapter(model)
+            adapter = LoraAdapter.load(adapter_folder)
+        self.folder = Path(model)
         if not self.folder.is_dir():
             raise CheckpointError(f"{self.folder}: model folder not found")
         self._handles: dict[str, object] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         self.weight_map = self._find_weights(allow_pickle)
         self._infos: dict[str, TensorInfo] | None = None
+        self.adapter = adapter
+        missing = sorted(adapter.names() - set(self.weight_map)) if adapter else []
+        if missing:
+            raise CheckpointError(f"{adapter.folder}: the adapter changes {missing[0]!r}, which {self.folder} does not "
+                                  "store (a tied head, or an adapter for another model)")
 
     # -- discovery -------------------------------------------------------------
     def _find_weights(self, allow_pickle: bool) -> dict[str, str]:
@@ -126,16 +153,7 @@ class Checkpoint:
     # -- public API ------------------------------------------------------------
     @property
     def config(self) -> dict:
-        path = self.folder / "config.json"
-        if not path.is_file():
-            raise CheckpointError(f"{path}: config.json missing")
-        try:
-            config = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: invalid JSON ({e})") from e
-        if not isinstance(config, dict):
-            raise CheckpointError(f"{path}: config.json must be a JSON object")
-        return config
+        return read_json_object(self.folder / "config.json")
 
     def names(self) -> list[str]:
         return list(self.weight_map)
@@ -165,14 +183,19 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         """One tensor, memory-mapped from its shard (a CPU tensor)."""
         if self._pickled is not None:
-            return self._pickled[name]
+            return self.adapt(name, self._pickled[name])
         shard = self.weight_map.get(name)
         if shard is None:
             raise CheckpointError(f"{self.folder}: no tensor named {name!r}")
         try:
-            return self._open(shard).get_tensor(name)
+            return self.adapt(name, self._open(shard).get_tensor(name))
         except SafetensorError as e:
             raise CheckpointError(f"{self.folder / shard}: tensor {name!r} unreadable ({e})") from e
+
+    def adapt(self, name: str, stored: torch.Tensor) -> torch.Tensor:
+        """The tensor this checkpoint means, given the bytes stored under `name`: itself, or with
+        the LoRA adapter merged in."""
+        return self.adapter.apply(name, stored) if self.adapter is not None else stored
 
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in {self.folder / s for s in set(self.weight_map.values())})

@@ -103,7 +103,7 @@ class TensorReader:
             if got <= 0:
                 raise CheckpointError(f"{self.ckpt.folder / shard}: tensor {name!r} truncated")
             done += got
-        return buf.view(dtype).reshape(info.shape)
+        return self.ckpt.adapt(name, buf.view(dtype).reshape(info.shape))
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -27,7 +27,11 @@ def hashed_files(folder: Path) -> list[Path]:
 
 
 def content_hash(folder: str | Path) -> str:
-    """sha256 over (file name, file bytes) of the model-defining files, e.g. 'sha256:ab12...'."""
+    """sha256 over (file name, file bytes) of the model-defining files, e.g. 'sha256:ab12...'.
+    For `BASE+ADAPTER` (a LoRA adapter on a base), the hash of the two folders' hashes."""
+    if "+" in str(folder):
+        base, _, adapter = str(folder).partition("+")
+        return text_hash(f"{content_hash(base)}+{content_hash(adapter)}")
     folder = Path(folder)
     files = hashed_files(folder)
     # Memo by (path, size, mtime) so a pipeline hashing the same folder twice reads it once.

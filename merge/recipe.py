@@ -16,8 +16,9 @@ A recipe mergekit runs is read unchanged:
 Everything is checked when the recipe is read, before any tensor is touched: unknown keys,
 unknown methods, parameters the method does not take, values out of range (each error names
 the key and what is allowed). `slices:` runs when the slices keep every layer in place
-(`merge/slices.py`). Forms mergekit has and mergeline does not run yet (layer-stacking slices,
-`modules`, `tokenizer_source: union`, LoRA `+` references) are refused, never misread.
+(`merge/slices.py`); `BASE+ADAPTER` references merge a LoRA adapter into its base
+(`merge/lora.py`). Forms mergekit has and mergeline does not run yet (layer-stacking slices,
+`modules`, `tokenizer_source: union`) are refused, never misread.
 Differences from mergekit are deliberate: mergekit ignores unknown keys and parameters.
 
     python -m merge.recipe configs/recipes/ties.yaml
@@ -34,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, field_
 from merge.config_files import explain, read_yaml_mapping
 
 from merge.parameters import MISSING, candidate_values, resolve
+from merge.resolve import split_adapter
 from merge.slices import check_aligned, parameter_sources
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -64,9 +66,8 @@ class InputModel(BaseModel):
 
     @field_validator("model")
     @classmethod
-    def _no_lora(cls, v: str) -> str:
-        if "+" in v:
-            raise ValueError(f"LoRA references ('MODEL+LORA') are not supported yet: {v!r}")
+    def _one_adapter(cls, v: str) -> str:
+        split_adapter(v)  # BASE+ADAPTER: a LoRA adapter merged into its base (merge/lora.py)
         return v
 
 

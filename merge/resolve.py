@@ -25,13 +25,28 @@ def split_ref(ref: str) -> tuple[str, str | None]:
     return path, (rev or None)
 
 
+def split_adapter(ref: str) -> tuple[str, str | None]:
+    """'base+adapter' (a LoRA adapter on its base, mergekit's syntax) -> ('base', 'adapter');
+    a plain reference -> (ref, None)."""
+    if "+" not in ref:
+        return ref, None
+    model, _, adapter = ref.partition("+")
+    if not model or not adapter or "+" in adapter:
+        raise ModelNotFound(f"model reference {ref!r}: expected MODEL+ADAPTER (one '+', both sides given)")
+    return model, adapter
+
+
 def _looks_like_repo_id(path: str) -> bool:
     parts = path.split("/")
     return len(parts) == 2 and all(parts) and not path.startswith((".", "~"))
 
 
 def resolve_model(ref: str, base_dir: str | Path | None = None) -> Path:
-    """Local folder holding the model `ref` names; raises ModelNotFound with a fix if absent."""
+    """Local folder holding the model `ref` names; raises ModelNotFound with a fix if absent.
+    `BASE+ADAPTER` (a LoRA adapter on a base, mergekit's syntax) resolves each side."""
+    model, adapter = split_adapter(ref)
+    if adapter is not None:
+        return Path(f"{resolve_model(model, base_dir)}+{resolve_model(adapter, base_dir)}")
     path, revision = split_ref(ref)
     candidates = [Path(path).expanduser()]
     if base_dir is not None and not Path(path).is_absolute():

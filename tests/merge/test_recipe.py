@@ -166,10 +166,14 @@ def test_unsupported_forms_are_refused_clearly(over, words):
         assert w in msg
 
 
-def test_lora_reference_refused():
+def test_lora_reference_reads_and_a_malformed_one_is_refused():
     r = ties()
-    r["models"][0]["model"] = "org/a+org/lora"
-    assert "LoRA" in error(r)
+    r["models"][0]["model"] = "org/a+org/lora"  # mergekit's BASE+ADAPTER (merge/lora.py)
+    assert load_recipe(r).inputs()[0].model == "org/a+org/lora"
+    assert model_names(load_recipe(r))["org/a+org/lora"] == "lora"
+    for bad in ("org/a+", "+org/lora", "a+b+c"):
+        r["models"][0]["model"] = bad
+        assert "MODEL+ADAPTER" in error(r)
 
 
 def test_base_required_and_slerp_takes_t():
