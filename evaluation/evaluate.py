@@ -91,8 +91,9 @@ def evaluate_models(suite: EvalSuite, models: dict[str, str | Path], cache_dir: 
                     log: Callable[[str], None] | None = print) -> ScoreTable:
     check_ready(suite)
     for name, path in models.items():
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"model {name!r}: folder {path} does not exist")
+        for folder in str(path).split("+"):  # BASE+ADAPTER: a LoRA adapter on its base
+            if not Path(folder).is_dir():
+                raise FileNotFoundError(f"model {name!r}: folder {folder} does not exist")
     if runner is None:
         from evaluation.lm_eval_runner import run_lm_eval as runner  # heavy: imports lm_eval
     roles = infer_roles(suite, list(models), roles)

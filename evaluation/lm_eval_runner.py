@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from merge.resolve import split_adapter
+
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 SCORE_COLUMNS = ["task", "metric", "value", "primary"]
 SAMPLE_COLUMNS = ["task", "doc_id", "correct", "target", "response"]
@@ -111,10 +113,15 @@ def samples_frame(samples: dict, scores: pd.DataFrame) -> pd.DataFrame:
 def run_lm_eval(model_dir, tasks: list[str], include_path=None, device: str = "cpu",
                 batch_size: int = 16, limit: int | float | None = None, seed: int = 0,
                 log_samples: bool = True) -> EvalRun:
-    """Evaluate `model_dir` (a Hugging Face folder) on lm-eval `tasks`, offline."""
+    """Evaluate `model_dir` (a Hugging Face folder, or `BASE+ADAPTER`: a PEFT LoRA adapter on
+    its base, run by lm-eval's own `peft=` model argument) on lm-eval `tasks`, offline."""
+    base, adapter = split_adapter(str(model_dir))
+    model_args = {"pretrained": base, "dtype": "float32", **({"peft": adapter} if adapter else {})}
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: not a model folder (no config.json)")
+    if not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(f"{base}: not a model folder (no config.json)")
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
     if not tasks:
         raise ValueError("run_lm_eval: no tasks given")
     _offline_env()
@@ -127,7 +134,7 @@ def run_lm_eval(model_dir, tasks: list[str], include_path=None, device: str = "c
         raise KeyError(f"unknown lm-eval task(s) {missing} (include_path={include_path})")
     res = evaluator.simple_evaluate(
         model="hf",
-        model_args={"pretrained": str(model_dir), "dtype": "float32"},
+        model_args=model_args,
         tasks=list(tasks), task_manager=tm, device=device, batch_size=batch_size,
         limit=limit, log_samples=log_samples, bootstrap_iters=0,
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,

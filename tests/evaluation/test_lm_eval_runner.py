@@ -50,3 +50,21 @@ def test_bad_inputs_name_what_is_wrong(zoo, tmp_path):
         run_lm_eval(tmp_path, ["zoo_addition"], include_path=zoo.tasks_dir)
     with pytest.raises(KeyError, match="zoo_nope"):
         run_lm_eval(zoo.base, ["zoo_nope"], include_path=zoo.tasks_dir)
+
+
+def test_a_lora_adapter_on_its_base_is_evaluated_through_peft(zoo, base_run, tmp_path):
+    """BASE+ADAPTER runs lm-eval's `peft=` argument: an adapter that scrambles attention must
+    change the base's scores; a missing adapter folder is named."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(zoo.base),
+                           LoraConfig(r=8, lora_alpha=64, target_modules=["c_attn"], fan_in_fan_out=True,
+                                      init_lora_weights=False))
+    model.save_pretrained(tmp_path / "scramble")
+    run = run_lm_eval(f"{zoo.base}+{tmp_path / 'scramble'}", ["zoo_general_mc"], include_path=zoo.tasks_dir, limit=8)
+    assert run.score("zoo_general_mc") != base_run.score("zoo_general_mc")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        run_lm_eval(f"{zoo.base}+{tmp_path}", ["zoo_general_mc"], include_path=zoo.tasks_dir)
