@@ -36,7 +36,8 @@ from merge.checkpoint import DTYPES, Checkpoint, CheckpointError
 from merge.device import resolve_device
 from merge.methods.common import empty_huge
 from merge.parameters import MISSING, layer_t, num_layers, resolve
-from merge.recipe import MergeRecipe, RecipeError, check_weight_sum, get_method_or_error, load_recipe, model_names
+from merge.recipe import MergeRecipe, RecipeError, load_recipe, model_names
+from merge.recipe_checks import check_weight_sum, get_method_or_error
 from merge.resolve import resolve_model
 from merge.slices import layer_count, locate, parameter_sources
 from merge.stats import StatsAggregator

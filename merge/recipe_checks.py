@@ -1,0 +1,201 @@
+"""Check a recipe against its merge method, before any model is read.
+
+Every parameter is one the method takes, at the place it belongs (per model, per slice or
+global), with values in range; required per-model parameters are set for every merged model;
+normalized weights do not sum to zero; the recipe's forms fit together (`models:` or
+`slices:`, base model, tokenizer source, whole-model trimming). Each error names the key.
+
+    python -m merge.recipe configs/recipes/ties.yaml     # reads and checks a recipe
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Mapping
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from merge.parameters import MISSING, candidate_values, resolve
+from merge.recipe import MergeRecipe, RecipeError
+from merge.slices import check_aligned, parameter_sources
+
+
+def _param_fields(cls: type[BaseModel] | None) -> dict[str, Any]:
+    """YAML key (alias if any) -> pydantic FieldInfo."""
+    if cls is None:
+        return {}
+    return {(f.alias or name): f for name, f in cls.model_fields.items()}
+
+
+def _check_setting_shape(key: str, setting: Any, where: str) -> None:
+    """A setting is a scalar, a list of scalars, or {filter, value} entries (alone or in a list)."""
+    scalar = (bool, int, float, str)
+    if isinstance(setting, scalar):
+        return
+    items = [setting] if isinstance(setting, Mapping) else setting
+    if not isinstance(items, list) or not items:
+        raise RecipeError(f"{where}: parameter {key!r} must be a scalar, a list (gradient) or a list of {{filter, value}}")
+    if all(isinstance(e, scalar) for e in items):
+        return
+    for i, cond in enumerate(items):
+        if not isinstance(cond, Mapping):
+            raise RecipeError(f"{where}: parameter {key!r}[{i}] mixes scalars and {{filter, value}} entries")
+        extra = set(cond) - {"filter", "value"}
+        if extra:
+            raise RecipeError(f"{where}: parameter {key!r}[{i}]: unknown key {sorted(extra)[0]!r} (allowed: filter, value)")
+        if "value" not in cond:
+            raise RecipeError(f"{where}: parameter {key!r}[{i}]: missing 'value'")
+        if cond.get("filter") is not None and not isinstance(cond["filter"], str):
+            raise RecipeError(f"{where}: parameter {key!r}[{i}].filter must be a string (a substring of tensor names)")
+        v = cond["value"]
+        if not (isinstance(v, scalar) or (isinstance(v, list) and v and all(isinstance(e, scalar) for e in v))):
+            raise RecipeError(f"{where}: parameter {key!r}[{i}].value must be a scalar or a gradient list")
+
+
+def _allowed_text(field) -> str:
+    bounds = [str(m) for m in field.metadata]
+    ann = getattr(field.annotation, "__name__", str(field.annotation))
+    return ann + (f" with {', '.join(bounds)}" if bounds else "")
+
+
+def _check_values(key: str, setting: Any, field, where: str) -> None:
+    adapter = TypeAdapter(Annotated[(field.annotation, *field.metadata)]) if field.metadata else TypeAdapter(field.annotation)
+    for v in candidate_values(setting):
+        try:
+            adapter.validate_python(v)
+        except ValidationError as e:
+            msg = e.errors()[0]["msg"]
+            raise RecipeError(f"{where}: parameter {key!r} = {v!r} is out of range ({msg}; allowed: {_allowed_text(field)})") from None
+
+
+def get_method_or_error(name: str, where: str = "recipe"):
+    from merge.methods.registry import METHODS, get_method
+
+    if name not in METHODS:
+        raise RecipeError(f"{where}: merge_method {name!r} is unknown (allowed: {', '.join(sorted(METHODS))})")
+    return get_method(name)
+
+
+def check_recipe_semantics(recipe: MergeRecipe, where: str = "recipe") -> None:
+    """Everything about a recipe that can be checked without reading a model."""
+    method = get_method_or_error(recipe.merge_method, where)
+    if recipe.models and recipe.slices:
+        raise RecipeError(f"{where}: give either 'models' or 'slices', not both (as in mergekit)")
+    if not recipe.models and not recipe.slices:
+        raise RecipeError(f"{where}: 'models' (or 'slices') must list at least one model")
+    if recipe.slices:
+        try:
+            check_aligned(recipe.slices, recipe.base_model)
+        except ValueError as e:
+            raise RecipeError(f"{where}: {e}") from None
+    if recipe.tokenizer_source == "union" or (recipe.tokenizer and recipe.tokenizer.source == "union"):
+        raise RecipeError(f"{where}: tokenizer_source 'union' (building a merged vocabulary) is not supported yet; "
+                          "use 'base' or a model reference whose tokenizer all models share")
+    if recipe.tokenizer and (recipe.tokenizer.tokens or recipe.tokenizer.pad_to_multiple_of):
+        raise RecipeError(f"{where}: tokenizer.tokens / tokenizer.pad_to_multiple_of are not supported yet")
+    if recipe.tokenizer and recipe.tokenizer_source:
+        raise RecipeError(f"{where}: give either 'tokenizer_source' or 'tokenizer', not both (as in mergekit)")
+    refs = [m.model for m in recipe.models or []]
+    dup = next((r for r in refs if refs.count(r) > 1), None)
+    if dup:
+        raise RecipeError(f"{where}: model {dup!r} is listed twice in 'models'")
+    tok = recipe.tokenizer_ref
+    if tok is not None and tok not in [m.model for m in recipe.inputs()] and tok != recipe.base_model:
+        raise RecipeError(f"{where}: tokenizer_source {tok!r} is neither 'base' nor one of the recipe's models")
+    if method.requires_base and not recipe.base_model:
+        raise RecipeError(f"{where}: merge_method {method.name!r} needs 'base_model' (the model the task vectors are taken from)")
+
+    if recipe.trim_scope == "model":
+        if method.name != "ties":
+            raise RecipeError(f"{where}: trim_scope 'model' (whole-model trimming) applies to merge_method 'ties' only, "
+                              f"not {method.name!r}")
+        if recipe.slices:
+            raise RecipeError(f"{where}: trim_scope 'model' takes one density per model; write the recipe in the "
+                              "`models:` form (slices scope parameters by layer)")
+        for i, m in enumerate(recipe.inputs()):
+            d = (m.parameters or {}).get("density", (recipe.parameters or {}).get("density", 1.0))
+            if not isinstance(d, (int, float)) or isinstance(d, bool):
+                raise RecipeError(f"{where}: trim_scope 'model' needs one scalar density per model; "
+                                  f"model {m.model!r} has {d!r}")
+    model_fields = _param_fields(method.model_params)
+    global_fields = _param_fields(method.global_params)
+    allowed_global = {**model_fields, **global_fields}
+    # Settings for the whole merge (or a whole slice) may hold per-model keys too, as in mergekit.
+    scopes = [("parameters", recipe.parameters)] + [(f"slices[{i}].parameters", sl.parameters)
+                                                    for i, sl in enumerate(recipe.slices or [])]
+    for at, settings in scopes:
+        for key, setting in (settings or {}).items():
+            if key not in allowed_global:
+                raise RecipeError(f"{where}: {at}.{key}: {method.name!r} takes no parameter {key!r} "
+                                  f"(allowed: {', '.join(sorted(allowed_global)) or 'none'})")
+            _check_setting_shape(key, setting, where)
+            _check_values(f"{at}.{key}", setting, allowed_global[key], where)
+    inputs = recipe.inputs()
+    merged = [m.model for m in inputs if not (method.requires_base and m.model == recipe.base_model)]
+    if not merged:
+        raise RecipeError(f"{where}: 'models' lists only the base model; nothing to merge into it")
+    for at, settings in _per_model_settings(recipe):
+        for key, setting in (settings or {}).items():
+            if key in global_fields and key not in model_fields:
+                raise RecipeError(f"{where}: {at}.{key}: {key!r} applies to the whole merge; "
+                                  f"put it under the top-level 'parameters' (per-model keys: {', '.join(sorted(model_fields)) or 'none'})")
+            if key not in model_fields:
+                raise RecipeError(f"{where}: {at}.{key}: {method.name!r} takes no parameter {key!r} "
+                                  f"(per-model keys: {', '.join(sorted(model_fields)) or 'none'})")
+            _check_setting_shape(key, setting, where)
+            _check_values(f"{at}.{key}", setting, model_fields[key], where)
+    # Required per-model parameters (e.g. weight) must be given somewhere for every merged model
+    # (in every slice), and normalized weights must not sum to zero.
+    for scope in _merge_scopes(recipe, merged):
+        for key, f in model_fields.items():
+            if f.is_required():
+                for ref, sources in scope.items():
+                    if not any(key in (s or {}) for s in sources):
+                        raise RecipeError(f"{where}: model {ref!r} has no {key!r} (set models[].parameters.{key} "
+                                          f"or a global parameters.{key})")
+        check_weight_sum(recipe, method, list(scope.values()), name="", t=0.0, where=where, only_if_scalar=True)
+
+
+def _per_model_settings(recipe: MergeRecipe) -> list[tuple[str, dict | None]]:
+    """(location in the YAML, settings) of every per-model `parameters` block."""
+    if recipe.slices:
+        return [(f"slices[{i}].sources[{j}].parameters", src.parameters)
+                for i, sl in enumerate(recipe.slices) for j, src in enumerate(sl.sources)]
+    return [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(recipe.models or [])]
+
+
+def _merge_scopes(recipe: MergeRecipe, merged: list[str]) -> list[dict[str, list]]:
+    """Per scope (the whole merge, or each slice): merged model -> its parameter sources,
+    highest precedence first."""
+    if recipe.slices:
+        return [{ref: parameter_sources(sl, ref, recipe.parameters) for ref in merged} for sl in recipe.slices]
+    own = {m.model: m.parameters for m in recipe.inputs()}
+    return [{ref: [own[ref], recipe.parameters] for ref in merged}]
+
+
+def _resolved_normalize(recipe: MergeRecipe, method) -> bool:
+    fields = _param_fields(method.global_params)
+    if "normalize" not in fields:
+        return False
+    value = (recipe.parameters or {}).get("normalize", MISSING)
+    if value is MISSING or not isinstance(value, (bool, int)):
+        return bool(fields["normalize"].default)
+    return bool(value)
+
+
+def check_weight_sum(recipe: MergeRecipe, method, sources: list[list], name: str, t: float,
+                     where: str = "recipe", only_if_scalar: bool = False) -> None:
+    """A method that divides by the sum of weights must not see weights summing to zero.
+    `sources`: per merged model, its parameter sources (highest precedence first)."""
+    if "weight" not in _param_fields(method.model_params) or not _resolved_normalize(recipe, method):
+        return
+    weights = []
+    for scopes in sources:
+        if only_if_scalar and any(isinstance(s.get("weight"), (list, dict)) for s in scopes if s and "weight" in s):
+            return  # gradients and filters are checked per tensor during the merge
+        w = resolve("weight", scopes, name, t)
+        if w is MISSING or not isinstance(w, (int, float)):
+            return
+        weights.append(float(w))
+    if weights and abs(sum(weights)) < 1e-8:
+        at = f" for tensor {name!r}" if name else ""
+        raise RecipeError(f"{where}: the models' 'weight' values sum to zero{at} while normalize is true "
+                          f"(the merge divides by that sum); change a weight or set parameters.normalize: false")
