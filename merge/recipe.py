@@ -14,9 +14,8 @@ A recipe mergekit runs is read unchanged:
     dtype: bfloat16
 
 Everything is checked when the recipe is read, before any tensor is touched (here and in
-`merge/recipe_checks.py`): unknown keys,
-unknown methods, parameters the method does not take, values out of range (each error names
-the key and what is allowed). `slices:` runs when the slices keep every layer in place
+`merge/recipe_checks.py`): unknown keys, unknown methods, parameters the method does not take,
+values out of range (each error names the key and what is allowed). `slices:` runs when the slices keep every layer in place
 (`merge/slices.py`); `BASE+ADAPTER` references merge a LoRA adapter into its base
 (`merge/lora.py`). Forms mergekit has and mergeline does not run yet (layer-stacking slices,
 `modules`, `tokenizer_source: union`) are refused, never misread.
