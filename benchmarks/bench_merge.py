@@ -165,7 +165,7 @@ def run_floor(m: BenchModels, out: Path) -> tuple[float, int, float]:
     return timed_run(textwrap.dedent(f"""\
         from pathlib import Path
         from merge.checkpoint import DTYPES, Checkpoint
-        from merge.executor import TensorReader
+        from merge.reader import TensorReader
         from merge.writer import OutTensor, ShardWriter
         readers = [TensorReader(Checkpoint(f)) for f in {folders!r}]
         out = Path({str(out)!r}); out.mkdir(parents=True, exist_ok=True)

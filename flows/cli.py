@@ -151,7 +151,8 @@ def merge(
     """Merge the models of a mergekit recipe into OUTPUT_DIR."""
     from merge.checkpoint import CheckpointError
     from merge.device import DeviceError
-    from merge.executor import MergeError, run_merge
+    from merge.executor import run_merge
+    from merge.plan import MergeError
     from merge.recipe import RecipeError
     from merge.resolve import ModelNotFound
     from merge.writer import OutputError

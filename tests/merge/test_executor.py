@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merge.checkpoint import Checkpoint
-from merge.executor import MergeError, run_merge
+from merge.executor import run_merge
+from merge.plan import MergeError
 from merge.recipe import RecipeError
 from merge.writer import OutputError, parse_size
 
