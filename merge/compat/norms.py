@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from merge.checkpoint import Checkpoint
+from merge.checkpoint import DTYPES, Checkpoint
 from merge.methods.common import cpu_workers, single_threaded_ops
 
 from .gram import slab_gram
@@ -109,8 +109,14 @@ def stream_norms(base: Checkpoint, models: dict[str, Checkpoint], names: list[st
     infos = base.infos()
     for m in models.values():
         m.infos()  # open every shard here, not concurrently in the workers
-    weights = [n for n in names if base.get(n).is_floating_point()]  # integer buffers (position ids) are not weights
-    jobs = [(n, s, min(s + chunk, infos[n].numel)) for n in weights for s in range(0, infos[n].numel, chunk)]
+    weights = [n for n in names if _is_float(infos[n].dtype)]  # integer buffers (position ids) are not weights
+    adapted = set().union(*(c.adapter.names() for c in [base, *models.values()] if c.adapter is not None))
+    jobs = []
+    for n in weights:
+        numel = infos[n].numel
+        # A LoRA input (BASE+ADAPTER) builds the whole adapted tensor on each read: one job for it.
+        step = max(numel, 1) if n in adapted else chunk
+        jobs += [(n, s, min(s + step, numel)) for s in range(0, numel, step)]
 
     def work(job: tuple[str, int, int]) -> np.ndarray:
         name, s, e = job
@@ -134,6 +140,12 @@ def stream_norms(base: Checkpoint, models: dict[str, Checkpoint], names: list[st
         bad = [] if torch.isfinite(g).all() else _find_nonfinite(name, base.get(name), {m: models[m].get(name) for m in keys})
         _accumulate(res, name, g, bad, len(infos[name].shape) >= 2, infos[name].numel)
     return res
+
+
+def _is_float(dtype: str) -> bool:
+    """A safetensors dtype name (or a pickled tensor's torch dtype name) is a floating type."""
+    known = DTYPES.get(dtype)
+    return known.is_floating_point if known is not None else dtype.removeprefix("torch.").startswith(("F", "BF", "float", "bfloat"))
 
 
 def _accumulate(res: NormResult, name: str, g: torch.Tensor, bad: list[dict], is_matrix: bool, numel: int) -> None:

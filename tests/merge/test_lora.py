@@ -104,7 +104,8 @@ def test_a_merge_of_adapters_equals_the_merge_of_their_merged_models(lora, tmp_p
 
 def test_compatibility_check_sees_the_adapter_update(lora):
     m = lora["gpt2"]
-    report = check_models(m["base"], {"lora_a": f"{m['base']}+{m['a']}", "lora_b": f"{m['base']}+{m['b']}"})
+    report = check_models(m["base"], {"lora_a": f"{m['base']}+{m['a']}", "lora_b": f"{m['base']}+{m['b']}"},
+                          {"norms": {"chunk_elements": 7}})  # small jobs elsewhere; one per adapted tensor
     assert report.status in ("pass", "warn")
     delta = peft_merged("gpt2", m["base"], m["a"])
     base = Checkpoint(m["base"])
