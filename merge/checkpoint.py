@@ -92,10 +92,8 @@ class Checkpoint:
         self.weight_map = self._find_weights(allow_pickle)
         self._infos: dict[str, TensorInfo] | None = None
         self.adapter = adapter
-        missing = sorted(adapter.names() - set(self.weight_map)) if adapter else []
-        if missing:
-            raise CheckpointError(f"{adapter.folder}: the adapter changes {missing[0]!r}, which {self.folder} does not "
-                                  "store (a tied head, or an adapter for another model)")
+        if adapter is not None:
+            adapter.check_shapes({n: info.shape for n, info in self.infos().items()})
 
     # -- discovery -------------------------------------------------------------
     def _find_weights(self, allow_pickle: bool) -> dict[str, str]:

@@ -111,6 +111,20 @@ class LoraAdapter:
     def names(self) -> set[str]:
         return set(self.pairs) | set(self.replaced)
 
+    def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Fail before any compute if an update does not fit the base's tensor (from its header)."""
+        for name in sorted(self.names()):
+            if name in self.replaced:
+                got = tuple(self.replaced[name].shape)
+            else:
+                a, b, emb = self.pairs[name]
+                got = (b.shape[0], a.shape[1])
+                got = got[::-1] if (emb or self.fan_in_fan_out) else got
+            if name not in shapes or got != shapes[name]:
+                where = f"shape {list(shapes[name])}" if name in shapes else "no such tensor"
+                raise LoraError(f"{self.folder / ADAPTER_WEIGHTS}: the adapter changes {name!r} with shape {list(got)}, "
+                                f"the base has {where} (a tied head, or an adapter for another model?)")
+
 
 def _refuse_unsupported(cfg: dict, path: Path) -> None:
     if cfg.get("peft_type", "LORA") != "LORA":

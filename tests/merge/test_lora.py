@@ -143,6 +143,14 @@ def test_an_adapter_for_another_model_is_refused(lora):
         Checkpoint(f"{lora['llama']['base']}+{lora['gpt2']['a']}")
 
 
+def test_an_adapter_for_a_wider_model_is_refused_before_any_compute(lora, tmp_path):
+    wide = tmp_path / "wide_base"
+    GPT2LMHeadModel(GPT2Config(**{**GPT2, "n_embd": 32})).save_pretrained(wide)
+    adapter = make_adapter("gpt2", wide, tmp_path / "wide_lora", 4)  # same tensor names, other shapes
+    with pytest.raises(CheckpointError, match=r"shape \[.*\].*the base has shape"):
+        Checkpoint(f"{lora['gpt2']['base']}+{adapter}")
+
+
 def test_a_tied_head_in_modules_to_save_is_refused(lora, tmp_path):
     m = lora["gpt2"]  # GPT-2 stores no lm_head (tied to wte): saving it would untie the model
     adapter = make_adapter("gpt2", m["base"], tmp_path / "head", 3, modules_to_save=["lm_head"])
