@@ -32,8 +32,9 @@ from __future__ import annotations
 
 from merge.parameters import layer_index
 
-# Non-layer tensors planned before the layers (mergekit's pre_weights); the others come after.
-_PRE_WEIGHT_MARKS = ("embed", "wte", "wpe", "word_embeddings")
+# Non-layer tensors planned before the layers (mergekit's pre_weights: input embeddings); the
+# others (final norm, lm_head, GPT-NeoX's embed_out) come after.
+_PRE_WEIGHT_MARKS = ("embed_tokens", "embed_in", "wte", "wpe", "word_embeddings")
 
 
 def check_aligned(slices: list, base_model: str | None) -> list[str]:

@@ -62,6 +62,8 @@ def test_settings_are_scoped_by_slice_and_t_runs_over_the_slice():
     assert locate(r.slices, "model.embed_tokens.weight") == (r.slices[0], 0.0)
     assert locate(r.slices, "lm_head.weight") == (r.slices[-1], 0.0)
     assert locate(r.slices, "model.norm.weight") == (r.slices[-1], 0.0)
+    assert locate(r.slices, "gpt_neox.embed_in.weight") == (r.slices[0], 0.0)
+    assert locate(r.slices, "embed_out.weight") == (r.slices[-1], 0.0)  # GPT-NeoX's head
     # precedence: the model's own settings in the slice, then the slice's, then the recipe's
     assert parameter_sources(r.slices[1], "b", r.parameters) == [{"weight": 0.5}, {"density": 0.6}, r.parameters]
     assert parameter_sources(r.slices[0], None, r.parameters) == [None, None, r.parameters]
