@@ -31,7 +31,20 @@ def models_dir(tiny_models, tmp_path_factory) -> Path:
     g = torch.Generator().manual_seed(7)
     weights = {k: v + 0.002 * torch.randn(v.shape, generator=g) for k, v in weights.items()}
     save_file(weights, ft_c / "model.safetensors", metadata={"format": "pt"})
+    for name, seed in (("lora_a", 1), ("lora_b", 2)):  # PEFT LoRA adapters on the base (ties_lora.yaml)
+        _lora(root / "models" / "base", root / "models" / name, seed)
     return root
+
+
+def _lora(base: Path, out: Path, seed: int) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                                      init_lora_weights=False))
+    model.save_pretrained(out)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
