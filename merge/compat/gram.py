@@ -21,6 +21,9 @@ else in ~/.cache/numba; set NUMBA_CACHE_DIR where neither is writable.
 """
 from __future__ import annotations
 
+import platform
+
+import llvmlite.binding as llvm
 import numba
 import numpy as np
 import torch
@@ -28,7 +31,21 @@ from llvmlite import ir
 from numba.extending import intrinsic, overload
 
 BLOCK = 1024  # elements per cache-resident block: (k+1) x 1024 x 4 bytes stays in L1/L2
-WIDEN = 1 << 16  # elements per torch widening step for other dtypes (float64, mixed)
+WIDEN = 1 << 16  # elements per torch widening step for other inputs (float64, mixed dtypes)
+
+
+def _cpu_converts_half() -> bool:
+    """Whether the CPU numba compiles for converts fp16 itself (x86 F16C, every 64-bit ARM).
+    Without it LLVM calls a helper numba cannot link, which aborts the process, so fp16 is then
+    widened by torch instead."""
+    if numba.config.CPU_NAME or numba.config.CPU_FEATURES:  # compiling for a chosen CPU
+        return "+f16c" in (numba.config.CPU_FEATURES or "")
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    return bool(llvm.get_host_cpu_features().get("f16c"))
+
+
+HALF_IN_KERNEL = _cpu_converts_half()
 # reassoc lets the dot products use vector partial sums; no "nnan"/"ninf": a NaN or Inf in the
 # inputs must reach the result, where the caller looks for it.
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
@@ -37,9 +54,10 @@ _FAST = {"reassoc", "contract", "nsz", "arcp"}
 def slab_gram(rows: list[torch.Tensor]) -> np.ndarray:
     """(k+1)-square float64 Gram matrix of [rows[i] - rows[-1] for i < k] + [rows[-1]].
 
-    `rows` are flat slabs of equal length: the k models, then the base. bf16, fp16 and float32
-    are read in place; any other dtype (or a mix) is widened to float32 by torch, a cache-sized
-    piece at a time (widening a whole slab into fresh memory measured 7x slower).
+    `rows` are flat slabs of equal length: the k models, then the base. bf16, float32 and (where
+    the CPU converts it, `HALF_IN_KERNEL`) fp16 are read in place; any other dtype (or a mix) is
+    widened to float32 by torch, a cache-sized piece at a time (widening a whole slab into fresh
+    memory measured 7x slower).
     """
     dtypes = {r.dtype for r in rows}
     g = np.zeros((len(rows), len(rows)))
@@ -47,7 +65,7 @@ def slab_gram(rows: list[torch.Tensor]) -> np.ndarray:
         _gram(tuple(r.numpy() for r in rows), g)
     elif dtypes == {torch.bfloat16}:  # numba has no 16-bit floats: pass the bits, as uint16...
         _gram(tuple(r.view(torch.int16).numpy().view(np.uint16) for r in rows), g)
-    elif dtypes == {torch.float16}:  # ...and fp16 as int16, so the kernel can tell the two apart
+    elif dtypes == {torch.float16} and HALF_IN_KERNEL:  # ...and fp16 as int16, to tell the two apart
         _gram(tuple(r.view(torch.int16).numpy() for r in rows), g)
     else:
         buf = torch.empty(len(rows), WIDEN)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from merge.compat import gram
 from merge.compat.gram import BLOCK, slab_gram
 
 
@@ -64,10 +65,15 @@ def test_nonfinite_input_reaches_the_result(bad, where):
     assert not np.isfinite(slab_gram(rows)).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_every_16_bit_pattern_widens_exactly(dtype):
+@pytest.mark.parametrize("dtype, half_in_kernel", [(torch.bfloat16, True), (torch.float16, True),
+                                                    (torch.float16, False)])
+def test_every_16_bit_pattern_widens_exactly(dtype, half_in_kernel, monkeypatch):
     """The kernel widens 16-bit floats from their bits: all 65536 patterns against torch.
-    With a base of 1, the Gram entry <tau, base> is v - 1, computed in float32: sign included."""
+    With a base of 1, the Gram entry <tau, base> is v - 1, computed in float32: sign included.
+    fp16 is checked both ways: in the kernel, and by torch (CPUs without a half conversion)."""
+    if dtype == torch.float16 and half_in_kernel and not gram.HALF_IN_KERNEL:
+        pytest.skip("this CPU has no fp16 conversion instruction: numba cannot widen fp16 itself")
+    monkeypatch.setattr(gram, "HALF_IN_KERNEL", half_in_kernel)
     values = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
     one = torch.ones(1, dtype=dtype)
     got = np.array([slab_gram([v.reshape(1), one])[0, 1] for v in values])
