@@ -60,13 +60,23 @@ def _per_task(report: dict, section: str, field: str) -> tuple[list[str], dict[s
     return tasks, series
 
 
-def retention_per_task(report: dict) -> bytes | None:
-    tasks, series = _per_task(report, "retention", "retention")
+def _task_bars(report: dict, section: str, field: str, height: float):
+    """(figure, axes, series) with one group of bars per task, one bar per candidate; None when
+    the report has no such tasks."""
+    tasks, series = _per_task(report, section, field)
     if not tasks:
         return None
-    fig = Figure(figsize=(max(6, 1.6 * len(tasks) + 2), 3.8))
+    fig = Figure(figsize=(max(6, 1.6 * len(tasks) + 2), height))
     ax = fig.subplots()
     _grouped_bars(ax, tasks, series)
+    return fig, ax, series
+
+
+def retention_per_task(report: dict) -> bytes | None:
+    chart = _task_bars(report, "retention", "retention", 3.8)
+    if chart is None:
+        return None
+    fig, ax, series = chart
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
     ax.text(-0.5, 1.0, " = fine-tune", va="bottom", ha="left", fontsize=8)
     top = max([v for s in series.values() for v in s if v is not None] + [1.0])
@@ -78,12 +88,10 @@ def retention_per_task(report: dict) -> bytes | None:
 
 
 def regression_vs_base(report: dict) -> bytes | None:
-    tasks, series = _per_task(report, "regression", "delta")
-    if not tasks:
+    chart = _task_bars(report, "regression", "delta", 3.4)
+    if chart is None:
         return None
-    fig = Figure(figsize=(max(6, 1.6 * len(tasks) + 2), 3.4))
-    ax = fig.subplots()
-    _grouped_bars(ax, tasks, series)
+    fig, ax, series = chart
     ax.axhline(0.0, color="black", lw=0.8)
     vals = [abs(v) for s in series.values() for v in s if v is not None]
     lim = max(vals + [0.05]) * 1.3
