@@ -62,7 +62,8 @@ class TopK:
 
 
 def _u16(x: Tensor) -> np.ndarray:
-    """Bit patterns of a 16-bit float tensor as a numpy uint16 view (no copy)."""
+    """Bit patterns of a float tensor as a numpy uint16 view (no copy): one per 16-bit value, two
+    per fp32 value (the high half second on little-endian, see ``_LO``)."""
     return x.view(torch.int16).numpy().view(np.uint16)
 
 
@@ -204,16 +205,11 @@ def _values16(dtype: torch.dtype) -> np.ndarray:
 
 def _kth32(flat: Tensor, k: int) -> tuple[int, int, int]:
     """fp32 radix select: high-16-bit histogram, then low-16-bit histogram inside the bin."""
-    halves = _halves(flat)
+    halves = _u16(flat)
     hi, above = _kth_desc(_high_hist(halves), k)
     low_hist = _low_hist_in_bin(halves, hi)
     lo, above_lo = _kth_desc(low_hist, k - above)
     return (hi << 16) | lo, above + above_lo, int(low_hist[lo])
-
-
-def _halves(flat: Tensor) -> np.ndarray:
-    """A flat fp32 CPU tensor as its uint16 halves (high half at odd positions on little-endian)."""
-    return flat.view(torch.int16).numpy().view(np.uint16)
 
 
 def _high_hist(halves: np.ndarray) -> np.ndarray:
@@ -278,11 +274,11 @@ class MagnitudeHistogram:
 
     def _add_flat(self, flat: Tensor) -> None:
         if self._second is not None:
-            self.low_hist += _low_hist_in_bin(_halves(flat), self._second[1])
+            self.low_hist += _low_hist_in_bin(_u16(flat), self._second[1])
             return
         self.dtype = flat.dtype
         self.total += flat.numel()
-        self.hist += _hist16(flat) if flat.element_size() == 2 else _high_hist(_halves(flat))
+        self.hist += _hist16(flat) if flat.element_size() == 2 else _high_hist(_u16(flat))
 
     @property
     def needs_second_pass(self) -> bool:
