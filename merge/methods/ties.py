@@ -198,26 +198,25 @@ class _Worker:
         job.out[s:e].copy_(bb.add_(mixed))
 
 
+def _fold(op, x: Tensor, out: Tensor) -> Tensor:
+    """op(...op(op(x[0], x[1]), x[2])..., x[-1]) into ``out``, one row at a time in index order."""
+    op(x[0], x[1], out=out) if x.shape[0] > 1 else out.copy_(x[0])
+    for row in x[2:]:
+        op(out, row, out=out)
+    return out
+
+
 def _row_sum(x: Tensor, out: Tensor) -> Tensor:
     """x[0] + x[1] + ... in row order (torch.sum(x, 0) for fp32, without its strided reduction)."""
-    torch.add(x[0], x[1], out=out) if x.shape[0] > 1 else out.copy_(x[0])
-    for row in x[2:]:
-        out.add_(row)
-    return out
+    return _fold(torch.add, x, out)
 
 
 def _row_min(x: Tensor, out: Tensor) -> Tensor:
-    torch.minimum(x[0], x[1], out=out) if x.shape[0] > 1 else out.copy_(x[0])
-    for row in x[2:]:
-        torch.minimum(out, row, out=out)
-    return out
+    return _fold(torch.minimum, x, out)
 
 
 def _row_max(x: Tensor, out: Tensor) -> Tensor:
-    torch.maximum(x[0], x[1], out=out) if x.shape[0] > 1 else out.copy_(x[0])
-    for row in x[2:]:
-        torch.maximum(out, row, out=out)
-    return out
+    return _fold(torch.maximum, x, out)
 
 
 def _indicator(x: Tensor) -> Tensor:
