@@ -60,6 +60,26 @@ class TopK:
             torch.ge(a[:j], t, out=out[:j])
         return out
 
+    def trim(self, d: Tensor, start: int, out: Tensor) -> Tensor:
+        """out = d where kept else 0, for flat positions [start, start + len(d)), by one fused
+        ``hardshrink`` (keeps |x| > lambda) instead of abs + compare + multiply."""
+        t, end = self.threshold, start + d.numel()
+        if self.k == 0:
+            return out.zero_()
+        if end <= self.cut:
+            return torch.hardshrink(d, below(t, d.dtype), out=out)
+        torch.hardshrink(d, t, out=out)
+        if start < self.cut:  # the one chunk straddling the tie cut: ties before it are kept
+            j = self.cut - start
+            torch.hardshrink(d[:j], below(t, d.dtype), out=out[:j])
+        return out
+
+
+def below(t: float, dtype: torch.dtype) -> float:
+    """The largest value of ``dtype`` under t: |x| > below(t) is |x| >= t for values of dtype."""
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    return float(np.nextafter(np_dtype(t), np_dtype(-np.inf)))
+
 
 def _u16(x: Tensor) -> np.ndarray:
     """Bit patterns of a float tensor as a numpy uint16 view (no copy): one per 16-bit value, two

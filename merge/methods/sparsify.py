@@ -1,7 +1,8 @@
 """Sparsifiers: which entries of one task vector survive, as chunk-wise keep-masks.
 
 Each sparsifier answers ``mask(a, start, out)``: the keep-mask of the magnitudes ``a`` at flat
-positions [start, start + len(a)). Semantics follow mergekit's ``mergekit/sparsify.py``:
+positions [start, start + len(a)), and ``trim(d, start, out)``: the deltas ``d`` there with the
+dropped entries zeroed (threshold sparsifiers do it in one fused ``hardshrink``). Semantics follow mergekit's ``mergekit/sparsify.py``:
 - magnitude (TIES, Yadav et al. 2023, arXiv:2306.01708): the k = max(1, int(density * numel))
   largest |delta|, ties at the threshold by lowest flat index (see ``select.py``);
 - magnitude_outliers (Model Breadcrumbs, Davari & Belilovsky 2023, arXiv:2312.06795): drop the
@@ -22,13 +23,23 @@ import torch
 from torch import Tensor
 
 from merge.methods.common import chunk_size, run_chunks
-from merge.methods.select import TopK, topk
+from merge.methods.select import TopK, below, topk
+
+
+class _TrimByMask:
+    """``trim`` through the boolean keep-mask, for sparsifiers without a fused threshold."""
+
+    def trim(self, d: Tensor, start: int, out: Tensor) -> Tensor:
+        return torch.mul(d, self.mask(d.abs(), start), out=out)
 
 
 @dataclass(frozen=True)
 class KeepAll:
     def mask(self, a: Tensor, start: int = 0, out: Tensor | None = None) -> Tensor:
         return torch.ones_like(a, dtype=torch.bool) if out is None else out.fill_(True)
+
+    def trim(self, d: Tensor, start: int, out: Tensor) -> Tensor:
+        return out.copy_(d)
 
 
 @dataclass(frozen=True)
@@ -40,9 +51,12 @@ class AtLeast:
     def mask(self, a: Tensor, start: int = 0, out: Tensor | None = None) -> Tensor:
         return torch.ge(a, self.threshold, out=out)
 
+    def trim(self, d: Tensor, start: int, out: Tensor) -> Tensor:
+        return torch.hardshrink(d, below(self.threshold, d.dtype), out=out)
+
 
 @dataclass(frozen=True)
-class Window:
+class Window(_TrimByMask):
     """In the top ``keep`` but not in the top ``drop`` (``drop`` is a subset of ``keep``)."""
 
     keep: TopK
@@ -56,7 +70,7 @@ class Window:
 
 
 @dataclass(frozen=True)
-class Stored:
+class Stored(_TrimByMask):
     """A precomputed flat boolean mask (random methods)."""
 
     keep: Tensor
@@ -64,35 +78,6 @@ class Stored:
     def mask(self, a: Tensor, start: int = 0, out: Tensor | None = None) -> Tensor:
         part = self.keep[start : start + a.numel()]
         return part.clone() if out is None else out.copy_(part)
-
-
-def _below(t: float, dtype: torch.dtype) -> float:
-    """The largest value of ``dtype`` under t: |x| > _below(t) is |x| >= t for values of dtype."""
-    np_dtype = np.float64 if dtype == torch.float64 else np.float32
-    return float(np.nextafter(np_dtype(t), np_dtype(-np.inf)))
-
-
-def trim(sparsifier, d: Tensor, start: int, out: Tensor) -> Tensor:
-    """out = d where kept else 0, for the chunk of flat positions [start, start + len(d)).
-
-    Threshold sparsifiers use one fused ``hardshrink`` (keeps |x| > lambda) instead of
-    abs + compare + multiply: 3 passes and a bool temporary saved per element."""
-    if isinstance(sparsifier, KeepAll):
-        return out.copy_(d)
-    if isinstance(sparsifier, AtLeast):
-        return torch.hardshrink(d, _below(sparsifier.threshold, d.dtype), out=out)
-    if isinstance(sparsifier, TopK):
-        t, cut, end = sparsifier.threshold, sparsifier.cut, start + d.numel()
-        if sparsifier.k == 0:
-            return out.zero_()
-        if end <= cut:
-            return torch.hardshrink(d, _below(t, d.dtype), out=out)
-        torch.hardshrink(d, t, out=out)
-        if start < cut:  # the one chunk straddling the tie cut: ties before it are kept
-            j = cut - start
-            torch.hardshrink(d[:j], _below(t, d.dtype), out=out[:j])
-        return out
-    return torch.mul(d, sparsifier.mask(d.abs(), start), out=out)
 
 
 def magnitude(delta: Tensor, density: float, hist=None):

@@ -160,7 +160,7 @@ class _Worker:
         bb.copy_(job.b[s:e])
         # 1. Trim
         for i, (delta, mask) in enumerate(zip(job.deltas, job.masks)):
-            sparsify.trim(mask, x[i].copy_(delta[s:e]), s, out=d[i])
+            mask.trim(x[i].copy_(delta[s:e]), s, out=d[i])
         if not self.counted:
             acc[0] += _indicator(torch.abs(d, out=x)).sum(1)  # nonzero survivors (exact: chunk < 2^24)
             acc[1] += torch.abs(d, out=x).sum(1)
