@@ -69,7 +69,7 @@ def run_chunks(numel: int, chunk: int, make_worker, device) -> list:
                 return
             worker(*span)
 
-    with _single_threaded_ops():
+    with single_threaded_ops():
         with ThreadPoolExecutor(n) as pool:
             list(pool.map(loop, workers))  # re-raises a worker's exception here
     return workers
@@ -81,7 +81,7 @@ _ops_threads = 0
 
 
 @contextmanager
-def _single_threaded_ops():
+def single_threaded_ops():
     """torch intra-op threads = 1 while any chunk loop runs; the first caller saves the setting
     and the last one restores it, so concurrent merges cannot leave the process single-threaded."""
     global _ops_users, _ops_threads
@@ -179,5 +179,3 @@ def check_inputs(name: str, base: Tensor | None, models: list[Tensor], need_base
     if not ref.is_floating_point():
         raise TypeError(f"merge method {name!r} needs floating-point tensors, got {ref.dtype}")
 
-
-single_threaded_ops = _single_threaded_ops  # public name for other packages (merge.compat uses it)
