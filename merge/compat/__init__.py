@@ -123,9 +123,6 @@ def check_recipe(recipe_or_path: Any, policy: Any = None, *, allow_pickle: bool 
     refs = [m.model for m in recipe.inputs() if m.model != reference]
     if not refs:
         raise CompatInputError(f"{where}: 'models' lists only {reference!r}; nothing to check against it")
-    dup = next((r for r in refs if refs.count(r) > 1), None)
-    if dup:
-        raise CompatInputError(f"{where}: model {dup!r} is listed twice in 'models'")
     base = resolve_model(reference, recipe.source_dir)
     folders = {names[r]: resolve_model(r, recipe.source_dir) for r in refs}
     try:
