@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from merge.parameters import LAYER_COUNT_KEYS
+
 from .report import Check
 
 # canonical name -> spellings seen in config.json across families (first present wins)
@@ -19,7 +21,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "architectures": ("architectures",),
     "model_type": ("model_type",),
     "hidden_size": ("hidden_size", "n_embd", "d_model", "dim"),
-    "num_hidden_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+    "num_hidden_layers": LAYER_COUNT_KEYS,  # the spellings the merge's gradients read too
     "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
     "num_key_value_heads": ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num"),
     "head_dim": ("head_dim",),
