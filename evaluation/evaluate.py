@@ -29,6 +29,7 @@ import pandas as pd
 
 from evaluation.score_cache import ScoreCache, cache_key, lm_eval_version, model_hash, task_fingerprint
 from evaluation.suite import EvalSuite, check_ready
+from merge.resolve import split_adapter
 
 ROLES = ("base", "finetune", "candidate")
 SCORE_COLUMNS = ["model", "role", "task", "metric", "value", "primary", "seed"]
@@ -91,8 +92,8 @@ def evaluate_models(suite: EvalSuite, models: dict[str, str | Path], cache_dir: 
                     log: Callable[[str], None] | None = print) -> ScoreTable:
     check_ready(suite)
     for name, path in models.items():
-        for folder in str(path).split("+"):  # BASE+ADAPTER: a LoRA adapter on its base
-            if not Path(folder).is_dir():
+        for folder in split_adapter(str(path)):  # BASE+ADAPTER: a LoRA adapter on its base
+            if folder is not None and not Path(folder).is_dir():
                 raise FileNotFoundError(f"model {name!r}: folder {folder} does not exist")
     if runner is None:
         from evaluation.lm_eval_runner import run_lm_eval as runner  # heavy: imports lm_eval

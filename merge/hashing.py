@@ -11,6 +11,8 @@ import hashlib
 import sys
 from pathlib import Path
 
+from merge.resolve import split_adapter
+
 # Files that define what a model computes. README, lineage and merge statistics are left
 # out on purpose: rewriting a model card must not change the model's identity.
 HASHED_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")
@@ -29,8 +31,8 @@ def hashed_files(folder: Path) -> list[Path]:
 def content_hash(folder: str | Path) -> str:
     """sha256 over (file name, file bytes) of the model-defining files, e.g. 'sha256:ab12...'.
     For `BASE+ADAPTER` (a LoRA adapter on a base), the hash of the two folders' hashes."""
-    if "+" in str(folder):
-        base, _, adapter = str(folder).partition("+")
+    base, adapter = split_adapter(str(folder))
+    if adapter is not None:
         return text_hash(f"{content_hash(base)}+{content_hash(adapter)}")
     folder = Path(folder)
     files = hashed_files(folder)
