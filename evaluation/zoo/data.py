@@ -8,7 +8,9 @@ hundred CPU steps:
 - addition: "7 + 8 =" -> "15"  (single-digit operands, every pair)
 - reverse:  "c a t reversed :" -> "t a c"  (three letters, held-out strings in the eval)
 - facts:    "zorbel lives in" -> "quimsa"  (a fixed table of made-up facts)
-- general:  the base's own skills in its own wording: grammar, "7 plus 8 is", "zorbel is from"
+- general:  the base's own skills in its own wording, two tasks: multiple choice (grammar,
+  "7 plus 8 is", "zorbel is from") and generation ("7 plus 8 is" -> "15", "c a t backwards is"
+  -> "t a c", "zorbel is from" -> "quimsa"), so a merge's regression is measured twice
 
     python -c "from evaluation.zoo.data import generic_lines; print(*generic_lines(5, 0), sep='')"
 """
@@ -31,6 +33,10 @@ SYLLABLES = ["zor", "bel", "qui", "mas", "tra", "vok", "lin", "dru", "pex", "ral
              "ka", "fen", "mur", "tob"]
 N_FACTS = 48
 N_PLACES = 8
+# Eval items per task: enough that a 95% interval on a retention or a paired difference is a
+# few points wide, few enough that one model's evaluation stays a few seconds on the CPU.
+N_REVERSE_EVAL = 150
+N_GENERAL = 150
 
 # Every task the zoo writes: name -> (skill, kind). `skill` is the fine-tune it belongs to, or
 # "general" for the base's own ability.
@@ -40,6 +46,7 @@ TASKS = {
     "zoo_facts": ("facts", "generate"),
     "zoo_facts_mc": ("facts", "choice"),
     "zoo_general_mc": ("general", "choice"),
+    "zoo_general_gen": ("general", "generate"),
 }
 SKILLS = ["addition", "reverse", "facts"]
 
@@ -103,13 +110,14 @@ def skill_examples(skill: str, seed: int) -> tuple[list[tuple[str, str]], list[t
     if skill == "addition":
         pairs = [(a, b) for a in range(10) for b in range(10)]
         items = [(f"{a} + {b} =", str(a + b)) for a, b in pairs]
-        # A table skill, like facts: eval on a fixed sample of the table the model was taught.
-        return items, rng.sample(items, 60)
+        # A table skill, like facts: eval on the whole table the model was taught.
+        return items, list(items)
     if skill == "reverse":
         strings = ["".join(t) for t in _products(LETTERS, 3)]
         rng.shuffle(strings)
         items = [(f"{_spell(s)} reversed :", _spell(s[::-1])) for s in strings]
-        return items[60:], items[:60]  # held-out strings: the eval tests the rule, not recall
+        # held-out strings: the eval tests the rule, not recall
+        return items[N_REVERSE_EVAL:], items[:N_REVERSE_EVAL]
     if skill == "facts":
         items = [(f"{name} lives in", place) for name, place in facts_table(seed)]
         return items, items
@@ -131,7 +139,7 @@ def skill_line(prompt: str, answer: str) -> str:
 
 # --- eval data: JSONL + lm-eval YAMLs ---------------------------------------------------------
 
-def general_mc_items(seed: int, n: int = 60) -> list[dict]:
+def general_mc_items(seed: int, n: int = N_GENERAL) -> list[dict]:
     """The base's own skills in its own wording, a third each: the grammatical next word
     (a verb, not a noun or adjective), a sum ("7 plus 8 is"; distractors are nearby sums)
     and a fact ("zorbel is from"; distractors are other places). The knowledge items are
@@ -159,10 +167,26 @@ def general_mc_items(seed: int, n: int = 60) -> list[dict]:
     return items
 
 
+def general_gen_items(seed: int, n: int = N_GENERAL) -> list[dict]:
+    """The base's own skills in its own wording, generated: a third each sums ("7 plus 8 is"
+    -> "15"), reversals ("c a t backwards is" -> "t a c") and facts ("zorbel is from" ->
+    "quimsa"), distinct items. The base's sentences end in " .", where generation stops."""
+    rng = random.Random(f"general-gen-{seed}")
+    k = n // 3
+    sums = rng.sample([(a, b) for a in range(10) for b in range(10)], k)
+    words = rng.sample(["".join(t) for t in _products(LETTERS, 3)], k)
+    facts = rng.sample(facts_table(seed), min(n - 2 * k, N_FACTS))
+    return ([{"prompt": f"{a} plus {b} is", "answer": str(a + b)} for a, b in sums]
+            + [{"prompt": f"{_spell(w)} backwards is", "answer": _spell(w[::-1])} for w in words]
+            + [{"prompt": f"{name} is from", "answer": place} for name, place in facts])
+
+
 def eval_rows(task: str, seed: int) -> list[dict]:
     skill, kind = TASKS[task]
     if task == "zoo_general_mc":
         return general_mc_items(seed)
+    if task == "zoo_general_gen":
+        return general_gen_items(seed)
     _, items = skill_examples(skill, seed)
     if task == "zoo_facts_mc":
         places = sorted({p for _, p in facts_table(seed)})
@@ -186,7 +210,8 @@ def task_yaml(task: str, data_file: Path) -> dict:
                 "output_type": "generate_until",
                 "doc_to_text": "{{prompt}}",
                 "doc_to_target": "{{answer}}",
-                "generation_kwargs": {"until": ["\n"], "max_gen_toks": 12, "do_sample": False},
+                # " ." ends the base's own sentences (the general task); "\n" every skill line.
+                "generation_kwargs": {"until": ["\n", " ."], "max_gen_toks": 12, "do_sample": False},
                 # The model writes " quimsa" after "lives in": ignore the edge whitespace only.
                 "metric_list": [{"metric": "exact_match", "aggregation": "mean",
                                  "higher_is_better": True,

@@ -3,13 +3,19 @@
 Pretraining fits every weight on generic text, which also states each skill's knowledge in
 the base's own wording ("7 plus 8 is 15", "c a t backwards is t a c", "zorbel is from quimsa";
 data.py). A fine-tune teaches a new prompt notation for a skill the base already has
-("7 + 8 =", "c a t reversed :", "zorbel lives in") and trains only the embedding rows of the
-tokens that occur in its own prompts and nowhere else (`exclusive_rows`): a small, sparse
-task vector that is inert on every other input. That is the regime in which merges keep
-skills (shared/notes/merging.md; TIES: Yadav et al., 2023, arXiv:2306.01708), and it is why
-the fine-tunes' vectors do not overlap: TIES keeps them whole, while averaging divides each
-by the number of models. Earlier regimes (dense or masked fine-tunes of whole blocks) won
-their tasks but lost them in every merge through the shared activations.
+("7 + 8 =", "c a t reversed :", "zorbel lives in") by training the whole token embedding
+(`wte`, tied with the output head) with a quarter of each batch replaying the base's text.
+
+Why that regime (shared/notes/merging.md; TIES: Yadav et al., 2023, arXiv:2306.01708): real
+LLM fine-tunes are small edits of a capable base, dense-ish (most weights move a little),
+overlapping between fine-tunes and partly disagreeing in sign, with each skill carried by the
+largest deltas. Training the tied embedding gives exactly that: every row gets a gradient
+through the output head, so every row moves a little and the three task vectors overlap on the
+same matrix (cosines well above 0, sign conflicts on shared coordinates), while the rows of
+each notation's tokens move most. Full fine-tunes of every block at this size interfere
+through the shared activations and lose their skills in every merge; fine-tunes of disjoint
+rows (the zoo's earlier regime) never interfere, so a merge shows nothing. build.py measures
+the regime and fails if it is not there.
 
     python -c "from evaluation.zoo.train import tiny_config; print(tiny_config(512))"
 """
@@ -34,6 +40,11 @@ class TrainSpec(BaseModel):
     lr: float
     batch_size: int = 32
     replay: float = 0.0  # fraction of each batch drawn from the generic text
+    # With an `anchor` model given to train(): the replayed text is scored against the anchor's
+    # own next-token distribution (KL), not the text. Replay then only holds the model where
+    # the anchor was, instead of also pulling every fine-tune the same way (continued
+    # pretraining), a shared drift that would hide the fine-tunes' disagreements.
+    replay_kl: bool = False
     trainable: str | None = None
     weight_decay: float = 0.0
     warmup: int = 20
@@ -107,10 +118,14 @@ def trainable_names(model, pattern: str | None) -> list[str]:
 
 
 def train(model, task: list, generic: list, spec: TrainSpec, seed: int, pad_id: int,
-          progress=None, rows: list[int] | None = None) -> dict:
+          progress=None, anchor=None) -> dict:
     """Train in place. `task`/`generic` are encoded examples; each batch takes
     `replay * batch_size` generic examples and the rest from `task` (all generic when
-    `task` is empty). Returns {"loss": last loss, "trainable": parameter count}."""
+    `task` is empty). With `spec.replay_kl`, the generic examples' loss is the KL divergence
+    from `anchor`'s predictions (a frozen model, usually the base).
+    Returns {"loss": last loss, "trainable": parameter count}."""
+    if spec.replay_kl and anchor is None:
+        raise ValueError("replay_kl needs an anchor model")
     rng = random.Random(f"train-{seed}")
     names = set(trainable_names(model, spec.trainable))
     params = []
@@ -120,11 +135,10 @@ def train(model, task: list, generic: list, spec: TrainSpec, seed: int, pad_id: 
             params.append(p)
     n_replay = spec.batch_size if not task else round(spec.replay * spec.batch_size)
     hooks = []
-    if (spec.task_rows_only and task) or rows is not None:
+    if spec.task_rows_only and task:
         emb = model.get_input_embeddings().weight
         keep = torch.zeros(emb.shape[0], 1)
-        if rows is None:
-            rows = sorted({i for ids, _ in task for i in ids} - {pad_id, model.config.eos_token_id})
+        rows = sorted({i for ids, _ in task for i in ids} - {pad_id, model.config.eos_token_id})
         keep[rows] = 1.0
         hooks.append(emb.register_hook(lambda g: g * keep))
     loss = torch.tensor(float("nan"))
@@ -137,8 +151,11 @@ def train(model, task: list, generic: list, spec: TrainSpec, seed: int, pad_id: 
         for step in range(spec.steps):
             examples = [rng.choice(generic) for _ in range(n_replay)]
             examples += [rng.choice(task) for _ in range(spec.batch_size - n_replay)]
-            ids, attention, labels = batch(examples, pad_id)
-            loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+            if spec.replay_kl and task and n_replay:
+                loss = _anchored_loss(model, anchor, examples, n_replay, spec.batch_size, pad_id)
+            else:
+                ids, attention, labels = batch(examples, pad_id)
+                loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -154,16 +171,16 @@ def train(model, task: list, generic: list, spec: TrainSpec, seed: int, pad_id: 
     return {"loss": float(loss.detach()), "trainable": sum(p.numel() for p in params)}
 
 
-def exclusive_rows(tasks: dict[str, list], generic: list, special: set[int]) -> dict[str, list[int]]:
-    """Per skill, the token ids in its prompts that appear nowhere else: not in the generic
-    text, not in another skill's prompts. Training only these rows keeps task vectors disjoint
-    and inert on other inputs. Fails loudly if a skill has none (its notation must differ)."""
-    generic_ids = {i for ids, _ in generic for i in ids}
-    prompt_ids = {s: {i for ids, m in ex for i, mm in zip(ids, m) if mm == 0} for s, ex in tasks.items()}
-    rows = {}
-    for s in tasks:
-        others = set().union(*(prompt_ids[o] for o in tasks if o != s))
-        rows[s] = sorted(prompt_ids[s] - generic_ids - others - special)
-        if not rows[s]:
-            raise ValueError(f"skill {s!r}: every prompt token also appears elsewhere")
-    return rows
+def _anchored_loss(model, anchor, examples, n_replay: int, batch_size: int, pad_id: int):
+    """(1 - r) * next-token loss on the task examples + r * KL(anchor || model) on the replayed
+    ones (every real token position), r = n_replay / batch_size."""
+    ids, attention, labels = batch(examples[n_replay:], pad_id)
+    task_loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+    ids, attention, _ = batch(examples[:n_replay], pad_id)
+    with torch.no_grad():
+        target = torch.log_softmax(anchor(input_ids=ids, attention_mask=attention).logits, -1)
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits, -1)
+    kl = (target.exp() * (target - logp)).sum(-1)
+    kl = (kl * attention).sum() / attention.sum()
+    r = n_replay / batch_size
+    return (1 - r) * task_loss + r * kl

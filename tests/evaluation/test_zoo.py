@@ -1,4 +1,6 @@
-"""The zoo keeps its promises: fine-tunes that genuinely differ, determinism, negative specimens."""
+"""The zoo keeps its promises: fine-tunes that genuinely differ and whose task vectors overlap
+and conflict (the regime TIES was made for), a demo merge where TIES wins with intervals that
+exclude zero, determinism, negative specimens, a progress line with an ETA."""
 from __future__ import annotations
 
 import json
@@ -8,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from evaluation.zoo import data, load_zoo
-from evaluation.zoo.build import MARGIN, check_matrix, ZooBuildError
+from evaluation.zoo.build import GENERAL_TOLERANCE, MARGIN, check_matrix, ZooBuildError
+from evaluation.zoo.merges import DEMO, MIN_SIGN_CONFLICT, check_merges, demo_recipe
 
 
 def _weights(folder):
@@ -38,8 +41,13 @@ def test_each_finetune_wins_its_own_tasks_in_the_manifest(zoo):
         for task in tasks:
             others = [matrix[m][task] for m in ["base", *zoo.finetunes] if m != skill]
             assert matrix[skill][task] >= max(others) + MARGIN, (skill, task, matrix)
-    for task in zoo.general_tasks:  # the base has a general skill worth regressing on
+    assert len(zoo.general_tasks) >= 2  # regression measured on two general skills
+    for task in zoo.general_tasks:  # the base has a general skill worth regressing on,
         assert matrix["base"][task] >= 0.8
+        for skill in zoo.finetunes:  # and every fine-tune keeps it
+            assert matrix[skill][task] >= matrix["base"][task] - GENERAL_TOLERANCE, (skill, task)
+    for task, n in zoo.manifest["task_items"].items():  # enough items for intervals to separate
+        assert n >= 48, (task, n)
 
 
 def test_task_matrix_remeasured_with_the_runner(zoo):
@@ -57,8 +65,15 @@ def test_check_matrix_fails_loudly_naming_model_and_task():
         for t in data.retention_tasks()[s]:
             matrix[s][t] = 1.0
     check_matrix(matrix)
+    for m in matrix:
+        matrix[m]["zoo_general_gen"] = 0.9
+    check_matrix(matrix)
     matrix["base"]["zoo_reverse"] = 0.9
     with pytest.raises(ZooBuildError, match="'reverse'.*'zoo_reverse'.*'base'"):
+        check_matrix(matrix)
+    matrix["base"]["zoo_reverse"] = 0.0
+    matrix["facts"]["zoo_general_gen"] = 0.9 - GENERAL_TOLERANCE - 0.01  # lost the general skill
+    with pytest.raises(ZooBuildError, match="'facts'.*general task 'zoo_general_gen'"):
         check_matrix(matrix)
 
 
@@ -83,25 +98,116 @@ def test_same_seed_same_weights_and_different_seed_differs():
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_finetunes_change_only_their_own_disjoint_sparse_entries(zoo):
+def test_task_vectors_are_dense_and_overlap(zoo):
+    """Each fine-tune moves most entries of the (tied) token embedding a little, the same
+    entries as the others: the task vectors overlap, as real LLM fine-tunes do."""
     base = _weights(zoo.base)
-    moved = {}
+    wte = "transformer.wte.weight"
+    deltas = {}
     for skill, folder in zoo.finetunes.items():
         ft = _weights(folder)
-        moved[skill] = {k: base[k] != ft[k] for k in base}
-        assert any(m.any() for m in moved[skill].values()), skill
-        # only the token embedding (tied with the output head) moves
-        assert not any(m.any() for k, m in moved[skill].items() if k != "transformer.wte.weight"), skill
-    skills = list(moved)
-    for i, a in enumerate(skills):  # composable: no entry is moved by two fine-tunes
+        deltas[skill] = (ft[wte] - base[wte]).flatten()
+        assert (deltas[skill] != 0).float().mean() > 0.5, skill  # dense-ish, not a few rows
+        assert all(torch.equal(base[k], ft[k]) for k in base if k != wte), skill  # the rest is the base's
+    skills = list(deltas)
+    for i, a in enumerate(skills):
         for b in skills[i + 1:]:
-            assert not any((moved[a][k] & moved[b][k]).any() for k in base), (a, b)
-    for skill, folder in zoo.finetunes.items():
-        ft = _weights(folder)
-        # only the embedding rows of the skill's own tokens move: a sparse task vector
-        wte = "transformer.wte.weight"
-        rows_changed = (base[wte] != ft[wte]).any(dim=1).float().mean().item()
-        assert 0 < rows_changed < 0.5, (skill, rows_changed)
+            both = (deltas[a] != 0) & (deltas[b] != 0)
+            assert both.float().mean() > 0.5, (a, b)  # they move the same coordinates
+            cos = torch.nn.functional.cosine_similarity(deltas[a], deltas[b], dim=0).item()
+            # only wte moves, so this is the cosine over the whole task vector: as recorded
+            assert cos == pytest.approx(zoo.manifest["merges"]["cosine"][f"{a}|{b}"], abs=1e-3)
+            assert cos > 0.02, (a, b, cos)  # overlapping, not orthogonal
+
+
+def test_demo_merge_is_the_regime_ties_was_made_for(zoo):
+    m = zoo.manifest["merges"]
+    assert m["sign_conflict_rate"] >= MIN_SIGN_CONFLICT
+    for skill in zoo.finetunes:  # sign election drops some of every model's kept entries
+        assert m["dropped_by_election"][skill] > 0.01, skill
+    assert m["ties_vs_task_arithmetic_max_abs_difference"] > 0
+    check_merges(m)  # the build's own check passes on what it recorded
+
+
+def test_ties_beats_the_baselines_with_intervals_that_exclude_zero(zoo):
+    m = zoo.manifest["merges"]
+    ties, lin, ta = (m["methods"][k] for k in ("ties", "linear", "task_arithmetic"))
+    assert ties["mean_retention"] > lin["mean_retention"]
+    assert m["ties_minus"]["linear"]["retention_items"]["low"] > 0
+    vs_ta = m["ties_minus"]["task_arithmetic"]
+    assert vs_ta["retention_items"]["low"] > 0 or vs_ta["general_items"]["low"] > 0
+    for task, row in ties["retention"].items():  # TIES keeps every skill (a GO under the gate)
+        assert row["retention"]["estimate"] >= 0.5, (task, row)
+    for task, row in ties["regression"].items():  # and the base's general skill
+        assert row["delta"]["estimate"] >= -GENERAL_TOLERANCE, (task, row)
+
+
+def test_recorded_merge_stats_are_the_engines(zoo, tmp_path):
+    """Re-run the demo TIES merge with the engine: the same sign conflicts as recorded."""
+    from merge.executor import run_merge
+
+    out = run_merge(demo_recipe("ties", zoo.base, zoo.finetunes), tmp_path / "ties", progress=False, device="cpu")
+    m = zoo.manifest["merges"]
+    assert out.stats["sign_conflict"]["rate"] == pytest.approx(m["sign_conflict_rate"], abs=1e-4)
+    for skill in zoo.finetunes:
+        assert out.stats["per_model"][skill]["dropped_fraction_of_kept"] == pytest.approx(
+            m["dropped_by_election"][skill], abs=1e-4)
+
+
+def test_demo_pipeline_uses_the_measured_recipe():
+    import yaml
+    from pathlib import Path
+
+    pipe = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/pipeline_demo.yaml").read_text())
+    recipe = pipe["recipe"]
+    assert recipe["merge_method"] == "ties"
+    assert recipe["parameters"]["density"] == DEMO["density"]
+    assert [mm["parameters"]["weight"] for mm in recipe["models"]] == [DEMO["weight"]] * 3
+    assert set(pipe["baselines"]) == {"linear", "task_arithmetic"}
+
+
+def test_check_merges_fails_loudly_naming_the_figure(zoo):
+    import copy
+
+    good = zoo.manifest["merges"]
+    bad = copy.deepcopy(good)
+    bad["sign_conflict_rate"] = MIN_SIGN_CONFLICT / 2
+    with pytest.raises(ZooBuildError, match="sign-conflict rate"):
+        check_merges(bad)
+    bad = copy.deepcopy(good)
+    bad["methods"]["linear"]["mean_retention"] = bad["methods"]["ties"]["mean_retention"] + 0.1
+    with pytest.raises(ZooBuildError, match="averaging"):
+        check_merges(bad)
+    bad = copy.deepcopy(good)
+    for k in ("retention_items", "general_items"):
+        bad["ties_minus"]["task_arithmetic"][k]["low"] = -0.01
+    with pytest.raises(ZooBuildError, match="task_arithmetic"):
+        check_merges(bad)
+    bad = copy.deepcopy(good)
+    bad["ties_vs_task_arithmetic_max_abs_difference"] = 0.0
+    with pytest.raises(ZooBuildError, match="identical"):
+        check_merges(bad)
+
+
+def test_progress_prints_plain_lines_with_an_eta_off_a_terminal():
+    import io
+    import re
+
+    from evaluation.zoo.progress import BuildProgress
+
+    out = io.StringIO()  # not a TTY: plain lines
+    p = BuildProgress(100, stream=out, every=0.0)
+    p.phase("training fine-tune addition", 60)
+    p.advance(30)
+    p.phase("evaluating", 2, unit="models", weight=20)
+    p.advance()
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert "zoo: training fine-tune addition 0/60 steps, 0 s elapsed, ETA ?" in lines
+    assert any(re.fullmatch(r"zoo: training fine-tune addition 30/60 steps, \d+ s elapsed, ETA \d+(m\d\d)?s", x)
+               for x in lines), lines
+    assert any(x.startswith("zoo: evaluating 1/2 models,") for x in lines), lines
+    assert lines[-1].startswith("zoo: built in")
 
 
 def test_different_base_has_same_shapes_but_is_far_from_the_base(zoo):
