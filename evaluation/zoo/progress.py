@@ -31,6 +31,7 @@ class BuildProgress:
         self.stream = stream or sys.stderr
         self.total, self.done, self.every = float(total_units), 0.0, every
         self.started = self.last = time.monotonic()
+        self.working: float | None = None  # when the first phase began (setup is not extrapolated)
         self.what, self.n, self.of, self.unit, self.weight = "", 0, 0, "", 1.0
         self.plain = plain if plain is not None else not self.stream.isatty()
         self._bar = None
@@ -46,6 +47,8 @@ class BuildProgress:
     def phase(self, what: str, of: int, unit: str = "steps", weight: float = 1.0) -> None:
         """Start a phase of `of` items (each worth `weight` units of the whole build)."""
         self.what, self.n, self.of, self.unit, self.weight = what, 0, of, unit, weight
+        if self.working is None:
+            self.working = time.monotonic()
         self._show(force=True)
 
     def advance(self, n: int = 1) -> None:
@@ -54,10 +57,9 @@ class BuildProgress:
         self._show(force=self.n >= self.of)
 
     def eta(self) -> float | None:
-        elapsed = time.monotonic() - self.started
-        if self.done <= 0:
+        if self.done <= 0 or self.working is None:
             return None
-        return elapsed / self.done * max(0.0, self.total - self.done)
+        return (time.monotonic() - self.working) / self.done * max(0.0, self.total - self.done)
 
     def line(self) -> str:
         elapsed = time.monotonic() - self.started
