@@ -30,7 +30,7 @@ import numpy as np
 from . import data
 
 # The demo recipe's TIES parameters: configs/pipeline_demo.yaml must say the same (a test checks).
-DEMO = {"density": 0.3, "weight": 0.5}
+DEMO = {"density": 0.2, "weight": 0.5}
 METHODS = ("ties", "task_arithmetic", "linear")
 # The build's promises about the demo merge.
 MIN_SIGN_CONFLICT = 0.05  # at least this share of kept positions has conflicting signs
