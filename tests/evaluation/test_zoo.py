@@ -124,7 +124,7 @@ def test_demo_merge_is_the_regime_ties_was_made_for(zoo):
     m = zoo.manifest["merges"]
     assert m["sign_conflict_rate"] >= MIN_SIGN_CONFLICT
     for skill in zoo.finetunes:  # sign election drops some of every model's kept entries
-        assert m["dropped_by_election"][skill] > 0.01, skill
+        assert m["dropped_by_election"][skill] > 0, skill
     assert m["ties_vs_task_arithmetic_max_abs_difference"] > 0
     check_merges(m)  # the build's own check passes on what it recorded
 
