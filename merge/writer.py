@@ -210,9 +210,9 @@ def _owner_tag() -> str:
 
 def _owner_gone(name: str) -> bool:
     """Whether the process named in a staging/swap folder's name (`...-PID-START-...`) is gone."""
-    m = re.search(r"\.(?:tmp|old)-(\d+)-(\d+)", name)
+    m = re.search(r"\.(?:tmp|old)-(\d+)-(\d+)-[0-9a-f]{8}$", name)
     if not m:
-        return False  # not ours to judge
+        return False  # not named by this version: not ours to judge
     pid, start = int(m.group(1)), int(m.group(2))
     if not Path("/proc").is_dir():  # no start times: fall back on whether the pid exists
         try:
@@ -269,8 +269,11 @@ def output_lock(out_dir: Path):
             break
         os.close(fd)  # the holder before us removed the file as we opened it: lock the new one
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:  # who holds it, for the message a second merge prints; nothing depends on it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError:
+            pass
         yield
     finally:
         try:
