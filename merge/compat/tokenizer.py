@@ -98,7 +98,7 @@ def read_tokenizer(folder: str | Path) -> TokenizerInfo | None:
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         if isinstance(e, CheckpointError):
             raise
-        raise CheckpointError(f"{folder}: unreadable tokenizer files ({files and ', '.join(files)}: "
+        raise CheckpointError(f"{folder}: unreadable tokenizer files ({', '.join(files)}: "
                               f"{e.__class__.__name__}: {str(e)[:200]})") from None
 
 

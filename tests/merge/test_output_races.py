@@ -45,6 +45,7 @@ SCRIPT = textwrap.dedent("""
         os.rename = rename
     from merge.executor import run_merge
     from merge.writer import OutputError
+    Path(go + f".ready-{os.getpid()}").touch()
     while not os.path.exists(go):
         time.sleep(0.01)
     try:
@@ -84,8 +85,11 @@ def debris(out: Path) -> list[str]:
 def test_two_merges_to_one_output_one_wins(setup, tmp_path):
     out, go = tmp_path / "out", tmp_path / "go"
     procs = [start(setup, out, go, delay=0.5) for _ in range(2)]
-    time.sleep(0.5)
-    go.touch()  # both are past their imports: they reach the output together
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("go.ready-*"))) < 2:  # both past their imports
+        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.05)
+    go.touch()  # they reach the output together
     results = [p.communicate(timeout=300) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 2], results
