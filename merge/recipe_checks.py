@@ -9,6 +9,7 @@ normalized weights do not sum to zero; the recipe's forms fit together (`models:
 """
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Mapping
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -23,6 +24,36 @@ def _param_fields(cls: type[BaseModel] | None) -> dict[str, Any]:
     if cls is None:
         return {}
     return {(f.alias or name): f for name, f in cls.model_fields.items()}
+
+
+# No merge parameter means anything beyond this size: a weight of 1e308 overflows the weighted
+# sum to inf, and the merged model is all NaN. Sizes are judged before any other check, so a
+# 4000-digit integer is named here and never reaches float().
+ABSURD = 1e6
+
+
+def check_numbers(at: str, value: Any, where: str) -> None:
+    """Every number inside a setting is finite and |x| <= ABSURD; RecipeError naming the key."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if k != "filter":  # a tensor-name substring, never a number
+                check_numbers(f"{at}.{k}", v, where)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_numbers(f"{at}[{i}]", v, where)
+    elif isinstance(value, str):
+        # YAML 1.1 reads `1e308` (no dot) as a string, which pydantic then takes as a float
+        try:
+            number = float(value)
+        except ValueError:
+            return
+        check_numbers(at, number, where)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecipeError(f"{where}: {at} = {value!r}: a recipe number must be finite")
+        if abs(value) > ABSURD:
+            shown = repr(value) if len(repr(value)) <= 30 else f"a {len(str(abs(value)))}-digit number"
+            raise RecipeError(f"{where}: {at} = {shown}: out of range (|value| must be at most {ABSURD:g})")
 
 
 def _check_setting_shape(key: str, setting: Any, where: str) -> None:
@@ -77,6 +108,7 @@ def get_method_or_error(name: str, where: str = "recipe"):
 def check_recipe_semantics(recipe: MergeRecipe, where: str = "recipe") -> None:
     """Everything about a recipe that can be checked without reading a model."""
     method = get_method_or_error(recipe.merge_method, where)
+    _check_all_numbers(recipe, where)
     if recipe.models and recipe.slices:
         raise RecipeError(f"{where}: give either 'models' or 'slices', not both (as in mergekit)")
     if not recipe.models and not recipe.slices:
@@ -152,6 +184,16 @@ def check_recipe_semantics(recipe: MergeRecipe, where: str = "recipe") -> None:
                         raise RecipeError(f"{where}: model {ref!r} has no {key!r} (set models[].parameters.{key} "
                                           f"or a global parameters.{key})")
         check_weight_sum(recipe, method, list(scope.values()), name="", t=0.0, where=where, only_if_scalar=True)
+
+
+def _check_all_numbers(recipe: MergeRecipe, where: str) -> None:
+    """Every parameter block and slice residual weight holds sane numbers."""
+    check_numbers("parameters", recipe.parameters, where)
+    for at, settings in _per_model_settings(recipe):
+        check_numbers(at, settings, where)
+    for i, sl in enumerate(recipe.slices or []):
+        check_numbers(f"slices[{i}].parameters", sl.parameters, where)
+        check_numbers(f"slices[{i}].residual_weight", sl.residual_weight, where)
 
 
 def _per_model_settings(recipe: MergeRecipe) -> list[tuple[str, dict | None]]:
