@@ -2,18 +2,26 @@
 
 Every parameter is one the method takes, at the place it belongs (per model, per slice or
 global), with values in range; required per-model parameters are set for every merged model;
-normalized weights do not sum to zero; the recipe's forms fit together (`models:` or
-`slices:`, base model, tokenizer source, whole-model trimming). Each error names the key.
+normalized weights do not sum to zero; the method gets the number of models it takes (mergekit's
+input contract: slerp a base and one other, model_stock a base and two or more, ...); the
+recipe's forms fit together (`models:` or `slices:`, base model, tokenizer source, whole-model
+trimming, chat template). Each error names the key.
+
+Lenient where mergekit is: a parameter another method takes but this one does not (`weight` on
+slerp) is ignored with a WARNING naming it, as mergekit ignores it; a key no method takes (a
+typo) is refused.
 
     python -m merge.recipe configs/recipes/ties.yaml     # reads and checks a recipe
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Annotated, Any, Mapping
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from merge.chat_templates import problem as chat_template_problem
 from merge.parameters import MISSING, candidate_values, resolve
 from merge.recipe import MergeRecipe, RecipeError
 from merge.slices import check_aligned, parameter_sources
@@ -25,6 +33,8 @@ def _param_fields(cls: type[BaseModel] | None) -> dict[str, Any]:
         return {}
     return {(f.alias or name): f for name, f in cls.model_fields.items()}
 
+
+log = logging.getLogger(__name__)
 
 # No merge parameter means anything beyond this size: a weight of 1e308 overflows the weighted
 # sum to inf, and the merged model is all NaN. Sizes are judged before any other check, so a
@@ -132,8 +142,9 @@ def check_recipe_semantics(recipe: MergeRecipe, where: str = "recipe") -> None:
     tok = recipe.tokenizer_ref
     if tok is not None and tok not in [m.model for m in recipe.inputs()] and tok != recipe.base_model:
         raise RecipeError(f"{where}: tokenizer_source {tok!r} is neither 'base' nor one of the recipe's models")
-    if method.requires_base and not recipe.base_model:
-        raise RecipeError(f"{where}: merge_method {method.name!r} needs 'base_model' (the model the task vectors are taken from)")
+    _check_model_count(recipe, method, where)
+    if recipe.chat_template is not None and (why := chat_template_problem(recipe.chat_template)):
+        raise RecipeError(f"{where}: {why}")
 
     if recipe.trim_scope == "model":
         if method.name != "ties":
@@ -155,6 +166,8 @@ def check_recipe_semantics(recipe: MergeRecipe, where: str = "recipe") -> None:
                                                     for i, sl in enumerate(recipe.slices or [])]
     for at, settings in scopes:
         for key, setting in (settings or {}).items():
+            if key not in allowed_global and _ignored(key, at, method, where):
+                continue
             if key not in allowed_global:
                 raise RecipeError(f"{where}: {at}.{key}: {method.name!r} takes no parameter {key!r} "
                                   f"(allowed: {', '.join(sorted(allowed_global)) or 'none'})")
@@ -166,6 +179,8 @@ def check_recipe_semantics(recipe: MergeRecipe, where: str = "recipe") -> None:
         raise RecipeError(f"{where}: 'models' lists only the base model; nothing to merge into it")
     for at, settings in _per_model_settings(recipe):
         for key, setting in (settings or {}).items():
+            if key not in model_fields and key not in global_fields and _ignored(key, at, method, where):
+                continue
             if key in global_fields and key not in model_fields:
                 raise RecipeError(f"{where}: {at}.{key}: {key!r} applies to the whole merge; "
                                   f"put it under the top-level 'parameters' (per-model keys: {', '.join(sorted(model_fields)) or 'none'})")
@@ -184,6 +199,31 @@ def check_recipe_semantics(recipe: MergeRecipe, where: str = "recipe") -> None:
                         raise RecipeError(f"{where}: model {ref!r} has no {key!r} (set models[].parameters.{key} "
                                           f"or a global parameters.{key})")
         check_weight_sum(recipe, method, list(scope.values()), name="", t=0.0, where=where, only_if_scalar=True)
+
+
+def _check_model_count(recipe: MergeRecipe, method, where: str) -> None:
+    """The method's input contract (mergekit's), from the recipe alone: one line naming the
+    method and the count, before any model is resolved or tensor read."""
+    refs = [m.model for m in recipe.inputs()]  # the base is appended when not listed, as mergekit
+    why = method.inputs.problem(len(refs), recipe.base_model is not None and recipe.base_model in refs)
+    if why is None:
+        return
+    if why == "needs 'base_model'":
+        raise RecipeError(f"{where}: merge_method {method.name!r} needs 'base_model' (the model the task vectors "
+                          "are taken from)")
+    counted = " (the base included)" if recipe.base_model and method.inputs.base != "ignored" else ""
+    raise RecipeError(f"{where}: merge_method {method.name!r} {why}{counted}: {', '.join(refs)}")
+
+
+def _ignored(key: str, at: str, method, where: str) -> bool:
+    """A key another method takes: warn and ignore it (True); a key no method takes: False."""
+    from merge.methods.registry import KNOWN_KEYS
+
+    if key not in KNOWN_KEYS:
+        return False
+    log.warning("%s: %s.%s: merge_method %r takes no parameter %r; ignored (another method uses it)",
+                where, at, key, method.name, key)
+    return True
 
 
 def _check_all_numbers(recipe: MergeRecipe, where: str) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from merge.chat_templates import PRESETS, template_text
 from merge.checkpoint import DTYPES, JSON_ERRORS, CheckpointError, model_file, short_path
 
 ST_NAME = {v: k for k, v in DTYPES.items()}  # torch dtype -> safetensors dtype name
@@ -378,11 +379,7 @@ def copy_side_files(folder: Path, tokenizer_from: Path, config_from: Path) -> li
     return copied
 
 
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-BUILTIN_TEMPLATES = {"chatml": CHATML}
+BUILTIN_TEMPLATES = PRESETS  # mergekit's presets, byte for byte (merge/chat_templates/)
 
 
 def _model_template(folder: Path) -> str | None:
@@ -400,16 +397,17 @@ def _model_template(folder: Path) -> str | None:
 
 
 def write_chat_template(folder: Path, template: str, model_folders: list[Path]) -> None:
-    """`auto` (the most common template among the inputs), a built-in name, or a Jinja string."""
+    """`auto` (the most common template among the inputs), a mergekit preset name, or a Jinja string."""
     if template == "auto":
         found = [t for t in (_model_template(f) for f in model_folders) if t]
         if not found:
             return
         template = max(set(found), key=found.count)
-    elif template in BUILTIN_TEMPLATES:
-        template = BUILTIN_TEMPLATES[template]
-    elif "{" not in template:
-        raise OutputError(f"chat_template {template!r}: expected 'auto', {', '.join(BUILTIN_TEMPLATES)} or a Jinja template")
+    else:
+        try:
+            template = template_text(template)  # a preset's text, or the literal Jinja template
+        except ValueError as e:
+            raise OutputError(str(e)) from None
     (folder / "chat_template.jinja").write_text(template)
     cfg_path = folder / "tokenizer_config.json"
     if cfg_path.is_file():  # a template here would shadow the .jinja file in older transformers

@@ -48,7 +48,9 @@ def arcee_fusion(base: Tensor, models: list[Tensor], model_params: list, params,
     if len(models) != 1:
         raise ValueError(f"arcee_fusion merges exactly two models (base + one), got base + {len(models)}")
     a, b = base, models[0]
+    if a.numel() == 0:
+        return MethodResult(a.clone(), None)
     scores = importance(b, a)
     mask = (scores >= fence(scores, generator)).float()
-    out = a + (b - a) * mask
-    return MethodResult(out, masked_stats((b - a).unsqueeze(0), mask.bool().unsqueeze(0)))
+    out = a + (b - a) * mask  # in float32 (the mask's dtype), as mergekit; rounded once at the end
+    return MethodResult(out.to(a.dtype), masked_stats((b - a).unsqueeze(0), mask.bool().unsqueeze(0)))

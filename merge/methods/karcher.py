@@ -72,4 +72,4 @@ def karcher(base: Tensor | None, models: list[Tensor], model_params: list, param
     if len(models) == 1:
         return MethodResult(models[0].clone(), None)
     out = karcher_mean(list(models), [1.0 / len(models)] * len(models), params.max_iter, params.tol)
-    return MethodResult(out, None)
+    return MethodResult(out.to(models[0].dtype), None)  # a 0-d float32 norm times a 0-d mean promotes

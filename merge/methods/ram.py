@@ -42,7 +42,8 @@ def _ram(base: Tensor, models: list[Tensor], params, plus: bool):
         merged = ((z * unique * lam.unsqueeze(-1)) + (z * shared / counts.clamp(min=1))).sum(dim=0, keepdim=True)
     else:  # 2. unique entries whole, shared ones averaged over their contributors
         merged = ((z * unique) + (z * shared / counts.clamp(min=1))).sum(dim=0, keepdim=True)
-    return MethodResult(base + merged.reshape_as(base), masked_stats(tvs, contributes))
+    # RAM+'s float32 lambda promotes 16-bit inputs to float32, as in mergekit: rounded once at the end
+    return MethodResult((base + merged.reshape_as(base)).to(base.dtype), masked_stats(tvs, contributes))
 
 
 def ram(base: Tensor, models: list[Tensor], model_params: list, params, *,

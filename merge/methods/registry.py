@@ -81,8 +81,10 @@ class Inputs:
                 continue
             lo = lo or 0
             if count < lo or (hi is not None and count > hi):
-                want = f"exactly {lo}" if lo == hi else f"at least {lo}" if count < lo else f"at most {hi}"
-                return f"takes {want} {what}, got {count}"
+                n = lo if lo == hi or count < lo else hi
+                want = f"exactly {n}" if lo == hi else f"at least {n}" if count < lo else f"at most {n}"
+                noun = what.replace("models", "model", 1) if n == 1 else what
+                return f"takes {want} {noun}, got {count}"
         return None
 
 

@@ -25,7 +25,7 @@ def select_mask(tvs: Tensor, fraction: float) -> Tensor:
     """Step 1: where the variance across models is among the top ``fraction`` (bool, one row)."""
     if fraction <= 0:
         return torch.zeros_like(tvs[0], dtype=torch.bool)
-    if fraction >= 1:
+    if fraction >= 1 or tvs[0].numel() == 0:
         return torch.ones_like(tvs[0], dtype=torch.bool)
     var = torch.var(tvs, dim=0, unbiased=False)
     k = int(torch.count_nonzero(var) * fraction)

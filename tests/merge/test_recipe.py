@@ -115,9 +115,9 @@ def test_unknown_method_lists_allowed_names():
 
 def test_parameter_the_method_does_not_take():
     r = ties()
-    r["models"][1]["parameters"]["t"] = 0.5
+    r["models"][1]["parameters"]["tt"] = 0.5  # no method takes it; `t` (slerp's) only warns
     msg = error(r)
-    assert "models[1].parameters.t" in msg and "weight" in msg and "density" in msg
+    assert "models[1].parameters.tt" in msg and "weight" in msg and "density" in msg
 
 
 def test_global_parameter_under_a_model_is_refused():
@@ -181,8 +181,10 @@ def test_base_required_and_slerp_takes_t():
     r = {"merge_method": "slerp", "base_model": "a", "models": [{"model": "a"}, {"model": "b"}],
          "parameters": {"t": [0, 0.5, 1]}}
     load_recipe(r)
-    r["parameters"]["weight"] = 1  # slerp has no weight
-    assert "weight" in error(r)
+    r["parameters"]["weight"] = 1  # slerp has no weight: ignored with a warning, as mergekit
+    load_recipe(r)
+    r["parameters"]["wieght"] = 1  # a typo no method takes
+    assert "wieght" in error(r)
 
 
 def test_filter_entry_with_unknown_key():
