@@ -79,7 +79,7 @@ def test_settings_are_scoped_by_slice_and_t_runs_over_the_slice():
     (lambda r: r.update(models=[{"model": "a"}]), ["either 'models' or 'slices'"]),
     (lambda r: r["slices"][0]["sources"][1].update(colour=1), ["slices.0.sources.1.colour", "layer_range"]),
     (lambda r: r["slices"][1].update(colour=1), ["slices.1.colour", "sources"]),
-    (lambda r: r["slices"][1]["parameters"].update(gamma=1), ["slices[1].parameters.gamma", "takes no parameter"]),
+    (lambda r: r["slices"][1]["parameters"].update(gama=1), ["slices[1].parameters.gama", "takes no parameter"]),
     (lambda r: r["slices"][0]["sources"][1]["parameters"].update(normalize=True),
      ["slices[0].sources[1].parameters.normalize", "whole merge"]),
     (lambda r: r["slices"][0]["sources"][2].pop("parameters"), ["model 'b' has no 'weight'"]),
