@@ -70,5 +70,5 @@ def sce(base: Tensor, models: list[Tensor], model_params: list, params, *,
     kept_w = w * agree.to(tvs.dtype)
     merged = (tvs * kept_w).sum(dim=0) / torch.sum(kept_w, dim=0).clamp(min=1e-6)
 
-    kept = None if selected is None else selected.unsqueeze(0).expand_as(raw)
+    kept = None if selected is None else selected.unsqueeze(0)  # the same entries in every model
     return MethodResult(base + merged, masked_stats(raw, kept, agree))

@@ -336,3 +336,18 @@ def test_arcee_fusion_merge_is_reproducible_from_the_seed(tmp_path):
             for i, s in enumerate((0, 0, 1))]
     data = [p.read_bytes() for p in outs]
     assert data[0] == data[1] and data[0] != data[2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", NEW)
+def test_inputs_are_never_modified(name, dtype):
+    """The executor lends its read buffers: a method (and its statistics) must not write into them."""
+    with_base, n, per, glob = DEGENERATE[name]
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(40, 24, generator=g).to(dtype)
+    models = [(base.float() + 0.3 * torch.randn(40, 24, generator=g)).to(dtype) for _ in range(n)]
+    before = [base.clone(), *(m.clone() for m in models)]
+    m = get_method(name)
+    m.fn(base if with_base else None, models, [m.model_params(**p) for p in per], m.global_params(**glob),
+         generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(before, [base, *models]))
