@@ -254,12 +254,15 @@ def _merge_scopes(recipe: MergeRecipe, merged: list[str]) -> list[dict[str, list
 
 
 def _resolved_normalize(recipe: MergeRecipe, method) -> bool:
+    """Whether the method divides by the sum of the weights (`normalize`; multislerp's
+    `normalize_weights`)."""
     fields = _param_fields(method.global_params)
-    if "normalize" not in fields:
+    key = next((k for k in ("normalize", "normalize_weights") if k in fields), None)
+    if key is None:
         return False
-    value = (recipe.parameters or {}).get("normalize", MISSING)
+    value = (recipe.parameters or {}).get(key, MISSING)
     if value is MISSING or not isinstance(value, (bool, int)):
-        return bool(fields["normalize"].default)
+        return bool(fields[key].default)
     return bool(value)
 
 
@@ -279,5 +282,6 @@ def check_weight_sum(recipe: MergeRecipe, method, sources: list[list], name: str
         weights.append(float(w))
     if weights and abs(sum(weights)) < 1e-8:
         at = f" for tensor {name!r}" if name else ""
-        raise RecipeError(f"{where}: the models' 'weight' values sum to zero{at} while normalize is true "
-                          f"(the merge divides by that sum); change a weight or set parameters.normalize: false")
+        key = "normalize_weights" if "normalize_weights" in _param_fields(method.global_params) else "normalize"
+        raise RecipeError(f"{where}: the models' 'weight' values sum to zero{at} while {key} is true "
+                          f"(the merge divides by that sum); change a weight or set parameters.{key}: false")

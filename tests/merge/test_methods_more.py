@@ -351,3 +351,13 @@ def test_inputs_are_never_modified(name, dtype):
     m.fn(base if with_base else None, models, [m.model_params(**p) for p in per], m.global_params(**glob),
          generator=torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b) for a, b in zip(before, [base, *models]))
+
+
+def test_weights_summing_to_zero_refused_where_multislerp_normalizes_them_and_allowed_for_nuslerp():
+    r = recipe("multislerp", ["x", "y"], base=None)
+    r["models"][0]["parameters"], r["models"][1]["parameters"] = {"weight": 0.5}, {"weight": -0.5}
+    msg = error(r)
+    assert "sum to zero" in msg and "normalize_weights" in msg
+    r["parameters"] = {"normalize_weights": False}
+    load_recipe(r)
+    load_recipe(r | {"merge_method": "nuslerp", "parameters": {}})  # nuslerp: halfway, as mergekit
