@@ -5,8 +5,10 @@ Every ``fn`` has the signature
 
     fn(base, models, model_params, params, *, generator=None, thresholds=None) -> MethodResult
 
-where ``models`` are the non-base models for ``requires_base`` methods, every recipe model for
-``linear`` (``base`` may be None there), and ``[v1]`` for slerp (``base`` is v0). Values arrive
+where ``models`` are the non-base models for ``requires_base`` methods (``base`` is None where the
+base is optional and the recipe names none: nuslerp, multislerp), every recipe input for methods
+that ignore the base (linear, karcher, passthrough; ``base`` None, or for linear's statistics
+only), and ``[v1]`` for slerp (``base`` is v0). Values arrive
 resolved per tensor as plain floats in ``model_params`` (one ``model_params`` instance per model)
 and ``params`` (the method's ``global_params``). ``generator`` feeds the random methods;
 ``thresholds`` are per-model magnitude thresholds for whole-model trimming (see

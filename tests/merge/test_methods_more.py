@@ -40,11 +40,13 @@ def test_registered_with_typed_parameters_that_refuse_unknown_keys():
     assert METHODS["arcee_fusion"].randomized and not METHODS["sce"].randomized
 
 
-def test_parameter_names_and_defaults_are_mergekits():
+def test_methods_parameter_names_defaults_and_model_counts_are_mergekits():
+    """Every method mergekit 0.1.5 registers, with its parameters, defaults and input contract."""
     mk = pytest.importorskip("mergekit.merge_methods", reason="mergekit (test extra) is the yardstick")
     from mergekit.merge_methods.base import MISSING
 
-    for name in NEW:
+    assert set(METHODS) == {m.spec.name for m in mk.registered_methods()}
+    for name in METHODS:
         ours = {(f.alias or n): (None if f.is_required() else f.default)
                 for cls in (METHODS[name].model_params, METHODS[name].global_params)
                 for n, f in cls.model_fields.items()}
