@@ -36,6 +36,8 @@ def test_bad_values_are_named(tmp_path):
         load_suite({"retention": {"a": ["t"]}, "general": ["t"]})
     with pytest.raises(SuiteError, match="not found"):
         load_suite(tmp_path / "missing.yaml")
+    with pytest.raises(SuiteError, match=r"key 'seeds'.*distinct"):
+        load_suite({"retention": {"a": ["t"]}, "seeds": [0, 0]})
 
 
 def test_relative_include_path_resolves_against_the_yaml(tmp_path):
