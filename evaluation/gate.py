@@ -15,7 +15,8 @@ rule on a method that elects no signs, is reported as `not_applicable` and count
 `Decision.exit_code` is 0 (GO), 1 (NO-GO) or 3 (INCONCLUSIVE); `Decision.go` is True only for GO.
 A report missing the evidence a rule needs fails that rule.
 
-    mergeline gate runs/report.json --policy configs/gate_policy.yaml   # exit 0 GO, 1 NO-GO, 3 INCONCLUSIVE, 2 bad input
+    mergeline gate runs/report.json --policy configs/gate_policy.yaml
+    # exit 0 GO, 1 NO-GO, 3 INCONCLUSIVE, 2 unusable input
     python -m evaluation.gate runs/report.json configs/gate_policy.yaml
 """
 from __future__ import annotations
@@ -163,7 +164,8 @@ def judge(rule: str, value: float | None, interval: dict | None, threshold: floa
     shown = iv.text() if iv is not None and iv.estimate is not None and confidence is not None else f"{value:.3f}"
     if confidence is None:
         ok = value >= threshold
-        return Check(rule, PASS if ok else FAIL, f"{what} {shown} {'>=' if ok else '<'} {threshold}", interval, threshold)
+        return Check(rule, PASS if ok else FAIL, f"{what} {shown} {'>=' if ok else '<'} {threshold}",
+                     interval, threshold)
     if iv is None or iv.low is None or iv.high is None:
         return Check(rule, INCONCLUSIVE, f"{what} {shown}: no interval in the report (no per-item results)",
                      interval, threshold)
@@ -317,8 +319,11 @@ def _baseline(report: dict, name: str, p: GatePolicy) -> list[Check]:
             continue
         # Against itself the difference is exactly 0; else the report's paired interval (made for
         # its primary candidate: another candidate has none, and is inconclusive under intervals).
-        iv = (stats.Interval(estimate=0.0, low=0.0, high=0.0, confidence=p.confidence or 0.95, method="identical",
-                             n=0).model_dump() if b == name else (comparisons.get((name, b)) or {}).get("difference_interval"))
+        if b == name:
+            iv = stats.Interval(estimate=0.0, low=0.0, high=0.0, confidence=report["confidence"],
+                                method="identical", n=0).model_dump()
+        else:
+            iv = (comparisons.get((name, b)) or {}).get("difference_interval")
         c = judge(f"baseline[{b}]", mine - other, iv, rule.margin, p.confidence,
                   f"mean retention {mine:.3f} vs {other:.3f}: difference", tasks)
         c.message += f" (margin {rule.margin})"

@@ -27,7 +27,8 @@ its own, with no family-wise correction, so with k rules the chance that at leas
 misjudged can reach k x (1 - confidence). For a family-wise bound alpha over k rules, set
 `confidence: 1 - alpha / k` (Bonferroni; e.g. 0.99 for 5 rules at 0.05). `confidence: none`
 keeps the point-estimate gate (no interval, no INCONCLUSIVE). Sign-conflict and compatibility
-rules read counts from the merge, not samples: they pass or fail on their values. The report must be built at the same confidence (build_report(policy=...) does).
+rules read counts from the merge, not samples: they pass or fail on their values. The report
+must be built at the same confidence (build_report(policy=...) does).
 
 The interference rule flags a task-conditional failure relative to the other fine-tunes: some
 fine-tune's retention above another's by at least `min_gap`, their intervals not overlapping
