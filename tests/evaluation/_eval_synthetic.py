@@ -59,9 +59,11 @@ def table_from_items(items: dict[str, dict[str, list | dict[int, list]]], roles:
     """model -> task -> per-item 0/1 answers (one list, seed 0) or {seed: answers}. The scores
     table holds each (model, task, seed)'s mean, as lm-eval's acc would. Roles: ROLES, else
     'base' for "base", 'finetune' for names starting with "ft", 'candidate' for the rest."""
+    role_of = {m: (roles or ROLES).get(m) or ("base" if m == "base" else "finetune" if m.startswith("ft")
+                                               else "candidate") for m in items}
     srows, prows = [], []
     for m, tasks in items.items():
-        role = (roles or ROLES).get(m) or ("base" if m == "base" else "finetune" if m.startswith("ft") else "candidate")
+        role = role_of[m]
         for t, answers in tasks.items():
             for seed, values in (answers if isinstance(answers, dict) else {0: answers}).items():
                 srows.append({"model": m, "role": role, "task": t, "metric": "acc", "value": float(np.mean(values)),
@@ -70,8 +72,8 @@ def table_from_items(items: dict[str, dict[str, list | dict[int, list]]], roles:
                               "primary": False, "seed": seed})
                 prows += [{"model": m, "role": role, "task": t, "doc_id": i, "correct": float(v), "seed": seed,
                            "target": "x", "response": "y"} for i, v in enumerate(values)]
-    models = {m: {"role": prows[[r["model"] for r in prows].index(m)]["role"], "path": f"/nonexistent/{m}",
-                  "content_hash": f"sha256:{m}", "cache": ["miss"]} for m in items}
+    models = {m: {"role": role_of[m], "path": f"/nonexistent/{m}", "content_hash": f"sha256:{m}", "cache": ["miss"]}
+              for m in items}
     types = dict(task_types or {})
     types.update({t: "unknown" for tasks in items.values() for t in tasks if t not in types})
     return ScoreTable(scores=pd.DataFrame(srows), samples=pd.DataFrame(prows), models=models,
