@@ -19,7 +19,7 @@
 
 Every number carries an interval (`evaluation.stats`) built from the per-item results the runs
 log (`ScoreTable.samples`). An item's value is its `correct` averaged over seeds, so it stays 0/1
-(Wilson, exact paired intervals) when the seeds agree. Two models on one task are paired on
+(Wilson, paired score intervals) when the seeds agree. Two models on one task are paired on
 doc_id. A mean over several tasks (mean retention, mean regression, a candidate against a
 baseline) pools the items of all tasks, each item weighted so that the plain mean over the pooled
 items equals the mean over tasks (`_weighted_difference`, `_weighted_ratio`). With several seeds,

@@ -72,7 +72,7 @@ def test_warn_status_obeys_allow_warn():
 def test_per_task_thresholds_and_margin():
     rep = _report()
     assert not decide(rep, {"retention": {"min_per_task": {"t_facts": 0.9}}}).go   # ties keeps 0.85
-    assert decide(rep, {"retention": {"min_per_task": {"t_add": 0.8}}}).go         # 0.95 [0.85, 1.0]
+    assert decide(rep, {"retention": {"min_per_task": {"t_add": 0.7}}}).go         # 0.95 [0.76, 1.0]
     assert decide(rep, {"retention": {"min_per_task": {"t_add": 0.9}}, "confidence": "none"}).go
     assert not decide(rep, {"baseline": {"must_beat": "linear", "margin": 0.5}}).go
     empty = decide(rep, {})
@@ -172,10 +172,11 @@ def test_straddling_is_inconclusive_and_says_how_many_items_would_settle_it():
     [c] = d["checks"]
     assert c["status"] == "inconclusive" and c["interval"]["low"] < 0.8 <= c["interval"]["high"]
     assert d["inconclusive"] == [f"retention[t]: {c['message']}"] and d["reasons"] == []
-    # The figure: at sd = sqrt(p(1-p)) and distance p - 0.8, n = (1.96 sd / d)^2 (within the
-    # bootstrap's wobble), ...
+    # The figure: at sd = sqrt(p(1-p)) and distance p - 0.8, n = (1.96 sd / d)^2; the Wilson
+    # interval's lower reach at 50 items is longer than the normal one (skewed towards 0.5), so
+    # the figure read from it lies above the textbook's, never below ...
     textbook = ceil((1.96 * (p * (1 - p)) ** 0.5 / (p - 0.8)) ** 2)
-    assert 0.75 * textbook <= c["items_needed"] <= 1.33 * textbook, (c["items_needed"], textbook)
+    assert 0.9 * textbook <= c["items_needed"] <= 2 * textbook, (c["items_needed"], textbook)
     assert c["items_needed"] > n
     # ... and the same effect on that many items settles it (at exactly that many the lower bound
     # sits on the threshold, half the time below; half as many again clears it).
@@ -211,7 +212,7 @@ def test_issue_example_ties_093_vs_averaging_098_on_100_items_is_inconclusive_no
     d = report["decision"]
     assert d["verdict"] == "INCONCLUSIVE", d["checks"]
     [b] = [c for c in d["checks"] if c["rule"] == "baseline[linear]"]
-    assert b["status"] == "inconclusive" and b["interval"]["method"] == "exact paired"
+    assert b["status"] == "inconclusive" and b["interval"]["method"] == "paired score"
     assert b["interval"]["low"] < 0 < b["interval"]["high"] and b["interval"]["estimate"] < 0
     assert b["items_needed"] > n
     # both fine-tunes of the one task get their own retention rule
