@@ -35,19 +35,29 @@ h2 .badge{font-size:.8em;padding:4px 14px;margin-left:10px}
 .badge.warn{background:#d9822b} .badge.not_applicable,.badge.none{background:#8d94a0}
 .tw{overflow-x:auto;max-width:100%;margin:8px 0 16px}
 table{border-collapse:collapse;font-size:.88em}
-th,td{border:1px solid #d8dde6;padding:4px 8px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
-th{background:#f1f4f9;overflow-wrap:break-word} td.num{text-align:right;font-variant-numeric:tabular-nums}
+th,td{border:1px solid #d8dde6;padding:4px 8px;text-align:left;vertical-align:top}
+.long{overflow-wrap:anywhere}
+th{background:#f1f4f9} td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.num span{white-space:nowrap} .ci{color:#5b6475;font-size:.9em}
 td.code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em;word-break:break-all;min-width:12em}
-td.text{min-width:6em;max-width:36em}
+td.text{max-width:36em} td.none{text-align:center;color:#8d94a0}
 figure{margin:12px 0 24px} figure img{max-width:100%;border:1px solid #e3e7ee}
 figcaption{color:#5b6475;font-size:.9em}
 p.para{margin:6px 0}
 """
 
 
+LONG_WORD = 18  # characters
+
+
 def _e(x) -> str:
     return html.escape(str(x), quote=True)
+
+
+def _long(text: str) -> str:
+    """' long' for text with a word too long to fit a column: it may break anywhere; other text
+    breaks only between words, so short headers such as 'threshold' stay whole."""
+    return " long" if any(len(w) > LONG_WORD for w in str(text).split()) else ""
 
 
 def _cell(x) -> str:
@@ -58,13 +68,17 @@ def _cell(x) -> str:
         return f"<td class='num'><span>{_e(est)}</span>" + (f" <span class='ci'>{_e(ci)}</span>" if ci else "") + "</td>"
     if isinstance(x, Code):
         return f"<td class='code'>{_e(x)}</td>"
-    if x is None or isinstance(x, (int, float)) and not isinstance(x, bool):
+    if x is None:
+        return "<td class='none'>–</td>"
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
         return f"<td class='num'>{_e(cell_text(x))}</td>"
-    return f"<td class='text'>{_e(cell_text(x))}</td>"
+    text = cell_text(x)
+    return f"<td class='text{_long(text)}'>{_e(text)}</td>"
 
 
 def html_table(table: Table) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in table.headers)
+    head = "".join(f"<th class='{_long(h).strip()}'>{_e(h)}</th>" if _long(h) else f"<th>{_e(h)}</th>"
+                   for h in table.headers)
     body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in table.rows)
     return f"<div class='tw'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 

@@ -24,6 +24,7 @@ from pathlib import Path
 # (tests/evaluation/test_render.py checks it).
 SIGN_ELECTING_METHODS = frozenset({"ties", "dare_ties", "breadcrumbs_ties", "della"})
 
+MODELS_PER_TABLE = 6
 STATUS_WORDS = {"pass": "PASS", "fail": "FAIL", "inconclusive": "INCONCLUSIVE", "not_applicable": "N/A",
                 "warn": "WARN", "go": "GO", "no-go": "NO-GO"}
 
@@ -229,8 +230,11 @@ def plots_section() -> Section:
 def scores_section(report: dict) -> Section:
     models, tasks, values = score_matrix(report)
     types = report.get("task_types") or {}
-    blocks = [Table(["task", "type", *models], [[t, types.get(t), *(values.get((m, t)) for m in models)]
-                                                for t in tasks])]
+    # At most MODELS_PER_TABLE model columns a table, so a score matrix of many models still fits a
+    # 1400-pixel window: several tables one under the other instead of one that scrolls.
+    blocks = [Table(["task", "type", *chunk], [[t, types.get(t), *(values.get((m, t)) for m in chunk)]
+                                               for t in tasks])
+              for chunk in (models[i:i + MODELS_PER_TABLE] for i in range(0, len(models), MODELS_PER_TABLE))]
     spreads = [[s["model"], s["task"], _spread_text(s["seed_spread"])] for s in report["scores"]
                if s.get("seed_spread") is not None]
     if spreads:
