@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -30,8 +31,8 @@ h1{font-size:1.6em;margin-bottom:4px} h2{margin-top:32px;border-bottom:1px solid
 .badge{display:inline-block;padding:1px 8px;border-radius:4px;font-weight:700;font-size:.85em;color:#fff;
        white-space:nowrap;vertical-align:middle;letter-spacing:.02em}
 h2 .badge{font-size:.8em;padding:4px 14px;margin-left:10px}
-.badge.go,.badge.pass{background:#2e9e57} .badge.no-go,.badge.fail{background:#c4393b}
-.badge.inconclusive{background:#f2b705;color:#1d2330;outline:2px dashed #8a6700;outline-offset:-3px}
+.badge.go,.badge.pass{background:#2e9e57} .badge.no-go,.badge.fail,.badge.flagged{background:#c4393b}
+.badge.inconclusive,.badge.suspected{background:#f2b705;color:#1d2330;outline:2px dashed #8a6700;outline-offset:-3px}
 .badge.warn{background:#d9822b} .badge.not_applicable,.badge.none{background:#8d94a0}
 .tw{overflow-x:auto;max-width:100%;margin:8px 0 16px}
 table{border-collapse:collapse;font-size:.88em}
@@ -39,7 +40,7 @@ th,td{border:1px solid #d8dde6;padding:4px 8px;text-align:left;vertical-align:to
 .long{overflow-wrap:anywhere}
 th{background:#f1f4f9} td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.num span{white-space:nowrap} .ci{color:#5b6475;font-size:.9em}
-td.code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em;word-break:break-all;min-width:12em}
+td.code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em;overflow-wrap:anywhere;min-width:12em}
 td.text{max-width:36em} td.none{text-align:center;color:#8d94a0}
 figure{margin:12px 0 24px} figure img{max-width:100%;border:1px solid #e3e7ee}
 figcaption{color:#5b6475;font-size:.9em}
@@ -52,6 +53,13 @@ LONG_WORD = 18  # characters
 
 def _e(x) -> str:
     return html.escape(str(x), quote=True)
+
+
+def _breakable(text: str) -> str:
+    """Escaped text with a break opportunity after _ . / [ - in long words (rule names, paths), so
+    they wrap at a separator rather than mid-word (overflow-wrap stays the fallback)."""
+    escaped = _e(text)
+    return re.sub(r"([_./\[-])(?=\S)", r"\1<wbr>", escaped) if _long(text) else escaped
 
 
 def _long(text: str) -> str:
@@ -67,17 +75,17 @@ def _cell(x) -> str:
         est, ci = x.parts()
         return f"<td class='num'><span>{_e(est)}</span>" + (f" <span class='ci'>{_e(ci)}</span>" if ci else "") + "</td>"
     if isinstance(x, Code):
-        return f"<td class='code'>{_e(x)}</td>"
+        return f"<td class='code'>{_breakable(x)}</td>"
     if x is None:
         return "<td class='none'>–</td>"
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         return f"<td class='num'>{_e(cell_text(x))}</td>"
     text = cell_text(x)
-    return f"<td class='text{_long(text)}'>{_e(text)}</td>"
+    return f"<td class='text{_long(text)}'>{_breakable(text)}</td>"
 
 
 def html_table(table: Table) -> str:
-    head = "".join(f"<th class='{_long(h).strip()}'>{_e(h)}</th>" if _long(h) else f"<th>{_e(h)}</th>"
+    head = "".join(f"<th class='{_long(h).strip()}'>{_breakable(h)}</th>" if _long(h) else f"<th>{_e(h)}</th>"
                    for h in table.headers)
     body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in table.rows)
     return f"<div class='tw'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"

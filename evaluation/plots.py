@@ -50,8 +50,11 @@ def _lines(name, width: int = WRAP) -> int:
 
 
 def _figure(width: float, height: float) -> Figure:
-    # Constrained layout makes room for wrapped tick labels, titles and an outside legend.
-    return Figure(figsize=(width, height), layout="constrained")
+    # Constrained layout makes room for wrapped tick labels, titles and an outside legend; the
+    # extra space between panels keeps their outermost x labels apart.
+    fig = Figure(figsize=(width, height), layout="constrained")
+    fig.get_layout_engine().set(wspace=0.08)
+    return fig
 
 
 def _png(fig: Figure) -> bytes:
@@ -105,6 +108,7 @@ def _hbars(ax, groups: list[str], series: dict[str, list], colors: list[str] | N
                         xytext=(dx, 0), textcoords="offset points", ha=ha, va="center", fontsize=7)
     ax.set_yticks(range(len(groups)), [_wrap(g) for g in groups], fontsize=8)
     ax.set_ylim(len(groups) - 0.5, -0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(6))  # few x labels: side-by-side panels keep apart
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
 
@@ -143,7 +147,7 @@ def _task_chart(report: dict, section: str, field: str, interval_key: str, signe
         return None
     fig = _figure(9.5, _bar_height(tasks, len(series)))
     ax = fig.subplots()
-    _hbars(ax, tasks, series)
+    _hbars(ax, tasks, series, digits=3 if signed else 2)  # a small difference must not read -0.00
     fig.legend(loc="outside right upper", fontsize=8, title="candidate", title_fontsize=8)
     return fig, ax, series
 
@@ -188,16 +192,14 @@ def baseline_differences(report: dict) -> Figure | None:
     p = report["primary"]
     names = [c["baseline"] for c in comps]
     fig = _figure(11, _bar_height(names, 1) + 0.5)
-    fig.get_layout_engine().set(wspace=0.08)  # room between the panels' outer tick labels
     axes = fig.subplots(1, 2, sharey=True)
     for ax, (field, key, label) in zip(axes, [("difference", "difference_interval", "mean retention"),
                                               ("regression_difference", "regression_difference_interval",
                                                "mean regression")]):
         series = {p: [ival(c.get(field), c.get(key), signed=True) for c in comps]}
-        _hbars(ax, names, series)
+        _hbars(ax, names, series, digits=3)
         ax.axvline(0.0, color="black", lw=0.8)
         _xlim(ax, series, (-0.05, 0.05))
-        ax.xaxis.set_major_locator(MaxNLocator(6))
         ax.set_xlabel(f"{label}: primary − baseline", fontsize=9)
         ax.set_title(f"{label} difference", fontsize=10)
     for i, name in enumerate(names):

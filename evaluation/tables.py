@@ -19,14 +19,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Methods that elect a sign per coordinate and drop the deltas that disagree: only their merges
-# have a "dropped by sign election" to show. Mirrors consensus=True in merge/methods/registry.py
-# (tests/evaluation/test_render.py checks it).
-SIGN_ELECTING_METHODS = frozenset({"ties", "dare_ties", "breadcrumbs_ties", "della"})
+# Methods that elect a sign per coordinate: only their merges have "dropped by sign election" to
+# show (tests/evaluation/test_render.py checks it against consensus=True in merge/methods/registry.py).
+from evaluation.metrics import SIGN_ELECTING_METHODS
+
 
 MODELS_PER_TABLE = 6
 STATUS_WORDS = {"pass": "PASS", "fail": "FAIL", "inconclusive": "INCONCLUSIVE", "not_applicable": "N/A",
-                "warn": "WARN", "go": "GO", "no-go": "NO-GO"}
+                "warn": "WARN", "go": "GO", "no-go": "NO-GO", "flagged": "FLAGGED", "suspected": "SUSPECTED"}
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,8 @@ class Ival:
 
 
 class Status(str):
-    """'pass', 'fail', 'inconclusive', 'not_applicable', 'warn', 'GO', 'NO-GO', 'INCONCLUSIVE'."""
+    """'pass', 'fail', 'inconclusive', 'not_applicable', 'warn', 'GO', 'NO-GO', 'INCONCLUSIVE', and
+    the interference pattern's 'flagged' / 'suspected'."""
 
     @property
     def key(self) -> str:
@@ -125,6 +126,8 @@ def items_needed_text(value) -> str | None:
 
 def elects_signs(report: dict, candidate: str) -> bool:
     sc = report["candidates"][candidate].get("sign_conflict") or {}
+    if "elects_signs" in sc:  # v2
+        return bool(sc.get("available") and sc["elects_signs"])
     return bool(sc.get("available")) and sc.get("method") in SIGN_ELECTING_METHODS
 
 
@@ -243,8 +246,12 @@ def scores_section(report: dict) -> Section:
 
 
 def _spread_text(spread) -> str:
-    if isinstance(spread, dict):
-        return ", ".join(f"{k} {cell_text(v)}" for k, v in spread.items())
+    """'0.700 to 0.750 (std 0.035, 2 seeds)' from {seeds, values, min, max, std}."""
+    if isinstance(spread, dict) and {"min", "max"} <= set(spread):
+        seeds = spread.get("seeds")
+        n = len(seeds) if isinstance(seeds, list) else seeds
+        return (f"{cell_text(spread['min'])} to {cell_text(spread['max'])} (std {cell_text(spread.get('std'))}"
+                + (f", {n} seeds)" if n is not None else ")"))
     return cell_text(spread)
 
 
@@ -269,32 +276,38 @@ def regression_section(report: dict) -> Section:
                    [Table(["candidate", "task", "base", "merged", "merged − base"], rows)])
 
 
+def _pattern(i: dict):
+    """The interference pattern: FLAGGED (a skill kept, another lost, intervals apart), SUSPECTED
+    (the gap is there but the intervals overlap) or 'no'."""
+    if i.get("flag"):
+        return Status("flagged")
+    if i.get("suspected"):
+        return Status("suspected")
+    return "no" if "flag" in i else None
+
+
 def interference_section(report: dict) -> Section:
-    rows, explanations, models = [], [], []
+    rows, models = [], []
     for n in candidate_order(report):
         i = report["candidates"][n].get("interference") or {}
         s = i.get("spread") or {}
         by_type = ", ".join(f"{k} {cell_text(v.get('mean_retention'))}" for k, v in (i.get("by_type") or {}).items())
         rows.append([n, s.get("min"), s.get("max"), s.get("std"), ", ".join(i.get("kept") or []) or None,
-                     ", ".join(i.get("lost") or []) or None, Status("fail" if i.get("flag") else "pass"),
-                     by_type or None, i.get("total_flips")])
-        why = i.get("flag_explanation") or i.get("explanation")
-        if why:
-            explanations.append(f"{n}: {why}")
+                     ", ".join(i.get("lost") or []) or None, _pattern(i),
+                     i.get("explanation") or i.get("flag_explanation"), by_type or None, i.get("total_flips")])
         models += [[n, m.get("finetune"), ival(m.get("retention"), m.get("retention_interval")),
                     m.get("dropped_fraction_of_kept") if elects_signs(report, n) else "no sign election"]
                    for m in per_model(report, n)]
-    marks = (report["candidates"][report["primary"]].get("interference") or {}).get("marks") or {}
-    blocks = [Table(["candidate", "min", "max", "std", f"kept (≥ {cell_text(marks.get('high'), 2)})",
-                     f"lost (≤ {cell_text(marks.get('low'), 2)})", "pattern flag", "retention by type", "flips"],
-                    rows), *explanations]
+    blocks = [Table(["candidate", "min", "max", "std", "kept", "lost", "pattern", "why", "retention by type",
+                     "flips"], rows)]
     if models:
         blocks += ["Each fine-tune's retention beside the fraction of its kept deltas that sign election dropped:",
                    Table(["candidate", "fine-tune", "retention", "dropped by election (of kept)"], models)]
     flips = [[n, f["task"], f["reference"], f["items"], f["reference_correct"], f["flips"], f["gains"], f["flip_rate"]]
              for n in candidate_order(report) for f in (report["candidates"][n].get("interference") or {}).get("flips", [])]
-    blocks.append(Table(["candidate", "task", "reference", "items", "reference right", "flips", "gains", "flip rate"],
-                        flips))
+    blocks += ["Per-item flips: items the reference got right and the merge got wrong (gains: the reverse):",
+               Table(["candidate", "task", "reference", "items", "reference right", "flips", "gains", "flip rate"],
+                     flips)]
     return Section("Interference", blocks)
 
 

@@ -7,7 +7,7 @@ from evaluation.html_report import CSS, render_html
 from evaluation.stats import Interval
 
 ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "span", "div", "table",
-                "thead", "tbody", "tr", "th", "td", "figure", "img", "figcaption"}
+                "thead", "tbody", "tr", "th", "td", "figure", "img", "figcaption", "wbr"}
 SCRIPT = "<script>alert(1)</script>"
 
 
@@ -95,7 +95,7 @@ def test_each_check_shows_status_interval_threshold_and_items_needed():
 
 def test_paths_and_hashes_wrap_and_tables_scroll():
     page = render_html(v2.report("GO"))
-    assert "<td class='code'>/work/runs/zoo/models/ties/snapshots/" in page
-    assert re.search(r"td\.code\{[^}]*word-break:break-all", CSS)
+    assert "<td class='code'>/<wbr>work/<wbr>runs/<wbr>zoo/<wbr>models/<wbr>ties/<wbr>snapshots/<wbr>0123" in page
+    assert re.search(r"td\.code\{[^}]*overflow-wrap:anywhere", CSS)
     assert re.search(r"\.tw\{overflow-x:auto", CSS)
     assert page.count("<div class='tw'><table>") == page.count("<table>")

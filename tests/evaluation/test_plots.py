@@ -6,6 +6,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.text import Text
 
+import _eval_synthetic as syn
 import _report_v2 as v2
 from evaluation.plots import PLOTS, all_plots, figure
 
@@ -53,7 +54,19 @@ def test_eight_tasks_with_thirty_character_names_do_not_overlap(key, monkeypatch
     texts = _drawn_texts(fig, monkeypatch)
     assert len(texts) > 8
     for (a, ea), (b, eb) in itertools.combinations(texts, 2):
-        assert not ea.overlaps(eb), f"{key}: {a!r} overlaps {b!r}"
+        assert not ea.padded(2).overlaps(eb), f"{key}: {a!r} overlaps {b!r} (or comes within 2 pixels)"
+
+
+@pytest.fixture(scope="module")
+def example():
+    return syn.example_report()
+
+
+@pytest.mark.parametrize("key", list(PLOTS))
+def test_the_example_report_draws_every_plot_without_overlaps(key, example, monkeypatch):
+    texts = _drawn_texts(figure(key, example), monkeypatch)
+    for (a, ea), (b, eb) in itertools.combinations(texts, 2):
+        assert not ea.padded(2).overlaps(eb), f"{key}: {a!r} overlaps {b!r} (or comes within 2 pixels)"
 
 
 def _error_segments(ax):

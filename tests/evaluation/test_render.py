@@ -15,7 +15,7 @@ CRAFTED = {"ties": "<script>alert('model')</script>", "t_addition": "t|<img src=
 def test_sign_electing_methods_mirror_the_merge_registry():
     from merge.methods.registry import METHODS
     electing = {name for name, m in METHODS.items() if isinstance(m.fn, partial) and m.fn.keywords.get("consensus")}
-    assert electing == SIGN_ELECTING_METHODS
+    assert electing == set(SIGN_ELECTING_METHODS)
 
 
 def test_cells_show_an_interval_as_the_stats_module_does():
