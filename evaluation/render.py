@@ -1,9 +1,9 @@
 """report.md from a report dict, and the writer of report.json + report.md + report.html.
 
 Both renderers walk the same document (`evaluation.tables.document`). Every value from the
-report is escaped for Markdown: HTML tags become entities, and the characters that would end a
-table cell or start markup (| \\ ` * a link's ]( and a word-edge _) get a backslash, so a crafted model or
-task name cannot inject markup or break a table.
+report is escaped for Markdown: `<` and `&` become entities (no HTML tag), and the characters
+that would end a table cell or start markup (| \\ ` * a link's ]( and a word-edge _) get a
+backslash, so a crafted model or task name cannot inject markup or break a table.
 
     render_markdown(report: dict) -> str
     write_reports(report: dict, out_dir: Path, *, overwrite=False) -> {"json": Path, "md": Path, "html": Path}
@@ -12,7 +12,6 @@ task name cannot inject markup or break a table.
 """
 from __future__ import annotations
 
-import html
 import json
 import os
 import re
@@ -27,7 +26,8 @@ _MD_SPECIAL = re.compile(r"[\\|`*]|\](?=\()|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
 
 def md_escape(text, paragraph: bool = False) -> str:
     """Text safe inside a Markdown table cell (or, with paragraph=True, a paragraph)."""
-    text = html.escape(str(text), quote=False)
+    # `<` starts every HTML tag and `&` every entity; `>` alone is plain text ("lower bound >= 0.8").
+    text = str(text).replace("&", "&amp;").replace("<", "&lt;")
     text = _MD_SPECIAL.sub(lambda m: "\\" + m.group(0), text)
     text = re.sub(r"\s*[\r\n]+\s*", " ", text)  # a newline would end the table row
     # A paragraph must not turn into a heading, quote or list through its first character.
