@@ -55,17 +55,17 @@ def _e(x) -> str:
     return html.escape(str(x), quote=True)
 
 
+def _is_long(text: str) -> bool:
+    """A word too long for a column: such text (class 'long') may break anywhere; other text breaks
+    only between words, so short headers such as 'threshold' stay whole."""
+    return any(len(w) > LONG_WORD for w in str(text).split())
+
+
 def _breakable(text: str) -> str:
     """Escaped text with a break opportunity after _ . / [ - in long words (rule names, paths), so
     they wrap at a separator rather than mid-word (overflow-wrap stays the fallback)."""
     escaped = _e(text)
-    return re.sub(r"([_./\[-])(?=\S)", r"\1<wbr>", escaped) if _long(text) else escaped
-
-
-def _long(text: str) -> str:
-    """' long' for text with a word too long to fit a column: it may break anywhere; other text
-    breaks only between words, so short headers such as 'threshold' stay whole."""
-    return " long" if any(len(w) > LONG_WORD for w in str(text).split()) else ""
+    return re.sub(r"([_./\[-])(?=\S)", r"\1<wbr>", escaped) if _is_long(text) else escaped
 
 
 def _cell(x) -> str:
@@ -73,7 +73,8 @@ def _cell(x) -> str:
         return f"<td><span class='badge {_e(x.key)}'>{_e(x.word)}</span></td>"
     if isinstance(x, Ival):
         est, ci = x.parts()
-        return f"<td class='num'><span>{_e(est)}</span>" + (f" <span class='ci'>{_e(ci)}</span>" if ci else "") + "</td>"
+        ci_html = f" <span class='ci'>{_e(ci)}</span>" if ci else ""
+        return f"<td class='num'><span>{_e(est)}</span>{ci_html}</td>"
     if isinstance(x, Code):
         return f"<td class='code'>{_breakable(x)}</td>"
     if x is None:
@@ -81,11 +82,11 @@ def _cell(x) -> str:
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         return f"<td class='num'>{_e(cell_text(x))}</td>"
     text = cell_text(x)
-    return f"<td class='text{_long(text)}'>{_breakable(text)}</td>"
+    return f"<td class='text{' long' if _is_long(text) else ''}'>{_breakable(text)}</td>"
 
 
 def html_table(table: Table) -> str:
-    head = "".join(f"<th class='{_long(h).strip()}'>{_breakable(h)}</th>" if _long(h) else f"<th>{_e(h)}</th>"
+    head = "".join(f"<th class='long'>{_breakable(h)}</th>" if _is_long(h) else f"<th>{_e(h)}</th>"
                    for h in table.headers)
     body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in table.rows)
     return f"<div class='tw'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"

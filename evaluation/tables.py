@@ -189,7 +189,8 @@ def decision_section(report: dict) -> Section:
             + (f", intervals at {conf:.0%} confidence" if isinstance(conf, (int, float)) else ""))
     rows = [[c.get("rule"), check_status(c), ival(None, c.get("interval")), c.get("threshold"),
              items_needed_text(c.get("items_needed")), c.get("message")] for c in d.get("checks", [])]
-    blocks = [line, Table(["check", "status", "estimate [interval]", "threshold", "items to settle it", "detail"], rows)]
+    headers = ["check", "status", "estimate [interval]", "threshold", "items to settle it", "detail"]
+    blocks = [line, Table(headers, rows)]
     if not rows:
         blocks.append("the policy sets no rules")
     return Section("Decision", blocks, badge=verdict(report))
@@ -255,25 +256,35 @@ def _spread_text(spread) -> str:
     return cell_text(spread)
 
 
+def _with_spread(headers: list[str], rows: list[list], spreads: list) -> Table:
+    """The table, with a 'seed spread' column when some row has several seeds (DARE, DELLA)."""
+    if any(sp is not None for sp in spreads):
+        return Table(headers + ["seed spread"], [r + [None if sp is None else _spread_text(sp)]
+                                                 for r, sp in zip(rows, spreads)])
+    return Table(headers, rows)
+
+
 def retention_section(report: dict) -> Section:
-    rows = []
+    rows, spreads = [], []
     for c in report["candidates"].values():
         for r in c.get("retention", []):
-            diff = r.get("difference_interval")
+            merged_minus_ft = None if r.get("drop") is None else -r["drop"]
             rows.append([r["candidate"], r["finetune"], r["task"], r.get("task_type"), r.get("finetune_score"),
                          r.get("merged_score"), ival(r.get("retention"), r.get("retention_interval")),
-                         ival(None if r.get("drop") is None else -r["drop"], diff, signed=True)])
-    return Section("Retention (merged / fine-tune on its own task)", [Table(
-        ["candidate", "fine-tune", "task", "type", "fine-tune score", "merged", "retention", "merged − fine-tune"],
-        rows)])
+                         ival(merged_minus_ft, r.get("difference_interval"), signed=True)])
+            spreads.append(r.get("seed_spread"))
+    headers = ["candidate", "fine-tune", "task", "type", "fine-tune score", "merged", "retention",
+               "merged − fine-tune"]
+    return Section("Retention (merged / fine-tune on its own task)", [_with_spread(headers, rows, spreads)])
 
 
 def regression_section(report: dict) -> Section:
+    regs = [r for c in report["candidates"].values() for r in c.get("regression", [])]
     rows = [[r["candidate"], r["task"], r.get("base_score"), r.get("merged_score"),
-             ival(r.get("delta"), r.get("delta_interval"), signed=True)]
-            for c in report["candidates"].values() for r in c.get("regression", [])]
+             ival(r.get("delta"), r.get("delta_interval"), signed=True)] for r in regs]
     return Section("Regression (merged − base on general tasks)",
-                   [Table(["candidate", "task", "base", "merged", "merged − base"], rows)])
+                   [_with_spread(["candidate", "task", "base", "merged", "merged − base"], rows,
+                                 [r.get("seed_spread") for r in regs])])
 
 
 def _pattern(i: dict):
@@ -291,7 +302,8 @@ def interference_section(report: dict) -> Section:
     for n in candidate_order(report):
         i = report["candidates"][n].get("interference") or {}
         s = i.get("spread") or {}
-        by_type = ", ".join(f"{k} {cell_text(v.get('mean_retention'))}" for k, v in (i.get("by_type") or {}).items())
+        by_type = ", ".join(f"{k} {cell_text(v.get('mean_retention'))}"
+                            for k, v in (i.get("by_type") or {}).items())
         rows.append([n, s.get("min"), s.get("max"), s.get("std"), ", ".join(i.get("kept") or []) or None,
                      ", ".join(i.get("lost") or []) or None, _pattern(i),
                      i.get("explanation") or i.get("flag_explanation"), by_type or None, i.get("total_flips")])
@@ -304,7 +316,8 @@ def interference_section(report: dict) -> Section:
         blocks += ["Each fine-tune's retention beside the fraction of its kept deltas that sign election dropped:",
                    Table(["candidate", "fine-tune", "retention", "dropped by election (of kept)"], models)]
     flips = [[n, f["task"], f["reference"], f["items"], f["reference_correct"], f["flips"], f["gains"], f["flip_rate"]]
-             for n in candidate_order(report) for f in (report["candidates"][n].get("interference") or {}).get("flips", [])]
+             for n in candidate_order(report)
+             for f in (report["candidates"][n].get("interference") or {}).get("flips", [])]
     blocks += ["Per-item flips: items the reference got right and the merge got wrong (gains: the reverse):",
                Table(["candidate", "task", "reference", "items", "reference right", "flips", "gains", "flip rate"],
                      flips)]
@@ -336,17 +349,17 @@ def compat_section(report: dict) -> Section:
     comp = report.get("compat")
     if not comp:
         return Section("Compatibility", ["no compatibility report was given"])
-    return Section("Compatibility", [
-        Table(["check", "status", "message"],
-              [[c.get("name"), Status(c.get("status") or "–"), (c.get("message") or "") + (" (waived)" if c.get("waived") else "")]
-               for c in comp.get("checks", [])])], badge=Status(comp.get("status") or "–"))
+    rows = [[c.get("name"), Status(c.get("status") or "–"),
+             (c.get("message") or "") + (" (waived)" if c.get("waived") else "")] for c in comp.get("checks", [])]
+    return Section("Compatibility", [Table(["check", "status", "message"], rows)],
+                   badge=Status(comp.get("status") or "–"))
 
 
 def inputs_section(report: dict) -> Section:
     models = (report.get("inputs") or {}).get("models") or {}
-    return Section("Inputs", [Table(["model", "role", "content hash", "path"],
-                                    [[n, m.get("role"), Code(m.get("content_hash") or "–"), Code(m.get("path") or "–")]
-                                     for n, m in models.items()])])
+    rows = [[n, m.get("role"), Code(m.get("content_hash") or "–"), Code(m.get("path") or "–")]
+            for n, m in models.items()]
+    return Section("Inputs", [Table(["model", "role", "content hash", "path"], rows)])
 
 
 if __name__ == "__main__":
