@@ -66,7 +66,8 @@ def _png(fig: Figure) -> bytes:
 def _literal(fig: Figure) -> None:
     """Draw every text as written: no math-text parsing of `$...$` in names."""
     for ax in fig.findobj(Axes):
-        # Ticks are created lazily at draw time as copies of the first one: set it there too.
+        # get_major_ticks() creates the ticks of the (fixed) name labels now, so they can be set;
+        # a tick matplotlib adds later, when drawing, copies no parse_math but shows a number.
         for axis in (ax.xaxis, ax.yaxis):
             for tick in axis.get_major_ticks() + axis.get_minor_ticks():
                 tick.label1.set_parse_math(False)
@@ -253,6 +254,8 @@ def dropped_by_layer(report: dict) -> Figure | None:
     axes = fig.subplots(len(cands), 1, squeeze=False)[:, 0]
     handles = {}
     for ax, c in zip(axes, cands):
+        top = max([v for vs in report["candidates"][c]["sign_conflict"]["per_layer"].values()
+                   for v in vs.values() if v is not None] + [0.05]) * 1.1
         per_layer = report["candidates"][c]["sign_conflict"]["per_layer"]
         layers = sorted(per_layer, key=_layer_order)
         models = list(dict.fromkeys(m for layer in layers for m in per_layer[layer]))
@@ -266,7 +269,7 @@ def dropped_by_layer(report: dict) -> Figure | None:
                       fontsize=7, rotation=90 if len(layers) > 16 else 0)
         ax.set_xlabel("layer")
         ax.set_ylabel("fraction of kept\ndeltas dropped", fontsize=8)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(-0.04 * top, top)  # a line at 0 stays visible above the axis
         ax.set_title(f"{_wrap(c, 60)}: dropped by sign election, per model by layer", fontsize=10)
         ax.grid(alpha=0.3)
     fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8, title="model",

@@ -15,6 +15,7 @@ with `passed` instead of `status`) render with plain numbers.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,9 +237,10 @@ def scores_section(report: dict) -> Section:
     types = report.get("task_types") or {}
     # At most MODELS_PER_TABLE model columns a table, so a score matrix of many models still fits a
     # 1400-pixel window: several tables one under the other instead of one that scrolls.
+    size = math.ceil(len(models) / math.ceil(len(models) / MODELS_PER_TABLE)) if models else 1  # even split
     blocks = [Table(["task", "type", *chunk], [[t, types.get(t), *(values.get((m, t)) for m in chunk)]
                                                for t in tasks])
-              for chunk in (models[i:i + MODELS_PER_TABLE] for i in range(0, len(models), MODELS_PER_TABLE))]
+              for chunk in (models[i:i + size] for i in range(0, len(models), size))]
     spreads = [[s["model"], s["task"], _spread_text(s["seed_spread"])] for s in report["scores"]
                if s.get("seed_spread") is not None]
     if spreads:
