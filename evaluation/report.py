@@ -7,6 +7,7 @@
                  confidence: float | None = None,                             # default: the policy's, else 0.95
                  extra_inputs: dict | None = None) -> dict
     write_reports(report: dict, out_dir: Path, *, overwrite=False) -> {"json": Path, "md": Path, "html": Path}
+                 (evaluation.render; rendering lives in evaluation.tables, .render, .html_report, .plots)
 
 The report is evidence only: every number with its interval, built without the policy. The
 policy, when given, sets the intervals' confidence and its decision is attached
@@ -47,7 +48,6 @@ has three verdicts and per-check status (pass/fail/inconclusive/not_applicable).
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -56,6 +56,7 @@ from evaluation import metrics
 from evaluation.evaluate import ScoreTable
 from evaluation.gate import REPORT_SCHEMA_VERSION, decide
 from evaluation.policy import GatePolicy, load_policy
+from evaluation.render import render_markdown, write_reports  # noqa: F401  (callers import them from here)
 from evaluation.stats import DEFAULT_CONFIDENCE, Interval
 from evaluation.suite import EvalSuite
 
@@ -151,119 +152,6 @@ def _compat_summary(compat: dict | None) -> dict | None:
             "checks": [{k: c.get(k) for k in ("name", "status", "message", "waived")} for c in compat.get("checks", [])],
             # per-model norms and cosines only: the per-tensor table would swamp the report.
             "norms": {k: (compat.get("norms") or {}).get(k, {}) for k in ("per_model", "cosine")}}
-
-
-def write_reports(report: dict, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Path]:
-    """Write report.json, report.md and report.html; each to a temp name, then renamed."""
-    from evaluation.html_report import render_html  # matplotlib: only when writing
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    targets = {"json": out_dir / "report.json", "md": out_dir / "report.md", "html": out_dir / "report.html"}
-    existing = [str(p) for p in targets.values() if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"report(s) already exist: {existing} (pass overwrite=True to replace)")
-    texts = {"json": json.dumps(report, indent=2, default=str), "md": render_markdown(report),
-             "html": render_html(report)}
-    for kind, path in targets.items():
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(texts[kind], encoding="utf-8")
-        os.replace(tmp, path)
-    return targets
-
-
-# ---------------------------------------------------------------- markdown
-
-def _table(headers: list[str], rows: list[list]) -> str:
-    def cell(x):
-        if x is None:
-            return "–"
-        if isinstance(x, bool):
-            return "yes" if x else "no"
-        if isinstance(x, float):
-            return f"{x:.3f}"
-        return str(x).replace("|", "\\|")
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(x) for x in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def sign_conflict_table(report: dict) -> tuple[list[str], list[list]]:
-    """Headers and rows of the sign-conflict proxy, one row per candidate and merged model."""
-    rows = []
-    for n, c in report["candidates"].items():
-        sc = c["sign_conflict"]
-        if not sc["available"]:
-            rows.append([n, None, "no merge stats", None, None, None])
-        for m, v in sc["per_model"].items():
-            rows.append([n, sc["rate"], m, v["kept_fraction"], v["dropped_fraction_of_kept"], v["dropped_magnitude_share"]])
-    return (["candidate", "conflict rate", "model", "kept fraction", "dropped by election (of kept)",
-             "dropped magnitude share"], rows)
-
-
-def score_matrix(report: dict) -> tuple[list[str], list[str], dict]:
-    models = list(report["inputs"]["models"])
-    tasks = list(dict.fromkeys(s["task"] for s in report["scores"]))
-    values = {(s["model"], s["task"]): s["value"] for s in report["scores"]}
-    return models, tasks, values
-
-
-def render_markdown(report: dict) -> str:
-    p, out = report["primary"], []
-    d = report.get("decision")
-    out.append(f"# mergeline evaluation report\n\nprimary candidate: **{p}** · created {report['created']} · "
-               f"lm-eval {report['lm_eval_version']} · schema v{report['schema_version']}\n")
-    if d:
-        out.append(f"## Decision: **{d['verdict']}** (policy `{d['policy']}`)\n")
-        out.append(_table(["check", "result", "detail"],
-                          [[c["rule"], "PASS" if c["passed"] else "FAIL", c["message"]] for c in d["checks"]]) + "\n")
-    out.append(f"## Does {p} beat averaging?\n\n{report['baselines']['answer']}\n")
-    out.append(_table(["candidate", "mean retention", "min retention", "mean regression", "worst regression",
-                       "interference flag", "flips", "sign-conflict rate", "max dropped fraction"],
-                      [[n, *(c["summary"][k] for k in ("mean_retention", "min_retention", "mean_regression",
-                         "worst_regression", "interference_flag", "total_flips", "sign_conflict_rate",
-                         "max_dropped_fraction"))] for n, c in report["candidates"].items()]) + "\n")
-    models, tasks, values = score_matrix(report)
-    out.append("## Scores (primary metric)\n")
-    out.append(_table(["task", "type", *models],
-                      [[t, report["task_types"].get(t), *(values.get((m, t)) for m in models)] for t in tasks]) + "\n")
-    out.append("## Retention (merged / fine-tune on its own task)\n")
-    out.append(_table(["candidate", "fine-tune", "task", "type", "fine-tune", "merged", "retention", "drop"],
-                      [[r["candidate"], r["finetune"], r["task"], r["task_type"], r["finetune_score"],
-                        r["merged_score"], r["retention"], r["drop"]]
-                       for c in report["candidates"].values() for r in c["retention"]]) + "\n")
-    out.append("## Regression (merged - base on general tasks)\n")
-    out.append(_table(["candidate", "task", "base", "merged", "delta"],
-                      [[r["candidate"], r["task"], r["base_score"], r["merged_score"], r["delta"]]
-                       for c in report["candidates"].values() for r in c["regression"]]) + "\n")
-    out.append("## Interference\n")
-    for n, c in report["candidates"].items():
-        i = c["interference"]
-        s = i["spread"]
-        out.append(f"**{n}**: retention min {_fmt(s['min'])} / max {_fmt(s['max'])} / std {_fmt(s['std'])}; "
-                   f"kept {i['kept'] or '–'}, lost {i['lost'] or '–'}; flag: {'YES' if i['flag'] else 'no'}; "
-                   f"by type: " + ", ".join(f"{k} {_fmt(v.get('mean_retention'))}" for k, v in i["by_type"].items()) + "\n")
-        out.append(_table(["task", "reference", "items", "reference right", "flips", "gains", "flip rate"],
-                          [[f["task"], f["reference"], f["items"], f["reference_correct"], f["flips"], f["gains"],
-                            f["flip_rate"]] for f in i["flips"]]) + "\n")
-    out.append("## Sign-conflict proxy (from merge_stats.json)\n")
-    out.append(_table(*sign_conflict_table(report)) + "\n")
-    comp = report.get("compat")
-    out.append("## Compatibility\n")
-    if comp:
-        out.append(f"status: **{comp['status']}**\n")
-        out.append(_table(["check", "status", "message"],
-                          [[c["name"], c["status"] + (" (waived)" if c.get("waived") else ""), c["message"]]
-                           for c in comp["checks"]]) + "\n")
-    else:
-        out.append("no compatibility report was given\n")
-    out.append("## Inputs\n")
-    out.append(_table(["model", "role", "content hash", "path"],
-                      [[n, m["role"], m["content_hash"], m["path"]] for n, m in report["inputs"]["models"].items()]) + "\n")
-    return "\n".join(out)
-
-
-def _fmt(x) -> str:
-    return "–" if x is None else f"{x:.3f}"
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def test_ties_merge_is_go_under_the_default_policy(world, tmp_path):
 
     paths = write_reports(report, tmp_path)
     html = paths["html"].read_text()
-    assert len(re.findall(r'<img alt="[^"]+" src="data:image/png;base64,', html)) == 4
+    assert len(re.findall(r'<img alt="[^"]+" src="data:image/png;base64,', html)) == 6  # every plot
 
 
 def test_plain_average_under_strict_policy_is_nogo(world):

@@ -46,6 +46,8 @@ def test_write_reports_renders_md_and_self_contained_html(report, tmp_path):
     html = paths["html"].read_text()
     imgs = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
     assert [a for a, _ in imgs] == ["Retention per task (primary vs baselines)", "Regression vs base",
+                                    "Primary against each baseline",
+                                    "Retention beside the fraction dropped by sign election, per fine-tune",
                                     "Dropped by sign election, per model by layer", "Delta norms (compatibility report)"]
     assert all(len(b) > 5000 for _, b in imgs)                      # real images, not placeholders
     assert not re.search(r'(src|href)="(?!data:)', html)            # nothing fetched from outside
@@ -58,7 +60,7 @@ def test_write_reports_renders_md_and_self_contained_html(report, tmp_path):
 def test_missing_plot_data_is_said_not_drawn(tmp_path):
     rep = build_report(syn.suite(), syn.table(), primary="ties", merge_stats={"ties": None, "linear": None})
     html = write_reports(rep, tmp_path)["html"].read_text()
-    assert html.count("<img") == 2
+    assert html.count("<img") == 3  # retention, regression, baseline
     assert "Delta norms (compatibility report): no data in this report." in html
     assert rep["candidates"]["ties"]["sign_conflict"]["available"] is False
 
