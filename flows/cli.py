@@ -80,10 +80,11 @@ def _interrupted(e: KeyboardInterrupt) -> None:
 
     code, what = (EXIT_SIGTERM, "SIGTERM") if isinstance(e, _Interrupted) else (EXIT_SIGINT, "Ctrl-C")
     note = ""
-    if workdir.active is not None:
-        removed = workdir.remove_staging(workdir.active, os.getpid())
+    if workdir.active is not None or workdir.released is not None:
+        work, removed = (workdir.active, []) if workdir.active is not None else workdir.released
+        removed = removed + workdir.remove_staging(work, os.getpid())
         note = (f"; removed {len(removed)} unfinished output folder(s)" if removed else "") + \
-               f"; rerun to resume from the stages that finished ({workdir.active})"
+               f"; rerun to resume from the stages that finished ({work})"
     err.print(f"interrupted ({what}): stopped{note}", highlight=False, soft_wrap=True, markup=False)
     raise typer.Exit(code)
 
@@ -167,8 +168,9 @@ def _stop_now(code: int) -> None:
             server.stop()
     except Exception:  # noqa: BLE001 - best effort on the way out
         pass
-    if workdir.active is not None:
-        workdir.remove_staging(workdir.active, os.getpid())
+    for work in (workdir.active, workdir.released and workdir.released[0]):
+        if work:
+            workdir.remove_staging(work, os.getpid())
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -251,7 +253,7 @@ def demo(
     """Run the whole pipeline on the built-in zoo and print the decision.
 
     The first run on a machine builds the zoo (~2-3 min); every run starts Prefect's temporary
-    server (~20 s) and evaluates 6 models with lm-eval. Exit 0 GO, 1 NO-GO, 3 INCONCLUSIVE."""
+    server (~20 s) and evaluates 7 models with lm-eval. Exit 0 GO, 1 NO-GO, 3 INCONCLUSIVE."""
     from flows.demo import default_workdir, run_demo
     from flows.progress import quiet
 

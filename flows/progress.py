@@ -39,6 +39,19 @@ def quiet(verbose: bool = False) -> None:
         os.environ.setdefault(var, value)
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # lm-eval passes `disable=` to its tqdm bars itself, which TQDM_DISABLE cannot override; a bar
+    # redrawn with "\r" is one endless line in a log file.
+    from tqdm import std
+
+    if not getattr(std.tqdm.__init__, "_mergeline_quiet", False):
+        init = std.tqdm.__init__
+
+        def quiet_init(self, *args, **kwargs):
+            kwargs["disable"] = True
+            init(self, *args, **kwargs)
+
+        quiet_init._mergeline_quiet = True
+        std.tqdm.__init__ = quiet_init
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -53,8 +66,10 @@ def clock(seconds: float) -> str:
 
 
 def say(message: str) -> None:
-    """One progress line on stderr, stamped with the time since the command started."""
-    print(f"[{clock(time.monotonic() - _T0)}] {message}", file=sys.stderr, flush=True)
+    """One progress line on stderr, stamped with the time since the command started. Written, not
+    printed: inside a flow with `log_prints`, Prefect turns print() into log records."""
+    sys.stderr.write(f"[{clock(time.monotonic() - _T0)}] {message}\n")
+    sys.stderr.flush()
 
 
 class Counter:

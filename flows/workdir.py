@@ -28,8 +28,10 @@ from flows.errors import InputError
 LOCK_FILE = ".lock"
 _STAGING = re.compile(r"^\..+\.tmp-(\d+)(-[0-9a-f]+)?$")
 
-# The workdir this process holds, for the interrupt handler in flows/cli.py.
+# The workdir this process holds, and the last one it released with what it removed then: for
+# the interrupt handler in flows/cli.py, which runs after the lock is released.
 active: Path | None = None
+released: tuple[Path, list[Path]] | None = None
 
 
 class WorkdirBusy(InputError):
@@ -39,7 +41,7 @@ class WorkdirBusy(InputError):
 @contextmanager
 def workdir_lock(workdir: str | Path) -> Iterator[Path]:
     """Hold WORKDIR/.lock for the block; WorkdirBusy naming the holder if another process has it."""
-    global active
+    global active, released
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     path = work / LOCK_FILE
@@ -59,6 +61,8 @@ def workdir_lock(workdir: str | Path) -> Iterator[Path]:
         try:
             yield work
         finally:
+            # Ours and unfinished: a stopped run's (Ctrl-C, SIGTERM, an error) half-written merges.
+            released = (work, remove_staging(work, os.getpid()))
             active = None
             os.ftruncate(fd, 0)
     finally:

@@ -32,13 +32,14 @@ def client(tracking_uri: str) -> MlflowClient:
     """A client for `tracking_uri`. A new SQLite store is created (its tables migrated by alembic)
     under a file lock beside it: two fresh runs setting up the same store at once otherwise race
     on the migration ("table experiments already exists", "no such table")."""
-    c = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    if tracking_uri.startswith("sqlite:///") and tracking_uri not in _READY:
-        db = Path(tracking_uri[len("sqlite:///"):])
-        with _file_lock(db.with_name(db.name + ".setup-lock")):
-            c.search_experiments(max_results=1)  # creates and migrates the tracking tables
-            c.search_registered_models(max_results=1)  # and the registry's
-        _READY.add(tracking_uri)
+    if not tracking_uri.startswith("sqlite:///") or tracking_uri in _READY:
+        return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    db = Path(tracking_uri[len("sqlite:///"):])
+    with _file_lock(db.with_name(db.name + ".setup-lock")):
+        c = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)  # may open the store
+        c.search_experiments(max_results=1)  # creates and migrates the tracking tables
+        c.search_registered_models(max_results=1)  # and the registry's
+    _READY.add(tracking_uri)
     return c
 
 

@@ -33,7 +33,7 @@ def test_demo_go_end_to_end(zoo, prefect_server, tmp_path):
     assert html.is_file() and html.suffix == ".html"
     # plain progress lines for a log file, and no bars or start-up chatter of the tools
     log = r.stderr
-    assert "merges 3/3 done" in log and "evaluations 6/6 done" in log and "ETA" in log, log[-3000:]
+    assert "merges 3/3 done" in log and "evaluations 7/7 done" in log and "ETA" in log, log[-3000:]
     assert "it/s]" not in log and "| INFO" not in log and "alembic" not in log, log[-3000:]
     pipe = yaml.safe_load((work / "pipeline.yaml").read_text())
     assert Path(pipe["recipe"]).is_absolute() and pipe["workdir"] == str(work.resolve())
