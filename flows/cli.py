@@ -289,7 +289,7 @@ def check(
             report = check_recipe(recipe, policy, allow_pickle=allow_pickle,
                                   on_progress=lambda done, total: bar.update(task, completed=done, total=total))
     except INPUT_ERRORS as e:
-        fail(str(e))
+        fail(str(e) + _example_hint(recipe, e))
     if json_out:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -317,6 +317,16 @@ def check(
             out.print(norms)
         out.print(f"status: [{colour[report.status]}]{report.status}[/]")
     raise typer.Exit(EXIT_FAILED if report.status == "fail" else EXIT_OK)
+
+
+def _example_hint(recipe: Path, e: Exception) -> str:
+    """configs/recipes/ name models/base etc. as mergekit's examples do: say how to fill them."""
+    from flows.demo import CONFIGS
+
+    if type(e).__name__ == "ModelNotFound" and recipe.resolve().parent == CONFIGS / "recipes":
+        return (f" (the example recipes name models/base, models/ft_a, ...: `mergeline zoo recipes DIR` "
+                f"writes them with the demo zoo's folders, then `mergeline check DIR/{recipe.name}`)")
+    return ""
 
 
 @app.command()

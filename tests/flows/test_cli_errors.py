@@ -126,3 +126,11 @@ def test_usage_error_keeps_click_code():
     """A usage error stays click's 2 (not 4), without a traceback."""
     r = subprocess.run([MERGELINE, "gate"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_example_recipe_without_models_says_how_to_fill_them(monkeypatch):
+    """`mergeline check configs/recipes/ties.yaml` from a fresh checkout: no models/ folder."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    r = runner.invoke(app, ["check", "configs/recipes/ties.yaml"])
+    assert r.exit_code == 2 and len(_lines(r.output)) == 1, r.output
+    assert "mergeline zoo recipes DIR" in r.output

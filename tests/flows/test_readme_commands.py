@@ -48,9 +48,9 @@ def readme_commands() -> list[str]:
         for line in text.splitlines():
             line = re.sub(r"\s+#.*$", "", line).strip()
             for part in line.split("&&"):
-                words = part.strip().split(" ", 1)
-                if words[0].endswith("mergeline") and not words[0].startswith("MERGELINE"):
-                    commands.append(" ".join(["mergeline", *words[1:]]).strip())
+                words = part.split()
+                if words and words[0].endswith("mergeline") and not words[0].startswith("MERGELINE"):
+                    commands.append(" ".join(["mergeline", *words[1:]]))
     return commands
 
 
