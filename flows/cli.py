@@ -134,7 +134,8 @@ class _Commands(TyperGroup):
                 fail(str(e), EXIT_BAD_INPUT)
             _unexpected(e)
         finally:
-            _sigterm_handler(previous)
+            if previous is not None:
+                _sigterm_handler(previous)
 
 
 def _sigterm_handler(handler):
@@ -161,10 +162,9 @@ def _stop_now(code: int) -> None:
     would otherwise finish first), after stopping the temporary Prefect server it started."""
     from flows import workdir
 
+    server_module = sys.modules.get("prefect.server.api.server")
     try:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        for server in list(getattr(SubprocessASGIServer, "_instances", {}).values()):
+        for server in list(getattr(getattr(server_module, "SubprocessASGIServer", None), "_instances", {}).values()):
             server.stop()
     except Exception:  # noqa: BLE001 - best effort on the way out
         pass

@@ -265,10 +265,11 @@ def _report_and_gate(r: _Run, suite, table, primary: str, merged: dict, compat: 
                                         "mlflow_run_id": parent})
     decision = report["decision"]
     problems: list[str] = []
+    names = set(merged) | set(table.scores["model"]) | set((compat.get("norms") or {}).get("per_model") or {})
     try:
         paths = write_reports(report, r.run_dir / "report")
     except Exception as e:  # noqa: BLE001 - the decision must not die with a drawing
-        problems.append(_report_problem("the HTML report", e, merged))
+        problems.append(_report_problem("the HTML report", e, names))
         paths = _plain_reports(report, r.run_dir / "report")
     plots_dir = r.run_dir / "report" / "plots"
     plots_dir.mkdir(exist_ok=True)
@@ -277,7 +278,7 @@ def _report_and_gate(r: _Run, suite, table, primary: str, merged: dict, compat: 
             if png:
                 (plots_dir / f"{pname}.png").write_bytes(png)
     except Exception as e:  # noqa: BLE001
-        problems.append(_report_problem("the plots", e, merged))
+        problems.append(_report_problem("the plots", e, names))
     for p in problems:
         r.log.warning(p)
     summaries = {n: cand.get("summary", {}) for n, cand in report["candidates"].items()}
@@ -299,12 +300,14 @@ def _report_and_gate(r: _Run, suite, table, primary: str, merged: dict, compat: 
     return report, paths, problems
 
 
-def _report_problem(what: str, e: Exception, merged: dict) -> str:
-    """One line naming what failed and the model names that may have caused it (matplotlib reads
-    '$...$' in a label as math)."""
-    odd = [n for n in merged if any(ch in n for ch in "$^\\{}")] or []
-    culprit = f"; model name(s) with math-text characters: {odd}" if odd else ""
-    msg = " ".join(str(e).split())[:300]
+def _report_problem(what: str, e: Exception, names: set[str]) -> str:
+    """One line naming what failed and the model names that may have caused it: matplotlib reads
+    a label with two '$' as math text, and fails on what is not valid TeX there."""
+    odd = sorted(n for n in names if n.count("$") >= 2)
+    culprit = (f"; model name(s) matplotlib reads as math text: {odd} (rename the folders)" if odd
+               else "")
+    msg = " ".join(str(e).split())
+    msg = msg if len(msg) <= 160 else msg[:160] + "..."
     return f"{what} could not be drawn ({type(e).__name__}: {msg}){culprit}; the decision stands, see report.md"
 
 
