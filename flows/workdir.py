@@ -10,7 +10,7 @@ renamed into place when complete. A run interrupted by Ctrl-C or SIGTERM removes
 killed outright (SIGKILL, power loss) leaves them, and the next run, which holds the lock and so
 knows nobody else is writing, removes them.
 
-    python -c "from flows.workdir import workdir_lock; ..."
+    python -m flows.workdir mergeline-runs/demo    # hold its lock until Ctrl-C; a run there is refused
 """
 from __future__ import annotations
 
@@ -91,3 +91,15 @@ def remove_staging(workdir: Path, pid: int | None = None) -> list[Path]:
         else:
             p.unlink(missing_ok=True)
     return removed
+
+
+if __name__ == "__main__":
+    import sys
+
+    with workdir_lock(sys.argv[1]) as held:
+        print(f"holding {held / LOCK_FILE} ({(held / LOCK_FILE).read_text()}); Ctrl-C to release")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
