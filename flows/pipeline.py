@@ -403,19 +403,19 @@ def validate(pipe: Pipeline) -> None:
 
 
 def run_pipeline(path: str | Path, refresh: bool = False) -> dict:
-    """Validate the file, check the servers (fast), take the workdir's lock, then run the flow.
+    """Take the workdir's lock, validate the file, check the servers (fast), then run the flow.
     Raises PipelineError, ServerUnreachable, WorkdirBusy, ... (flows.errors.input_errors())
     before any heavy work."""
     default_environment()
     pipe = load_pipeline(path)
-    from prefect.settings import PREFECT_API_URL
-
-    api = PREFECT_API_URL.value() or None  # env or the active Prefect profile
-    track = resolve_tracking(pipe.workdir_path, pipe.tracking.mlflow_tracking_uri,
-                             pipe.tracking.prefect_api_url or api)
-    check_servers(track)
-    validate(pipe)
     with workdir_lock(pipe.workdir_path) if workdir_state.active != pipe.workdir_path else _held():
+        from prefect.settings import PREFECT_API_URL
+
+        api = PREFECT_API_URL.value() or None  # env or the active Prefect profile
+        track = resolve_tracking(pipe.workdir_path, pipe.tracking.mlflow_tracking_uri,
+                                 pipe.tracking.prefect_api_url or api)
+        check_servers(track)
+        validate(pipe)
         say(f"pipeline {pipe.name}: workdir {pipe.workdir_path}")
         if not track.prefect_api_url:
             say("prefect: starting its temporary server (~20 s; set PREFECT_API_URL to use a running one)")

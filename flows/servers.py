@@ -30,7 +30,7 @@ class TrackingURIError(InputError):
 
 
 # What MLflow can keep runs in: a server, a database, a folder, Databricks.
-MLFLOW_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
+MLFLOW_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks", "databricks-uc", "uc")
 
 
 @dataclass(frozen=True)

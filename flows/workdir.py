@@ -14,6 +14,7 @@ knows nobody else is writing, removes them.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -43,6 +44,7 @@ def workdir_lock(workdir: str | Path) -> Iterator[Path]:
     """Hold WORKDIR/.lock for the block; WorkdirBusy naming the holder if another process has it."""
     global active, released
     work = Path(workdir).resolve()
+    created = not work.exists()
     work.mkdir(parents=True, exist_ok=True)
     path = work / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -65,6 +67,12 @@ def workdir_lock(workdir: str | Path) -> Iterator[Path]:
             released = (work, remove_staging(work, os.getpid()))
             active = None
             os.ftruncate(fd, 0)
+            if created and [p.name for p in work.iterdir()] == [LOCK_FILE]:
+                # refused before any work (bad input): leave no empty workdir behind; done while
+                # still holding the lock, so no other run's lock file is removed
+                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    work.rmdir()
     finally:
         os.close(fd)  # closing releases the flock
 
