@@ -42,8 +42,21 @@ def _evaluate(name: str, path: str, role: str, suite: dict, cache_dir: str | Non
     from evaluation.suite import EvalSuite
 
     s = EvalSuite.model_validate(suite)
+    _no_git_describe()
     with _LM_EVAL_LOCK:
         return evaluate_models(s, {name: Path(path)}, cache_dir, roles={name: role}, log=None)
+
+
+def _no_git_describe() -> None:
+    """lm-eval records the git commit of the current folder by running `git describe`, which
+    prints "fatal: not a git repository" to the terminal outside a checkout; its own fallback
+    reads the same commit from .git silently."""
+    import os
+
+    import lm_eval.evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    lm_eval.evaluator.get_git_commit_hash = lambda: get_commit_from_path(os.getcwd())
 
 
 def combine(tables: list):
