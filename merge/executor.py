@@ -8,8 +8,8 @@ each output tensor, in the order its bytes lie in the reference model's shards:
 1. read the base's and each model's tensor straight from the safetensors files into fresh
    buffers (merge/reader.py: `os.preadv`, no memory map), in a prefetch thread so reading the
    next tensor overlaps computing this one (on CUDA via pinned host buffers and a side stream);
-   the same thread feeds the tensors, as read, to the gate's norm statistics (the fused Gram
-   kernel of merge/compat/gram.py): no second read of the inputs;
+   the tensors, as read, also go to the gate's norm statistics (the fused Gram kernel of
+   merge/compat/gram.py, on a thread of its own): no second read of the inputs;
 2. cast to the compute dtype (the recipe's `dtype`, else the inputs' promoted dtype: mergekit
    casts, it never upcasts on its own);
 3. call the method with this tensor's parameters (`plan.tensor_params`, resolved as mergekit does)
@@ -33,21 +33,23 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 import yaml
 
 from merge.checkpoint import CheckpointError
-from merge.compat.gate import ChecksFailed, CompatGate, CompatInputError, recipe_gate, summary, waive_failures
-from merge.compat.norms import NormAccumulator
-from merge.compat.report import CompatReport
 from merge.device import resolve_device
 from merge.plan import MergeError, Plan, TensorJob, build_plan, model_thresholds, tensor_params, torch_dtype
 from merge.recipe import MergeRecipe, load_recipe, model_names
 from merge.resolve import ModelNotFound, resolve_model
 from merge.stats import StatsAggregator
 from merge.writer import ShardWriter, copy_side_files, parse_size, staging_dir, write_chat_template, write_config
+
+if TYPE_CHECKING:  # the gate (and numba, for its kernel) is imported only when checks run
+    from merge.compat.gate import CompatGate
+    from merge.compat.norms import NormAccumulator
+    from merge.compat.report import CompatReport
 
 @dataclass
 class MergeOutput:
@@ -71,7 +73,11 @@ def _seed_for(seed: int, name: str) -> int:
 
 class _NormFeed:
     """Hands the tensors the merge reads to the gate's norm accumulator, as stored (before any
-    cast or device move), so its figures are those `mergeline check` computes from the files."""
+    cast or device move), so its figures are those `mergeline check` computes from the files.
+
+    The Gram kernel runs on a thread of its own, so the numba start-up (about 0.3 s, paid while
+    the first tensors are read) and the kernel itself stay off the read-merge-write path; the
+    queue holds at most two tensor names' inputs that the merge may already have dropped."""
 
     def __init__(self, gate: CompatGate, plan: Plan):
         index = {s.name: i for i, s in enumerate(plan.inputs)}  # the gate names inputs as the plan does
@@ -79,10 +85,45 @@ class _NormFeed:
         self.base = index[gate.base_name]
         self.names = gate.norm_names()
         self.acc: NormAccumulator = gate.accumulator()
+        self.errors: list[BaseException] = []
+        self._q: queue.Queue = queue.Queue(maxsize=2)
+        dtypes = {plan.inputs[self.base].reader.infos[n].dtype for n in self.names}
+        self._thread = threading.Thread(target=self._run, args=(dtypes,), daemon=True)
+        self._thread.start()
 
     def __call__(self, job: TensorJob, tensors: list[torch.Tensor]) -> None:
+        """From the producer thread, as each job's inputs are read."""
         if job.name in self.names:  # shared by every model under this name (not a tied head)
-            self.acc.add(job.name, [tensors[i] for i in self.models], tensors[self.base])
+            self._q.put((job.name, [tensors[i] for i in self.models], tensors[self.base]))
+
+    def _run(self, dtypes: set[str]) -> None:
+        from merge.checkpoint import DTYPES
+        from merge.compat.gram import warm_up
+
+        try:
+            warm_up(len(self.models) + 1, {DTYPES[d] for d in dtypes if d in DTYPES})
+        except BaseException as e:
+            self.errors.append(e)
+        while (item := self._q.get()) is not _DONE:
+            if self.errors:
+                continue  # drain after a failure so the producer never blocks
+            try:
+                self.acc.add(*item)
+            except BaseException as e:
+                self.errors.append(e)
+
+    def join(self) -> None:
+        """Wait for the queued tensors (the producer has stopped)."""
+        if self._thread.is_alive():
+            self._q.put(_DONE)
+            self._thread.join()
+
+    def result(self):
+        """The accumulated statistics (NormResult); raises the thread's error, if any."""
+        self.join()
+        if self.errors:
+            raise self.errors[0]
+        return self.acc.result
 
 
 def _producer(plan: Plan, device: torch.device, out_q: queue.Queue, stop: threading.Event,
@@ -157,7 +198,6 @@ def run_merge(recipe: MergeRecipe | str | Path | Mapping, out_dir: str | Path, *
     if gate is not None:
         _verdict(gate.report, "headers", allow_crimes)  # before any tensor is read
     plan = build_plan(recipe, allow_pickle=allow_pickle)
-    feed = _NormFeed(gate, plan) if gate is not None and gate.norm_skip_reason() is None else None
     if gate is not None:
         gate.close()  # the merge's own reader feeds the norms from here on
     method = plan.method
@@ -172,6 +212,7 @@ def run_merge(recipe: MergeRecipe | str | Path | Mapping, out_dir: str | Path, *
             in_q: queue.Queue = queue.Queue(maxsize=1)
             out_q: queue.Queue = queue.Queue(maxsize=2)
             stop, write_errors = threading.Event(), []
+            feed = _NormFeed(gate, plan) if gate is not None and gate.norm_skip_reason() is None else None
             producer = threading.Thread(target=_producer, args=(plan, dev, in_q, stop, feed), daemon=True)
             wthread = threading.Thread(target=_writer_loop, args=(writer, out_q, write_errors), daemon=True)
             producer.start()
@@ -208,13 +249,15 @@ def run_merge(recipe: MergeRecipe | str | Path | Mapping, out_dir: str | Path, *
                         pass
                 out_q.put(_DONE)
                 wthread.join()
+                if feed is not None:
+                    feed.join()
                 if bar is not None:
                     bar.stop()
                 writer.abort()
             if write_errors:
                 raise write_errors[0]
             if gate is not None:  # the norm checks, from what the loop read: a failure discards tmp
-                report = gate.finish(feed.acc.result if feed is not None else None)
+                report = gate.finish(feed.result() if feed is not None else None)
                 _verdict(report, "norms", allow_crimes)
             writer.close()
             _write_side_files(plan, tmp)
@@ -232,6 +275,8 @@ def run_merge(recipe: MergeRecipe | str | Path | Mapping, out_dir: str | Path, *
 def _open_gate(recipe: MergeRecipe, policy: Any, allow_pickle: bool) -> CompatGate:
     """The gate of the recipe's models: the same model twice is refused, then every input is
     opened and the header checks run. An unusable input is a MergeError naming the file."""
+    from merge.compat.gate import CompatInputError, recipe_gate
+
     try:
         return recipe_gate(recipe, policy, allow_pickle=allow_pickle)
     except (CheckpointError, CompatInputError, ModelNotFound) as e:
@@ -240,6 +285,8 @@ def _open_gate(recipe: MergeRecipe, policy: Any, allow_pickle: bool) -> CompatGa
 
 def _verdict(report: CompatReport, stage: str, allow_crimes: bool) -> None:
     """Refuse on a failed check, or, with allow_crimes, mark the failures waived by it."""
+    from merge.compat.gate import ChecksFailed, waive_failures
+
     if report.failed():
         if not allow_crimes:
             raise ChecksFailed(report, stage)
@@ -288,6 +335,7 @@ def _write_side_files(plan: Plan, folder: Path) -> None:
 
 def _write_lineage(plan: Plan, folder: Path, name: str, seed: int, report: CompatReport | None) -> None:
     """lineage.json and README.md (merge/lineage.py), with the checks and what was waived."""
+    from merge.compat.gate import summary
     from merge.lineage import build_lineage, describe_input, write_lineage
 
     r = plan.recipe

@@ -6,6 +6,9 @@ norm; an unrelated initialisation of the same architecture sits near sqrt(2). St
 chunks of one tensor (all models together) from the memory-mapped files: per chunk, the Gram
 matrix of [tau_1 .. tau_k, theta_0] (`gram.py`) yields every squared norm (diagonal) and
 pairwise dot product (off-diagonal) at once, so cosine similarities cost no extra pass.
+`mergeline check` reads the files itself (`stream_norms`); `mergeline merge` feeds the tensors
+its own streaming read holds (merge/executor.py) to the same `NormAccumulator`: one
+implementation, the same figures.
 
 The flags use the relative delta over weight MATRICES only (`relative_delta_matrices`):
 norm weights initialised to ones are shared by any two models of an architecture and, in
@@ -27,7 +30,6 @@ import torch
 from merge.checkpoint import DTYPES, Checkpoint
 from merge.methods.common import cpu_workers, single_threaded_ops
 
-from .gram import slab_gram
 from .policy import NormsPolicy
 from .report import Check
 
@@ -113,6 +115,8 @@ class NormAccumulator:
 
     def add(self, name: str, models: list[torch.Tensor], base: torch.Tensor) -> None:
         """One tensor of every model (in `result.models` order) and of the base, as read."""
+        from .gram import slab_gram  # numba: imported by the first caller (the merge's norm thread)
+
         flat = [t.reshape(-1) for t in (*models, base)]
         g = np.zeros((len(flat), len(flat)))
         for s, e in self.spans(name, base.numel()):
@@ -139,6 +143,8 @@ def stream_norms(base: Checkpoint, models: dict[str, Checkpoint], names: list[st
     Tensors are memory-mapped: only the chunk being read is touched. `on_progress(done, total)`
     is called (in this thread) with the base's elements compared so far, for a progress bar.
     """
+    from .gram import slab_gram  # numba, only where a norm pass runs
+
     keys = list(models)
     infos = base.infos()
     for m in models.values():
