@@ -151,7 +151,8 @@ def _checks_section(checks: dict | None) -> str:
                   "and were waived; the merge may be meaningless:", ">"]
         lines += [f"> - `{w['name']}`: {w['message']}" for w in crimes]
         lines.append("")
-    lines.append(f"Compatibility checks: **{checks.get('status')}**.")
+    verdict = f"**fail**, merged anyway with `{crimes[0]['by']}`" if crimes else f"**{checks.get('status')}**"
+    lines.append(f"Compatibility checks: {verdict}.")
     by_policy = [w for w in waived if w.get("by") == "policy"]
     if by_policy:
         lines.append("Waived by the compatibility policy: " + ", ".join(f"`{w['name']}` ({w['status']})" for w in by_policy) + ".")

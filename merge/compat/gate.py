@@ -194,16 +194,20 @@ def waive_failures(report: CompatReport, by: str = ALLOW_CRIMES) -> list[Check]:
     return failed
 
 
-def summary(report: CompatReport) -> dict:
-    """What lineage.json keeps of a report: every check's verdict, the waived ones with who waived
-    them, and the per-model norms (per-tensor figures stay out: they grow with the model)."""
-    waived = [{"name": c.name, "status": c.details.get("waived_status", "warn"),
-               "by": c.details.get("waived_by", "policy"), "message": c.message}
-              for c in report.checks if c.status == "waived"]
-    return {"status": report.status,
-            "checks": [{"name": c.name, "status": c.status, "message": c.message} for c in report.checks],
+def summary(report: CompatReport | dict) -> dict:
+    """What lineage.json keeps of a report (or of its `to_dict()`, e.g. `MergeOutput.checks`):
+    every check's verdict, the waived ones with who waived them, and the per-model norms
+    (per-tensor figures stay out: they grow with the model)."""
+    d = report.to_dict() if isinstance(report, CompatReport) else report
+    checks = d.get("checks") or []
+    waived = [{"name": c["name"], "status": c["details"].get("waived_status", "warn"),
+               "by": c["details"].get("waived_by", "policy"), "message": c["message"]}
+              for c in checks if c["status"] == "waived"]
+    norms = d.get("norms") or {}
+    return {"status": d.get("status"),
+            "checks": [{"name": c["name"], "status": c["status"], "message": c["message"]} for c in checks],
             "waived": waived,
-            "norms": {k: v for k, v in report.norms.items() if k in ("per_model", "cosine", "tensors", "numel")}}
+            "norms": {k: v for k, v in norms.items() if k in ("per_model", "cosine", "tensors", "numel")}}
 
 
 def _one_line(text: str) -> str:

@@ -273,3 +273,19 @@ def test_in_merge_norms_equal_the_check_pass_with_a_tied_head_and_small_chunks(t
     assert merged.waived == [] and merged.checks["status"] == checked.status == "warn"
     assert_same_norms(merged.checks["norms"], checked.norms)
     assert merged.checks["norms"]["not_compared"] == ["lm_head.weight"]
+
+
+def test_the_checks_read_no_tensor_twice(tiny_models, tmp_path, reads, monkeypatch):
+    """The norm statistics come from the merge's own read: every input tensor is read once, and
+    the memory-mapped path `mergeline check` reads through (Checkpoint.get) is never used."""
+    from merge.checkpoint import Checkpoint
+
+    def refuse(self, name):
+        raise AssertionError(f"second read of {name!r} through Checkpoint.get")
+
+    monkeypatch.setattr(Checkpoint, "get", refuse)
+    recipe = write_recipe(tmp_path, tiny_models["base"], [tiny_models["ft_a"], tiny_models["ft_b"]])
+    out = run_merge(recipe, tmp_path / "out", device="cpu", progress=False, lineage=False)
+    assert out.checks["norms"]["tensors"] > 0 and out.checks["status"] in ("pass", "warn")
+    names = list(load_file(Path(tiny_models["base"]) / "model.safetensors"))
+    assert sorted(reads) == sorted(names * 3)  # base, ft_a, ft_b: each tensor once
