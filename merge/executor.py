@@ -17,7 +17,8 @@ each output tensor, in the order its bytes lie in the reference model's shards:
    independent of order;
 4. cast to `out_dtype` (else the compute dtype, as mergekit writes) and hand the result to a
    writer thread that appends it to the current output shard.
-At most three tensor names' inputs (reading, queued, computing) and two outputs are alive.
+At most three tensor names' inputs (reading, queued, computing) and two outputs are alive, and
+up to three more inputs the merge is done with while the norm thread catches up.
 When every tensor is written, the norm checks (NaN/Inf, a delta too large for a fine-tune,
 weights unrelated to the base, a model identical to the base) are judged; a failure discards
 the staged output (`ChecksFailed`). `allow_crimes=True` (mergekit's `--allow-crimes`) merges
