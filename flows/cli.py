@@ -185,26 +185,39 @@ def merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     seed: int = typer.Option(0, help="Seed for the random methods (DARE, DELLA)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load .bin pickle checkpoints (weights_only)."),
+    policy: Optional[Path] = typer.Option(None, help="Compatibility policy YAML (thresholds, waivers), as for check."),
+    allow_crimes: bool = typer.Option(False, "--allow-crimes",
+                                      help="Merge even when a compatibility check fails; the waived failures "
+                                           "are recorded in lineage.json and README.md."),
 ):
-    """Merge the models of a mergekit recipe into OUTPUT_DIR."""
+    """Merge the models of a mergekit recipe into OUTPUT_DIR, after the compatibility checks.
+
+    The checks of `mergeline check` run inside the merge (headers before any tensor is read, the
+    norms from the merge's own read). Exit 0 merged, 1 a check failed (nothing written), 2 unusable input."""
+    from rich.markup import escape
+
     from merge.checkpoint import CheckpointError
+    from merge.compat import INPUT_ERRORS, ChecksFailed
     from merge.device import DeviceError
     from merge.executor import run_merge
     from merge.plan import MergeError
-    from merge.recipe import RecipeError
-    from merge.resolve import ModelNotFound
     from merge.writer import OutputError
 
     try:
         out = run_merge(recipe, output_dir, device=device, out_shard_size=out_shard_size, overwrite=overwrite,
-                        seed=seed, allow_pickle=allow_pickle, progress=True)
-    except (RecipeError, MergeError, CheckpointError, DeviceError, ModelNotFound, OutputError) as e:
-        fail(str(e))
+                        seed=seed, allow_pickle=allow_pickle, progress=True, policy=policy, allow_crimes=allow_crimes)
+    except ChecksFailed as e:
+        fail(escape(str(e)), EXIT_FAILED)
+    except (MergeError, CheckpointError, DeviceError, OutputError, *INPUT_ERRORS) as e:
+        fail(escape(str(e)))
     rate = out.stats.get("sign_conflict", {}).get("rate")
     conflict = f"{rate:.1%}" if rate is not None else "n/a"
     Console().print(
         f"merged [bold]{out.method}[/]: {out.tensors} tensors, {out.nbytes / 1e9:.2f} GB in {out.seconds:.1f} s "
-        f"-> {out.path} (sign conflicts {conflict})", highlight=False, soft_wrap=True)
+        f"-> {escape(str(out.path))} (sign conflicts {conflict})", highlight=False, soft_wrap=True)
+    if out.waived:
+        err.print(f"[bold yellow]warning:[/] merged with --allow-crimes although {', '.join(out.waived)} failed "
+                  "(recorded in lineage.json and README.md)", highlight=False, soft_wrap=True)
 
 
 @app.command()
