@@ -29,10 +29,10 @@ from typing import Any, Callable, Mapping
 import torch
 
 from merge.device import resolve_device
-from merge.plan import Plan, TensorJob, build_plan, model_thresholds, tensor_params, torch_dtype
+from merge.plan import Plan, TensorJob, build_plan, model_thresholds, tensor_params
 from merge.recipe import MergeRecipe, load_recipe
 from merge.stats import StatsAggregator
-from merge.writer import ShardWriter, copy_side_files, parse_size, staging_dir, write_chat_template, write_config
+from merge.writer import ShardWriter, parse_size, staging_dir, write_side_files
 
 @dataclass
 class MergeOutput:
@@ -195,16 +195,4 @@ class _Result:
 
 
 def _write_side_files(plan: Plan, folder: Path) -> None:
-    r = plan.recipe
-    ref_folder = plan.reference.reader.ckpt.folder
-    dtypes = {j.out.dtype for j in plan.jobs if j.floating}
-    out_dtype = next(iter(dtypes)) if len(dtypes) == 1 else (torch_dtype(r.out_dtype) or torch_dtype(r.dtype))
-    write_config(folder, plan.reference.reader.ckpt.config, out_dtype or torch.float32)
-    tok_ref = r.tokenizer_ref
-    tok_folder = ref_folder
-    if tok_ref is not None:
-        tok_folder = next(s.reader.ckpt.folder for s in plan.inputs if s.ref == tok_ref)
-    copy_side_files(folder, tok_folder, ref_folder)
-    if r.chat_template:
-        write_chat_template(folder, r.chat_template, [s.reader.ckpt.folder for s in plan.inputs])
-    (folder / "mergeline_recipe.yaml").write_text(r.to_yaml())
+    write_side_files(plan, folder)  # merge/writer.py: config (layer count, vocabulary), tokenizer, template, recipe

@@ -6,6 +6,12 @@ input (a fine-tune with its own head on a tied base gets its head merged), and p
 compute and output dtypes and the gradient position t are fixed. `tensor_params` then resolves
 one tensor's method parameters exactly as mergekit does (models, slices, filters, gradients).
 
+Slices that move layers (frankenmerges, merge/slices.py) are planned over input *slots*: slot j
+of an output tensor is the j-th source of its slice, read under that model's own layer index
+through a `merge.tensor_views.ViewReader`, so the executor's loop runs them unchanged. A recipe
+that sets a tokenizer gets its embedding and head rows rebuilt in the output vocabulary as they
+are read (merge/tokenizer_merge.py).
+
     python -c "from merge.plan import build_plan; from merge.recipe import load_recipe; \
 print(len(build_plan(load_recipe('RECIPE.yaml')).jobs))"
 """
@@ -17,14 +23,18 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from merge.checkpoint import DTYPES, Checkpoint, CheckpointError
-from merge.parameters import MISSING, layer_t, num_layers, resolve
+from merge.checkpoint import DTYPES, Checkpoint, CheckpointError, TensorInfo
+from merge.parameters import MISSING, layer_index, layer_t, num_layers, rename_layer, resolve, set_num_layers
 from merge.reader import TensorReader
 from merge.recipe import MergeRecipe, RecipeError, model_names
 from merge.recipe_checks import check_weight_sum, get_method_or_error
 from merge.resolve import resolve_model
-from merge.slices import layer_count, locate, parameter_sources
+from merge.slices import is_aligned, is_pre_weight, layer_count, locate, output_layers, parameter_sources
+from merge.tensor_views import View, ViewReader, identity_views
+from merge.tokenizer_merge import VOCAB_TENSORS, RowRemapper, recipe_tokenizer, tokenizer_for
 from merge.writer import OutTensor
+
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 # A model that ties its output head to the input embedding stores only the embedding.
 TIED_HEADS = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight",
@@ -55,6 +65,10 @@ class TensorJob:
     t: float
     floating: bool
     slice_index: int | None = None  # `slices:` recipes: the slice whose settings apply
+    # Frankenmerges: per input slot, the model whose settings apply and the tensor's name there
+    # (parameter filters match it); None: plan.inputs[i].ref and sources[i].
+    refs: list[str] | None = None
+    input_names: list[str] | None = None
 
 
 @dataclass
@@ -65,6 +79,9 @@ class Plan:
     base_index: int | None  # index in inputs of the base handed to the method (requires_base)
     reference: Source
     jobs: list[TensorJob] = field(default_factory=list)
+    out_config: dict | None = None  # config.json to write (layer count, vocab size set)
+    models: dict[str, TensorReader] = field(default_factory=dict)  # model reference -> its reader
+    tokenizer: Any = None  # merge.tokenizer_merge.TokenizerInfo, when the recipe sets a tokenizer
 
     @property
     def merged(self) -> list[Source]:
@@ -84,21 +101,63 @@ def _source_name(reader: TensorReader, name: str) -> str | None:
     return None
 
 
+def _open(ref: str, recipe: MergeRecipe, allow_pickle: bool) -> TensorReader:
+    try:
+        return TensorReader(Checkpoint(resolve_model(ref, recipe.source_dir), allow_pickle=allow_pickle))
+    except (CheckpointError, ValueError) as e:
+        raise MergeError(str(e)) from e
+
+
+def _job(recipe: MergeRecipe, name: str, found: list[tuple[str, TensorReader, str]], t: float,
+         scope: int | None, vocab: bool) -> TensorJob:
+    """One output tensor from (model ref, reader, name there) per input: shapes and dtypes
+    checked, compute and output dtypes fixed. `vocab`: token rows are rebuilt, so only the
+    width must agree."""
+    dtypes, shape = [], None
+    for ref, reader, src in found:
+        info = reader.infos[src]
+        if shape is None:
+            shape = info.shape
+        elif (info.shape[1:] != shape[1:]) if vocab else (info.shape != shape):
+            hint = ""
+            if name in VOCAB_TENSORS and info.shape[1:] == shape[1:]:
+                hint = (": the vocabularies differ; set `tokenizer_source: union` (or base, or a model) to merge "
+                        "them token by token")
+            raise MergeError(f"tensor {name!r}: shape {list(info.shape)} in {ref!r} but {list(shape)} in "
+                             f"{found[0][0]!r}{hint}")
+        dtypes.append(DTYPES[info.dtype])
+    floating = all(d.is_floating_point for d in dtypes)
+    promoted = dtypes[0]
+    for d in dtypes[1:]:
+        promoted = torch.promote_types(promoted, d)
+    compute, out_dtype = torch_dtype(recipe.dtype), torch_dtype(recipe.out_dtype)
+    cdt = (compute or promoted) if floating else promoted
+    odt = (out_dtype or cdt) if floating else promoted
+    return TensorJob(name, [src for _, _, src in found], cdt, OutTensor(name, odt, tuple(shape)), t, floating, scope)
+
+
 def build_plan(recipe: MergeRecipe, allow_pickle: bool = False) -> Plan:
     """Resolve models and check every tensor's presence, shape and dtype from headers alone."""
     method = get_method_or_error(recipe.merge_method)
+    if recipe.slices and not is_aligned(recipe.slices, recipe.base_model):
+        plan = _build_stacked(recipe, method, allow_pickle)
+    else:
+        plan = _build_aligned(recipe, method, allow_pickle)
+    _rebuild_vocabulary(plan)
+    return plan
+
+
+def _build_aligned(recipe: MergeRecipe, method, allow_pickle: bool) -> Plan:
+    """`models:` recipes and slices that keep every layer in place: output tensor = input tensor."""
     names = model_names(recipe)
     inputs: list[Source] = []
     for m in recipe.inputs():
-        try:
-            folder = resolve_model(m.model, recipe.source_dir)
-            reader = TensorReader(Checkpoint(folder, allow_pickle=allow_pickle))
-        except (CheckpointError, ValueError) as e:
-            raise MergeError(str(e)) from e
+        reader = _open(m.model, recipe, allow_pickle)
         inputs.append(Source(m.model, names[m.model], reader, m.parameters, m.model == recipe.base_model))
     base_index = next((i for i, s in enumerate(inputs) if s.is_base), None) if method.requires_base else None
     reference = next((s for s in inputs if s.ref == recipe.reference_model), inputs[0])
-    plan = Plan(recipe, method, inputs, base_index, reference)
+    plan = Plan(recipe, method, inputs, base_index, reference, out_config=reference.reader.ckpt.config,
+                models={s.ref: s.reader for s in inputs})
 
     ref_infos = reference.reader.infos
     out_names = list(ref_infos)
@@ -116,35 +175,166 @@ def build_plan(recipe: MergeRecipe, allow_pickle: bool = False) -> Plan:
     n_layers = num_layers(reference.reader.ckpt.config, out_names)
     if recipe.slices and layer_count(recipe.slices) != n_layers:
         raise MergeError(f"the slices cover layers [0, {layer_count(recipe.slices)}) but {reference.ref!r} has "
-                         f"{n_layers}: slices must keep every layer (dropping or stacking layers is not supported)")
-    out_dtype = torch_dtype(recipe.out_dtype)
-    compute = torch_dtype(recipe.dtype)
+                         f"{n_layers}: slices that keep layers in place must cover them all")
+    vocab = recipe_tokenizer(recipe) is not None
     for name in out_names:
-        srcs, dtypes, shape = [], [], None
+        found = []
         for s in inputs:
             src = _source_name(s.reader, name)
             if src is None:
                 raise MergeError(f"model {s.ref!r} has no tensor {name!r} (found in {reference.ref!r})")
-            info = s.reader.infos[src]
-            if shape is None:
-                shape = info.shape
-            elif info.shape != shape:
-                raise MergeError(f"tensor {name!r}: shape {list(info.shape)} in {s.ref!r} but {list(shape)} in "
-                                 f"{inputs[0].ref!r}")
-            srcs.append(src)
-            dtypes.append(DTYPES[info.dtype])
-        floating = all(d.is_floating_point for d in dtypes)
-        promoted = dtypes[0]
-        for d in dtypes[1:]:
-            promoted = torch.promote_types(promoted, d)
-        cdt = (compute or promoted) if floating else promoted
-        odt = (out_dtype or cdt) if floating else promoted
+            found.append((s.ref, s.reader, src))
         t, scope = layer_t(name, n_layers), None
         if recipe.slices:
             sl, t = locate(recipe.slices, name)
             scope = recipe.slices.index(sl)
-        plan.jobs.append(TensorJob(name, srcs, cdt, OutTensor(name, odt, tuple(shape)), t, floating, scope))
+        plan.jobs.append(_job(recipe, name, found, t, scope, vocab and name in VOCAB_TENSORS))
     return plan
+
+
+def _build_stacked(recipe: MergeRecipe, method, allow_pickle: bool) -> Plan:
+    """Slices that drop, repeat, reorder or interleave layers (merge/slices.py), as mergekit plans
+    them: the embeddings from the first slice's models, each slice's layers renumbered in order,
+    the final norm and head from the last slice's models."""
+    slices = recipe.slices
+    names = model_names(recipe)
+    refs = list(dict.fromkeys([s.model for sl in slices for s in sl.sources]))
+    readers = {ref: _open(ref, recipe, allow_pickle) for ref in refs}
+    slots = []  # per slice, its sources in slot order (the base last, for methods that take one)
+    for k, sl in enumerate(slices):
+        srcs = list(sl.sources)
+        if method.requires_base:
+            base = sl.base_model or recipe.base_model
+            b = next((s for s in srcs if s.model == base), None)
+            if b is None:
+                raise MergeError(f"slices[{k}]: the base model {base!r} is not among the slice's sources; a slice "
+                                 f"that moves layers must list the base with its layer_range for {method.name!r}")
+            srcs = [s for s in srcs if s is not b] + [b]
+        slots.append(srcs)
+    n_slots = len(slots[0])
+    reference_ref = recipe.base_model if recipe.base_model in readers else slices[0].sources[0].model
+    ref_reader = readers[reference_ref]
+
+    per_layer: dict[str, dict[int, list[str]]] = {}  # model -> input layer -> its tensor names
+    for ref, reader in readers.items():
+        d = per_layer.setdefault(ref, {})
+        for n in reader.infos:
+            if (i := layer_index(n)) is not None:
+                d.setdefault(i, []).append(n)
+    n_in = {ref: num_layers(r.ckpt.config, r.infos) for ref, r in readers.items()}
+    for k, srcs in enumerate(slots):
+        for s in srcs:
+            if s.layer_range[1] > n_in[s.model]:
+                raise MergeError(f"slices[{k}]: layer_range {list(s.layer_range)} of {s.model!r}, which has "
+                                 f"{n_in[s.model]} layers")
+
+    views: list[dict[str, View]] = [{} for _ in range(n_slots)]
+    jobs: list[TensorJob] = []
+
+    def add(out_name: str, k: int, picks: list[tuple[str, str]], t: float) -> None:
+        """picks: per slot, (model ref, its tensor name)."""
+        found = []
+        for (ref, src), v in zip(picks, views):
+            if src is None:
+                raise MergeError(f"model {ref!r} has no tensor {out_name!r} (slices[{k}])")
+            v[out_name] = View(readers[ref], src, readers[ref].infos[src])
+            found.append((ref, readers[ref], src))
+        job = _job(recipe, out_name, found, t, k, recipe_tokenizer(recipe) is not None and out_name in VOCAB_TENSORS)
+        job.sources = [out_name] * n_slots  # each slot's ViewReader knows where to read it
+        job.refs, job.input_names = [ref for ref, _ in picks], [src for _, src in picks]
+        jobs.append(job)
+
+    outside = [n for n in ref_reader.infos if layer_index(n) is None]
+    for head in TIED_HEADS:
+        if head not in ref_reader.infos and any(head in r.infos for r in readers.values()):
+            outside.append(head)
+    pre = [n for n in outside if is_pre_weight(n)]
+    post = [n for n in outside if not is_pre_weight(n)]
+    for name in pre:
+        add(name, 0, [(s.model, _source_name(readers[s.model], name)) for s in slots[0]], 0.0)
+    layers_from = []
+    for out, k, j, t in output_layers(slices):
+        first = slots[k][0]
+        lead = per_layer[first.model].get(first.layer_range[0] + j, [])
+        layers_from.append(first.layer_range[0] + j)
+        for n0 in lead:
+            picks = []
+            for s in slots[k]:
+                src = rename_layer(n0, s.layer_range[0] + j)
+                picks.append((s.model, src if src in readers[s.model].infos else None))
+            add(rename_layer(n0, out), k, picks, t)
+        for s in slots[k][1:]:  # a tensor the lead model's layer lacks: not the same architecture
+            mine = {rename_layer(n, 0) for n in per_layer[s.model].get(s.layer_range[0] + j, [])}
+            extra = mine - {rename_layer(n, 0) for n in lead}
+            if extra:
+                raise MergeError(f"slices[{k}]: model {s.model!r} layer {s.layer_range[0] + j} has tensor "
+                                 f"{sorted(extra)[0]!r} that {first.model!r} lacks: not the same architecture")
+    for name in post:
+        add(name, len(slices) - 1, [(s.model, _source_name(readers[s.model], name)) for s in slots[-1]], 0.0)
+
+    inputs = []
+    for i in range(n_slots):
+        used = list(dict.fromkeys(sl[i].model for sl in slots))
+        ckpt = readers[reference_ref if reference_ref in used else used[0]].ckpt
+        label = "|".join(names[r] for r in used)
+        is_base = method.requires_base and i == n_slots - 1
+        inputs.append(Source(used[0] if len(used) == 1 else label, label, ViewReader(ckpt, views[i]), None, is_base))
+    base_index = n_slots - 1 if method.requires_base else None
+    reference = next((s for s in inputs if s.reader.ckpt is ref_reader.ckpt), inputs[0])
+    try:
+        out_config = set_num_layers(ref_reader.ckpt.config, layers_from)
+    except ValueError as e:
+        raise MergeError(f"model {reference_ref!r}: {e}") from None
+    plan = Plan(recipe, method, inputs, base_index, reference, jobs, out_config=out_config,
+                models=readers)
+    return plan
+
+
+def _rebuild_vocabulary(plan: Plan) -> None:
+    """A recipe with a tokenizer: build the output tokenizer and have every input's embedding and
+    head rows rebuilt in its vocabulary as they are read (merge/tokenizer_merge.py)."""
+    spec = recipe_tokenizer(plan.recipe)
+    if spec is None:
+        return
+    r = plan.recipe
+    refs = [ref for ref in _referenced(r) if ref in plan.models]
+    try:
+        info = tokenizer_for(r, {ref: plan.models[ref].ckpt.folder for ref in refs},
+                             {ref: plan.models[ref].ckpt.config for ref in refs})
+    except (OSError, ValueError) as e:
+        raise MergeError(f"tokenizer: {e}") from e
+    plan.tokenizer = info
+    plan.out_config = {**plan.out_config, "vocab_size": info.vocab_size}
+    for job in plan.jobs:
+        if job.name not in VOCAB_TENSORS:
+            continue
+        job.input_names = job.input_names or list(job.sources)  # parameter filters see the real names
+        refs = job.refs or [s.ref for s in plan.inputs]
+        base = r.slices[job.slice_index].base_model if job.slice_index is not None else None
+        remap = RowRemapper(info, [(s.reader, src, ref) for s, src, ref in zip(plan.inputs, job.sources, refs)],
+                            base or r.base_model, spec[1])
+        shape = (info.vocab_size, *job.out.shape[1:])
+        dtypes = [DTYPES[s.reader.infos[src].dtype] for s, src in zip(plan.inputs, job.sources)]
+        promoted = dtypes[0]
+        for d in dtypes[1:]:
+            promoted = torch.promote_types(promoted, d)
+        key = f"vocab:{job.name}"
+        for i, s in enumerate(plan.inputs):
+            if not isinstance(s.reader, ViewReader):
+                s.reader = ViewReader(s.reader.ckpt, identity_views(s.reader))
+            under = s.reader.views[job.sources[i]]  # where the rows really lie (for position and close)
+            view = View(under.reader, under.name, TensorInfo(_DTYPE_NAMES[promoted], shape, under.info.file),
+                        load=lambda i=i, remap=remap: remap.load(i))
+            s.reader.views[key] = view
+            s.reader.infos[key] = view.info
+            job.sources[i] = key
+        job.out = OutTensor(job.name, job.out.dtype, shape)
+
+
+def _referenced(recipe: MergeRecipe) -> list[str]:
+    from merge.tokenizer_merge import referenced_models
+
+    return referenced_models(recipe)
 
 
 # -- per-tensor parameters -------------------------------------------------------------
@@ -162,9 +352,9 @@ def tensor_params(plan: Plan, job: TensorJob) -> tuple[list, Any]:
     r, m = plan.recipe, plan.method
     scope = r.slices[job.slice_index] if job.slice_index is not None else None
 
-    def sources(s: Source | None) -> list:  # highest precedence first, as mergekit searches them
+    def sources(s: Source | None, ref: str | None = None) -> list:  # highest precedence first, as mergekit
         if scope is not None:
-            return parameter_sources(scope, s.ref if s else None, r.parameters)
+            return parameter_sources(scope, ref if s else None, r.parameters)
         return [s.parameters, r.parameters] if s else [r.parameters]
 
     global_keys = [f.alias or n for n, f in m.global_params.model_fields.items()]
@@ -174,10 +364,11 @@ def tensor_params(plan: Plan, job: TensorJob) -> tuple[list, Any]:
     for i, s in enumerate(plan.inputs):
         if i == plan.base_index:
             continue
-        src = job.sources[i]
-        vals = {k: v for k in model_keys if (v := resolve(k, sources(s), src, job.t)) is not MISSING}
-        per_model.append(_build(m.model_params, vals, f"model {s.ref!r}, tensor {job.name!r}"))
-        merged_sources.append(sources(s))
+        src = job.input_names[i] if job.input_names else job.sources[i]
+        ref = job.refs[i] if job.refs else s.ref
+        vals = {k: v for k in model_keys if (v := resolve(k, sources(s, ref), src, job.t)) is not MISSING}
+        per_model.append(_build(m.model_params, vals, f"model {ref!r}, tensor {job.name!r}"))
+        merged_sources.append(sources(s, ref))
     check_weight_sum(r, m, merged_sources, job.name, job.t)
     return per_model, _build(m.global_params, gvals, f"tensor {job.name!r}")
 

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from merge.config_files import explain, read_yaml_mapping
 from merge.resolve import split_adapter
+from merge.tokenizer_merge import TokenSpec
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 NOT_SUPPORTED = {
@@ -85,11 +86,12 @@ class OutputSlice(BaseModel):
 
 
 class TokenizerSpec(BaseModel):
-    """mergekit's `tokenizer:` block; only `source: base` or a model reference is honoured."""
+    """mergekit's `tokenizer:` block (merge/tokenizer_merge.py): the output vocabulary's source
+    ('union', 'base' or a model), tokens to add and where their rows come from, padding."""
 
     model_config = ConfigDict(extra="forbid")
     source: str = "union"
-    tokens: dict[str, Any] | None = None
+    tokens: dict[str, TokenSpec] | None = None
     pad_to_multiple_of: int | None = None
 
 
@@ -113,6 +115,9 @@ class MergeRecipe(BaseModel):
     modules: Any = None
     # Where relative model paths are also looked up (the recipe file's folder); not a YAML key.
     source_dir: str | None = None
+    # A multi-stage recipe's final stage: every stage (merge/multistage.py), for the lineage;
+    # written to mergeline_stages.json, not a YAML key.
+    stages: list[dict[str, Any]] | None = None
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -122,9 +127,10 @@ class MergeRecipe(BaseModel):
     # -- derived views ----------------------------------------------------------
     def inputs(self) -> list[InputModel]:
         """The models merged, in order; the base is appended when `models:` omits it (mergekit).
-        For `slices:`, the first slice's models, without parameters: those are per slice."""
+        For `slices:`, every model a slice names, in order, without parameters: those are per slice."""
         if self.slices:
-            models = [InputModel(model=s.model) for s in self.slices[0].sources]
+            refs = dict.fromkeys(s.model for sl in self.slices for s in sl.sources)
+            models = [InputModel(model=ref) for ref in refs]
         else:
             models = list(self.models or [])
         if self.base_model and all(m.model != self.base_model for m in models):
@@ -133,9 +139,10 @@ class MergeRecipe(BaseModel):
 
     @property
     def tokenizer_ref(self) -> str | None:
-        """Model whose tokenizer files are copied (None: the base, or the first model)."""
+        """Model whose tokenizer is the output's (None: the base, or the first model; or, for
+        'union', a vocabulary built from all of them: merge/tokenizer_merge.py)."""
         src = self.tokenizer.source if self.tokenizer else self.tokenizer_source
-        return None if src in (None, "base") else src
+        return None if src in (None, "base", "union") else src
 
     @property
     def reference_model(self) -> str:
@@ -143,7 +150,7 @@ class MergeRecipe(BaseModel):
         return self.base_model or self.inputs()[0].model
 
     def to_yaml(self) -> str:
-        data = self.model_dump(exclude_none=True, exclude={"source_dir", "modules"})
+        data = self.model_dump(exclude_none=True, exclude={"source_dir", "modules", "stages"})
         if self.trim_scope == "tensor":
             data.pop("trim_scope")
         return yaml.safe_dump(data, sort_keys=False)
@@ -156,7 +163,7 @@ def _allowed_keys(parent: tuple) -> list[str]:
     cls = classes.get(parent[0], MergeRecipe) if parent else MergeRecipe
     if parent[:1] == ("slices",) and len(parent) >= 4:  # slices[i].sources[j]
         cls = InputSlice
-    return [k for k in cls.model_fields if k not in ("source_dir", "modules")]
+    return [k for k in cls.model_fields if k not in ("source_dir", "modules", "stages")]
 
 
 def load_recipe(path_or_dict: str | Path | Mapping[str, Any], validate: bool = True) -> MergeRecipe:
@@ -166,10 +173,22 @@ def load_recipe(path_or_dict: str | Path | Mapping[str, Any], validate: bool = T
     else:
         path = Path(path_or_dict)
         where = str(path)
-        data = read_yaml_mapping(path, "recipe", RecipeError)
+        try:
+            data = read_yaml_mapping(path, "recipe", RecipeError)
+        except RecipeError:
+            from merge.multistage import is_multistage  # imports this module: not at the top
+
+            if is_multistage(path):
+                raise RecipeError(f"{where}: a multi-stage recipe (several documents separated by '---'): run it "
+                                  "with `mergeline merge`, or merge.multistage.run_stages") from None
+            raise
         source_dir = str(path.resolve().parent)
-    if "source_dir" in data:
-        raise RecipeError(f"{where}: unknown key 'source_dir'")
+    for key in ("source_dir", "stages"):
+        if key in data:
+            raise RecipeError(f"{where}: unknown key {key!r}")
+    if "name" in data:
+        raise RecipeError(f"{where}: 'name' belongs to a multi-stage recipe (several documents separated by "
+                          "'---'): run it with `mergeline merge` (merge/multistage.py)")
     for key, why in NOT_SUPPORTED.items():
         if data.get(key) is not None:
             raise RecipeError(f"{where}: {why}")
