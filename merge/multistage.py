@@ -15,9 +15,10 @@ As in mergekit's `mergekit-multi` (`mergekit/scripts/multimerge.py`): YAML docum
 output; at most one unnamed document, the final model. mergeline also takes a file whose every
 stage is named: the last document is then the final model. Stages run in dependency order;
 a reference to a later stage that forms a cycle is refused by name. Intermediate models are kept
-in `--intermediate-dir`, by default `.OUT.stages/<name>` beside OUT, and one whose recipe and
-inputs are unchanged since it was written is reused (`stage_key`). The final model's
-`mergeline_stages.json` lists every stage (name, recipe, folder, key).
+in `--intermediate-dir`, by default `.OUT.stages/<name>` beside OUT; one whose recipe and inputs
+are unchanged since it was written is reused (`stage_key`), one an earlier run wrote is replaced,
+any other existing folder is refused without --overwrite. Every stage's output lists its stages
+in `mergeline_stages.json` (name, recipe, folder, key); the final model's lists them all.
 
 Pure: no Prefect. The pipeline runs each stage as its own cached task with `run_stage`.
 
@@ -162,7 +163,8 @@ def _ordered(stages: dict[str | None, Stage], path: Path) -> list[Stage]:
 
 def stage_key(stage: Stage) -> str:
     """A content key for caching a stage: its recipe and the content hash of every input model
-    (merge/hashing.py), so a stage is redone when an earlier stage's output changes."""
+    (merge/hashing.py), so a stage is redone when an earlier stage's output changes. Computed
+    once the stages it needs have been written."""
     from merge.hashing import content_hash
     from merge.resolve import resolve_model
 
@@ -172,44 +174,53 @@ def stage_key(stage: Stage) -> str:
     return h.hexdigest()[:16]
 
 
-def run_stage(stage: Stage, run: Callable | None = None, reuse: bool = True, **merge_kwargs):
-    """Merge one stage into `stage.out`; an intermediate already written from the same key is
-    kept (its `mergeline_stage_key` file matches). Returns run_merge's MergeOutput, or None when
-    reused. The Prefect flow calls this per stage, with `stage_key(stage)` as its cache key."""
+def stage_record(stage: Stage, key: str) -> dict:
+    """What a model's lineage lists for one stage: name, folder, key, what it merges, recipe."""
+    return {"name": stage.name, "out": str(stage.out), "final": stage.final, "needs": stage.needs, "key": key,
+            "recipe": yaml.safe_load(stage.recipe.to_yaml())}
+
+
+def recorded_key(folder: Path, name: str | None) -> str | None:
+    """The key a stage's output was written from (its own mergeline_stages.json), else None."""
+    try:
+        records = json.loads((folder / STAGES_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    own = [r for r in records if isinstance(r, dict) and r.get("name") == name] if isinstance(records, list) else []
+    return own[-1].get("key") if own else None
+
+
+def run_stage(stage: Stage, run: Callable | None = None, reuse: bool = True, key: str | None = None,
+              records: list[dict] | None = None, overwrite: bool = False, **merge_kwargs):
+    """Merge one stage into `stage.out`, its record (and `records`, the earlier stages') written
+    with it as mergeline_stages.json. An intermediate written from the same key is kept (returns
+    None); one written by an earlier run of this recipe is replaced; any other existing folder
+    only with `overwrite`, like a final output. Else returns run_merge's MergeOutput. The Prefect
+    flow calls this per stage, cached by `stage_key(stage)`."""
     if run is None:
         from merge.executor import run_merge as run
-    key = stage_key(stage)
-    marker = stage.out / "mergeline_stage_key"
-    if reuse and not stage.final and marker.is_file() and marker.read_text().strip() == key:
+    key = key or stage_key(stage)
+    found = recorded_key(stage.out, stage.name)
+    if reuse and not stage.final and found == key:
         return None
-    overwrite = merge_kwargs.pop("overwrite", False) or not stage.final  # intermediates are ours to redo
-    result = run(stage.recipe, stage.out, overwrite=overwrite, **merge_kwargs)
-    if not stage.final:
-        marker.write_text(key + "\n")
-    return result
-
-
-def stage_records(stages: list[Stage]) -> list[dict]:
-    """What the final model's lineage lists: every stage's name, folder, key and recipe."""
-    return [{"name": s.name, "out": str(s.out), "final": s.final, "needs": s.needs,
-             "recipe": yaml.safe_load(s.recipe.to_yaml())} for s in stages]
+    own = [*(records or []), stage_record(stage, key)]
+    recipe = stage.recipe.model_copy(update={"stages": own})
+    return run(recipe, stage.out, overwrite=overwrite or (not stage.final and found is not None), **merge_kwargs)
 
 
 def run_stages(path: str | Path, out_dir: str | Path, intermediate_dir: str | Path | None = None,
                run: Callable | None = None, **merge_kwargs) -> list:
-    """Run every stage in order; the final model gets `mergeline_stages.json` (staged with it).
-    Returns the MergeOutput of each stage that ran (None for a reused one)."""
+    """Run every stage in order; the final model's mergeline_stages.json lists them all.
+    Returns the MergeOutput of each stage (None for a reused intermediate)."""
     stages = load_stages(path, out_dir, intermediate_dir)
-    records = stage_records(stages)
-    outputs = []
+    outputs, records = [], []
     for s in stages:
-        if s.final:  # the record travels in the recipe and is written with the side files
-            s = s.model_copy(update={"recipe": s.recipe.model_copy(update={"stages": records})})
-        outputs.append(run_stage(s, run=run, **merge_kwargs))
+        key = stage_key(s)  # the stages it needs are written by now
+        outputs.append(run_stage(s, run=run, key=key, records=records if s.final else None, **merge_kwargs))
+        records.append(stage_record(s, key))
     return outputs
 
 
 if __name__ == "__main__":
     for s in load_stages(sys.argv[1], sys.argv[2]):
-        print(f"{s.name or '(final)'} -> {s.out}  needs {s.needs or '-'}")
-    print(json.dumps([r["name"] for r in stage_records(load_stages(sys.argv[1], sys.argv[2]))]))
+        print(f"{s.name or '(final)'} -> {s.out}  needs {', '.join(s.needs) or '-'}")

@@ -31,7 +31,7 @@ from merge.recipe_checks import check_weight_sum, get_method_or_error
 from merge.resolve import resolve_model
 from merge.slices import is_aligned, is_pre_weight, layer_count, locate, output_layers, parameter_sources
 from merge.tensor_views import View, ViewReader, identity_views
-from merge.tokenizer_merge import VOCAB_TENSORS, RowRemapper, recipe_tokenizer, tokenizer_for
+from merge.tokenizer_merge import VOCAB_TENSORS, RowRemapper, check_token_sources, recipe_tokenizer, tokenizer_for
 from merge.writer import OutTensor
 
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -82,6 +82,7 @@ class Plan:
     out_config: dict | None = None  # config.json to write (layer count, vocab size set)
     models: dict[str, TensorReader] = field(default_factory=dict)  # model reference -> its reader
     tokenizer: Any = None  # merge.tokenizer_merge.TokenizerInfo, when the recipe sets a tokenizer
+    stacked: bool = False  # a frankenmerge: inputs are slots over several models, not the models
 
     @property
     def merged(self) -> list[Source]:
@@ -285,9 +286,8 @@ def _build_stacked(recipe: MergeRecipe, method, allow_pickle: bool) -> Plan:
         out_config = set_num_layers(ref_reader.ckpt.config, layers_from)
     except ValueError as e:
         raise MergeError(f"model {reference_ref!r}: {e}") from None
-    plan = Plan(recipe, method, inputs, base_index, reference, jobs, out_config=out_config,
-                models=readers)
-    return plan
+    return Plan(recipe, method, inputs, base_index, reference, jobs, out_config=out_config, models=readers,
+                stacked=True)
 
 
 def _rebuild_vocabulary(plan: Plan) -> None:
@@ -301,6 +301,7 @@ def _rebuild_vocabulary(plan: Plan) -> None:
     try:
         info = tokenizer_for(r, {ref: plan.models[ref].ckpt.folder for ref in refs},
                              {ref: plan.models[ref].ckpt.config for ref in refs})
+        check_token_sources(info, spec[1], refs)
     except (OSError, ValueError) as e:
         raise MergeError(f"tokenizer: {e}") from e
     plan.tokenizer = info

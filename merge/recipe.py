@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from merge.config_files import explain, read_yaml_mapping
 from merge.resolve import split_adapter
@@ -92,7 +92,7 @@ class TokenizerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     source: str = "union"
     tokens: dict[str, TokenSpec] | None = None
-    pad_to_multiple_of: int | None = None
+    pad_to_multiple_of: int | None = Field(None, ge=1)
 
 
 class MergeRecipe(BaseModel):

@@ -349,9 +349,27 @@ def tokenizer_for(recipe, folders: dict[str, Path], configs: dict[str, dict]) ->
         return None
     source, tokens, pad = spec
     refs = list(folders)
-    base = recipe.base_model or refs[0]
+    base = recipe.base_model if recipe.base_model in folders else refs[0]
     sizes = {ref: _vocab_size(cfg) for ref, cfg in configs.items()}
     return build_tokenizer(source, base, refs, folders, sizes, list(tokens), pad)
+
+
+def check_token_sources(info: TokenizerInfo, tokens: dict[str, TokenSpec], models: list[str]) -> None:
+    """Every `tokens:` entry names a merged model and, for `model_token`, a token or id that model
+    has; ValueError naming the token otherwise (before any tensor is read)."""
+    for token, spec in tokens.items():
+        src = spec.source
+        if src is None or isinstance(src, ZeroEmbedding):
+            continue
+        model = src.model if isinstance(src, ModelTokenEmbedding) else src
+        if model not in models:
+            raise ValueError(f"tokens[{token!r}].source: {model!r} is not one of the recipe's models")
+        if isinstance(src, ModelTokenEmbedding):
+            own = info.original_vocabs.get(model, {})
+            if src.token is not None and src.token not in own:
+                raise ValueError(f"tokens[{token!r}].source: token {src.token!r} is not in model {model!r}")
+            if src.token_id is not None and not 0 <= src.token_id < len(info.permutations[model]):
+                raise ValueError(f"tokens[{token!r}].source: token_id {src.token_id} is out of range for {model!r}")
 
 
 def _vocab_size(config: dict) -> int | None:

@@ -53,6 +53,9 @@ def test_example_runs_in_order_and_equals_the_stages_run_by_hand(workdir):
     record = json.loads((out / "mergeline_stages.json").read_text())
     assert [r["name"] for r in record] == ["ties-mix", None]
     assert record[0]["recipe"]["merge_method"] == "ties" and record[1]["needs"] == ["ties-mix"]
+    assert record[0]["key"] == stage_key(stages[0]) and record[0]["out"] == str(stages[0].out)
+    own = json.loads((stages[0].out / "mergeline_stages.json").read_text())
+    assert [r["name"] for r in own] == ["ties-mix"]  # an intermediate lists itself
 
 
 def test_an_unchanged_intermediate_is_reused_and_a_changed_one_redone(workdir):
@@ -66,7 +69,19 @@ def test_an_unchanged_intermediate_is_reused_and_a_changed_one_redone(workdir):
                                                  "density: 0.7, weight: 0.5}\n  - model: models/ft_b"))
     assert stage_key(load_stages(recipe, out)[0]) != key
     third = run_stages(recipe, out, device="cpu", progress=False, overwrite=True)
-    assert third[0] is not None
+    assert third[0] is not None  # written by an earlier run: replaced without asking
+
+
+def test_an_existing_folder_that_no_stage_wrote_is_not_replaced(workdir):
+    from merge.writer import OutputError
+
+    recipe = workdir / EXAMPLE.name
+    mine = workdir / "out" / ".final.stages" / "ties-mix"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputError, match="already exists"):
+        run_stages(recipe, workdir / "out" / "final", device="cpu", progress=False)
+    assert (mine / "notes.txt").read_text() == "keep me" and not (workdir / "out" / "final").exists()
 
 
 @pytest.mark.parametrize("text, words", [

@@ -187,3 +187,24 @@ def test_union_example_runs_on_the_tiny_models(tiny_models, tmp_path, monkeypatc
     torch.testing.assert_close(wte[eos], base[eos])  # forced: the base's row in every model
     summary = describe_remapping(load_recipe(recipe.name))
     assert summary.added_tokens == 0 and all(m.filled == 1 for m in summary.models)  # only the forced <|eos|>
+
+
+def test_bad_tokens_entries_are_refused_before_any_tensor_is_read(vocab_models, tmp_path):
+    from merge.plan import MergeError, build_plan
+    from merge.recipe import RecipeError
+
+    a = str(vocab_models["ft_a"])
+    recipe = _recipes(vocab_models)["tokens_block"]
+    bad_model = {**recipe, "tokenizer": {"source": "union", "tokens": {"<x>": {"source": "./nowhere"}}}}
+    with pytest.raises(MergeError, match=r"tokens\['<x>'\].source: './nowhere' is not one of the recipe's models"):
+        build_plan(load_recipe(bad_model))
+    bad_token = {**recipe, "tokenizer": {"source": "union", "tokens": {
+        "<x>": {"source": {"kind": "model_token", "model": a, "token": "<absent>"}}}}}
+    with pytest.raises(MergeError, match="token '<absent>' is not in model"):
+        build_plan(load_recipe(bad_token))
+    with pytest.raises(RecipeError, match="pad_to_multiple_of"):
+        load_recipe({**recipe, "tokenizer": {"source": "union", "pad_to_multiple_of": 0}})
+    with pytest.raises(RecipeError, match="token_id or token"):
+        load_recipe({**recipe, "tokenizer": {"source": "union", "tokens": {
+            "<x>": {"source": {"kind": "model_token", "model": a}}}}})
+    assert not (tmp_path / "out").exists()
