@@ -20,21 +20,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import logging
+
 import torch
 from pydantic import ValidationError
 
 from merge.checkpoint import DTYPES, Checkpoint, CheckpointError, TensorInfo
-from merge.parameters import MISSING, layer_index, layer_t, num_layers, rename_layer, resolve, set_num_layers
+from merge.parameters import MISSING, layer_t, num_layers, resolve
 from merge.reader import TensorReader
 from merge.recipe import MergeRecipe, RecipeError, model_names
 from merge.recipe_checks import check_weight_sum, get_method_or_error
 from merge.resolve import resolve_model
-from merge.slices import is_aligned, is_pre_weight, layer_count, locate, output_layers, parameter_sources
+from merge.slices import is_aligned, layer_count, locate, parameter_sources
 from merge.tensor_views import View, ViewReader, identity_views
 from merge.tokenizer_merge import VOCAB_TENSORS, RowRemapper, check_token_sources, recipe_tokenizer, tokenizer_for
 from merge.writer import OutTensor
 
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+log = logging.getLogger(__name__)
 
 # A model that ties its output head to the input embedding stores only the embedding.
 TIED_HEADS = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight",
@@ -93,7 +96,7 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
     return getattr(torch, name) if name else None
 
 
-def _source_name(reader: TensorReader, name: str) -> str | None:
+def source_name(reader: TensorReader, name: str) -> str | None:
     if name in reader.infos:
         return name
     for alt in TIED_HEADS.get(name, ()):
@@ -102,14 +105,14 @@ def _source_name(reader: TensorReader, name: str) -> str | None:
     return None
 
 
-def _open(ref: str, recipe: MergeRecipe, allow_pickle: bool) -> TensorReader:
+def open_reader(ref: str, recipe: MergeRecipe, allow_pickle: bool) -> TensorReader:
     try:
         return TensorReader(Checkpoint(resolve_model(ref, recipe.source_dir), allow_pickle=allow_pickle))
     except (CheckpointError, ValueError) as e:
         raise MergeError(str(e)) from e
 
 
-def _job(recipe: MergeRecipe, name: str, found: list[tuple[str, TensorReader, str]], t: float,
+def tensor_job(recipe: MergeRecipe, name: str, found: list[tuple[str, TensorReader, str]], t: float,
          scope: int | None, vocab: bool) -> TensorJob:
     """One output tensor from (model ref, reader, name there) per input: shapes and dtypes
     checked, compute and output dtypes fixed. `vocab`: token rows are rebuilt, so only the
@@ -141,7 +144,9 @@ def build_plan(recipe: MergeRecipe, allow_pickle: bool = False) -> Plan:
     """Resolve models and check every tensor's presence, shape and dtype from headers alone."""
     method = get_method_or_error(recipe.merge_method)
     if recipe.slices and not is_aligned(recipe.slices, recipe.base_model):
-        plan = _build_stacked(recipe, method, allow_pickle)
+        from merge.frankenmerge import build_stacked  # builds on this module's types
+
+        plan = build_stacked(recipe, method, allow_pickle)
     else:
         plan = _build_aligned(recipe, method, allow_pickle)
     _rebuild_vocabulary(plan)
@@ -153,7 +158,7 @@ def _build_aligned(recipe: MergeRecipe, method, allow_pickle: bool) -> Plan:
     names = model_names(recipe)
     inputs: list[Source] = []
     for m in recipe.inputs():
-        reader = _open(m.model, recipe, allow_pickle)
+        reader = open_reader(m.model, recipe, allow_pickle)
         inputs.append(Source(m.model, names[m.model], reader, m.parameters, m.model == recipe.base_model))
     base_index = next((i for i, s in enumerate(inputs) if s.is_base), None) if method.requires_base else None
     reference = next((s for s in inputs if s.ref == recipe.reference_model), inputs[0])
@@ -181,7 +186,7 @@ def _build_aligned(recipe: MergeRecipe, method, allow_pickle: bool) -> Plan:
     for name in out_names:
         found = []
         for s in inputs:
-            src = _source_name(s.reader, name)
+            src = source_name(s.reader, name)
             if src is None:
                 raise MergeError(f"model {s.ref!r} has no tensor {name!r} (found in {reference.ref!r})")
             found.append((s.ref, s.reader, src))
@@ -189,105 +194,8 @@ def _build_aligned(recipe: MergeRecipe, method, allow_pickle: bool) -> Plan:
         if recipe.slices:
             sl, t = locate(recipe.slices, name)
             scope = recipe.slices.index(sl)
-        plan.jobs.append(_job(recipe, name, found, t, scope, vocab and name in VOCAB_TENSORS))
+        plan.jobs.append(tensor_job(recipe, name, found, t, scope, vocab and name in VOCAB_TENSORS))
     return plan
-
-
-def _build_stacked(recipe: MergeRecipe, method, allow_pickle: bool) -> Plan:
-    """Slices that drop, repeat, reorder or interleave layers (merge/slices.py), as mergekit plans
-    them: the embeddings from the first slice's models, each slice's layers renumbered in order,
-    the final norm and head from the last slice's models."""
-    slices = recipe.slices
-    names = model_names(recipe)
-    refs = list(dict.fromkeys([s.model for sl in slices for s in sl.sources]))
-    readers = {ref: _open(ref, recipe, allow_pickle) for ref in refs}
-    slots = []  # per slice, its sources in slot order (the base last, for methods that take one)
-    for k, sl in enumerate(slices):
-        srcs = list(sl.sources)
-        if method.requires_base:
-            base = sl.base_model or recipe.base_model
-            b = next((s for s in srcs if s.model == base), None)
-            if b is None:
-                raise MergeError(f"slices[{k}]: the base model {base!r} is not among the slice's sources; a slice "
-                                 f"that moves layers must list the base with its layer_range for {method.name!r}")
-            srcs = [s for s in srcs if s is not b] + [b]
-        slots.append(srcs)
-    n_slots = len(slots[0])
-    reference_ref = recipe.base_model if recipe.base_model in readers else slices[0].sources[0].model
-    ref_reader = readers[reference_ref]
-
-    per_layer: dict[str, dict[int, list[str]]] = {}  # model -> input layer -> its tensor names
-    for ref, reader in readers.items():
-        d = per_layer.setdefault(ref, {})
-        for n in reader.infos:
-            if (i := layer_index(n)) is not None:
-                d.setdefault(i, []).append(n)
-    n_in = {ref: num_layers(r.ckpt.config, r.infos) for ref, r in readers.items()}
-    for k, srcs in enumerate(slots):
-        for s in srcs:
-            if s.layer_range[1] > n_in[s.model]:
-                raise MergeError(f"slices[{k}]: layer_range {list(s.layer_range)} of {s.model!r}, which has "
-                                 f"{n_in[s.model]} layers")
-
-    views: list[dict[str, View]] = [{} for _ in range(n_slots)]
-    jobs: list[TensorJob] = []
-
-    def add(out_name: str, k: int, picks: list[tuple[str, str]], t: float) -> None:
-        """picks: per slot, (model ref, its tensor name)."""
-        found = []
-        for (ref, src), v in zip(picks, views):
-            if src is None:
-                raise MergeError(f"model {ref!r} has no tensor {out_name!r} (slices[{k}])")
-            v[out_name] = View(readers[ref], src, readers[ref].infos[src])
-            found.append((ref, readers[ref], src))
-        job = _job(recipe, out_name, found, t, k, recipe_tokenizer(recipe) is not None and out_name in VOCAB_TENSORS)
-        job.sources = [out_name] * n_slots  # each slot's ViewReader knows where to read it
-        job.refs, job.input_names = [ref for ref, _ in picks], [src for _, src in picks]
-        jobs.append(job)
-
-    outside = [n for n in ref_reader.infos if layer_index(n) is None]
-    for head in TIED_HEADS:
-        if head not in ref_reader.infos and any(head in r.infos for r in readers.values()):
-            outside.append(head)
-    pre = [n for n in outside if is_pre_weight(n)]
-    post = [n for n in outside if not is_pre_weight(n)]
-    for name in pre:
-        add(name, 0, [(s.model, _source_name(readers[s.model], name)) for s in slots[0]], 0.0)
-    layers_from = []
-    for out, k, j, t in output_layers(slices):
-        first = slots[k][0]
-        lead = per_layer[first.model].get(first.layer_range[0] + j, [])
-        layers_from.append(first.layer_range[0] + j)
-        for n0 in lead:
-            picks = []
-            for s in slots[k]:
-                src = rename_layer(n0, s.layer_range[0] + j)
-                picks.append((s.model, src if src in readers[s.model].infos else None))
-            add(rename_layer(n0, out), k, picks, t)
-        for s in slots[k][1:]:  # a tensor the lead model's layer lacks: not the same architecture
-            mine = {rename_layer(n, 0) for n in per_layer[s.model].get(s.layer_range[0] + j, [])}
-            extra = mine - {rename_layer(n, 0) for n in lead}
-            if extra:
-                raise MergeError(f"slices[{k}]: model {s.model!r} layer {s.layer_range[0] + j} has tensor "
-                                 f"{sorted(extra)[0]!r} that {first.model!r} lacks: not the same architecture")
-    for name in post:
-        add(name, len(slices) - 1, [(s.model, _source_name(readers[s.model], name)) for s in slots[-1]], 0.0)
-
-    inputs = []
-    for i in range(n_slots):
-        used = list(dict.fromkeys(sl[i].model for sl in slots))
-        ckpt = readers[reference_ref if reference_ref in used else used[0]].ckpt
-        label = "|".join(names[r] for r in used)
-        is_base = method.requires_base and i == n_slots - 1
-        inputs.append(Source(used[0] if len(used) == 1 else label, label, ViewReader(ckpt, views[i]), None, is_base))
-    base_index = n_slots - 1 if method.requires_base else None
-    reference = next((s for s in inputs if s.reader.ckpt is ref_reader.ckpt), inputs[0])
-    try:
-        out_config = set_num_layers(ref_reader.ckpt.config, layers_from)
-    except ValueError as e:
-        raise MergeError(f"model {reference_ref!r}: {e}") from None
-    return Plan(recipe, method, inputs, base_index, reference, jobs, out_config=out_config, models=readers,
-                stacked=True)
 
 
 def _rebuild_vocabulary(plan: Plan) -> None:
@@ -301,8 +209,19 @@ def _rebuild_vocabulary(plan: Plan) -> None:
     try:
         info = tokenizer_for(r, {ref: plan.models[ref].ckpt.folder for ref in refs},
                              {ref: plan.models[ref].ckpt.config for ref in refs})
+    except Exception as e:  # transformers raises many kinds for a folder it cannot read
+        if spec[0] == "union" or spec[1] or spec[2]:
+            raise MergeError(f"tokenizer {spec[0]!r}: transformers cannot load a model's tokenizer "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        # `base` or a model, nothing added: copy that tokenizer's files and merge the rows by id
+        # (mergeline's behaviour before tokenizer merges), which needs equal vocabularies.
+        log.warning("tokenizer %r: transformers cannot load the tokenizers (%s); its files are copied and "
+                    "the embedding rows merged by id", spec[0], type(e).__name__)
+        _same_vocab_rows(plan)
+        return
+    try:
         check_token_sources(info, spec[1], refs)
-    except (OSError, ValueError) as e:
+    except ValueError as e:
         raise MergeError(f"tokenizer: {e}") from e
     plan.tokenizer = info
     plan.out_config = {**plan.out_config, "vocab_size": info.vocab_size}
@@ -330,6 +249,16 @@ def _rebuild_vocabulary(plan: Plan) -> None:
             s.reader.infos[key] = view.info
             job.sources[i] = key
         job.out = OutTensor(job.name, job.out.dtype, shape)
+
+
+def _same_vocab_rows(plan: Plan) -> None:
+    """Without a rebuilt vocabulary, every input's token rows must line up: equal shapes."""
+    for job in plan.jobs:
+        if job.name in VOCAB_TENSORS:
+            shapes = {tuple(s.reader.infos[src].shape) for s, src in zip(plan.inputs, job.sources)}
+            if len(shapes) > 1:
+                raise MergeError(f"tensor {job.name!r}: shapes {sorted(map(list, shapes))} differ and the tokenizers "
+                                 "cannot be loaded to merge the rows token by token")
 
 
 def _referenced(recipe: MergeRecipe) -> list[str]:
