@@ -221,6 +221,17 @@ def run_stages(path: str | Path, out_dir: str | Path, intermediate_dir: str | Pa
     return outputs
 
 
+def merge_file(recipe: str | Path, out_dir: str | Path, intermediate_dir: str | Path | None = None, **merge_kwargs):
+    """What `mergeline merge RECIPE OUT` runs: a multi-stage file stage by stage, any other recipe
+    with run_merge; returns the final model's MergeOutput. Keyword arguments go to run_merge."""
+    if isinstance(recipe, (str, Path)) and is_multistage(recipe):
+        outputs = run_stages(recipe, out_dir, intermediate_dir, **merge_kwargs)
+        return outputs[-1]
+    from merge.executor import run_merge
+
+    return run_merge(recipe, out_dir, **merge_kwargs)
+
+
 if __name__ == "__main__":
     for s in load_stages(sys.argv[1], sys.argv[2]):
         print(f"{s.name or '(final)'} -> {s.out}  needs {', '.join(s.needs) or '-'}")

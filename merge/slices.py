@@ -97,6 +97,13 @@ def is_aligned(slices: list, base_model: str | None) -> bool:
     return True
 
 
+def moves_layers(recipe) -> bool:
+    """True for a frankenmerge: output layers are not input layer i of every model, so models may
+    differ in depth and per-layer comparisons between them (the compatibility gate's norms) do
+    not apply."""
+    return bool(recipe.slices) and not is_aligned(recipe.slices, recipe.base_model)
+
+
 def layer_count(slices: list) -> int:
     """The layers of the output: the sum of the slice lengths (mergekit's num_hidden_layers)."""
     return sum(sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0] for sl in slices)

@@ -172,3 +172,16 @@ def test_frankenmerge_examples_run_on_the_tiny_models_and_load(recipe, tiny_mode
     assert len(model.transformer.h) == n
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits.float()).all()
+
+
+def test_moves_layers_tells_frankenmerges_from_layer_scoped_slices(llamas):
+    from merge.slices import moves_layers
+
+    assert moves_layers(load_recipe(_recipes(llamas)["stack"]))
+    assert moves_layers(load_recipe(_recipes(llamas)["ties_shifted"]))
+    b, a = str(llamas["base"]), str(llamas["ft_a"])
+    aligned = {"merge_method": "slerp", "base_model": b, "parameters": {"t": 0.5}, "slices": [
+        {"sources": [{"model": b, "layer_range": [0, 2]}, {"model": a, "layer_range": [0, 2]}]},
+        {"sources": [{"model": a, "layer_range": [2, 4]}, {"model": b, "layer_range": [2, 4]}]}]}
+    assert not moves_layers(load_recipe(aligned))
+    assert not build_plan(load_recipe(aligned)).stacked

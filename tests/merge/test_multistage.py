@@ -107,3 +107,14 @@ def test_a_multistage_file_given_as_one_recipe_is_refused_with_the_way_to_run_it
     path.write_text(EXAMPLE.read_text())
     with pytest.raises(RecipeError, match="multi-stage"):
         load_recipe(path)
+
+
+def test_merge_file_runs_a_single_recipe_or_every_stage(workdir):
+    from merge.multistage import merge_file
+
+    out = merge_file(workdir / EXAMPLE.name, workdir / "final", device="cpu", progress=False)
+    assert out.path == workdir / "final" and (workdir / ".final.stages" / "ties-mix" / "model.safetensors").is_file()
+    single = workdir / "single.yaml"
+    single.write_text(EXAMPLE.read_text().split("---")[0].replace("name: ties-mix\n", ""))
+    out = merge_file(single, workdir / "single_out", device="cpu", progress=False)
+    assert out.method == "ties" and not (workdir / ".single_out.stages").exists()
