@@ -381,8 +381,10 @@ def _vocab_size(config: dict) -> int | None:
 
 def describe_remapping(recipe) -> RemappingSummary | None:
     """What the recipe's tokenizer merge does, from the models' tokenizer files and configs alone
-    (no tensor read); None when the recipe sets no tokenizer. For the compatibility gate: a union
-    of different vocabularies is a remapping to report, not a tokenizer mismatch."""
+    (no tensor read); None when the recipe sets no tokenizer, or when transformers cannot load the
+    tokenizers (the merge then copies the tokenizer source's files, or refuses a union). For the
+    compatibility gate: a union of different vocabularies is a remapping to report, not a
+    tokenizer mismatch."""
     from merge.checkpoint import Checkpoint
     from merge.resolve import resolve_model
 
@@ -393,8 +395,12 @@ def describe_remapping(recipe) -> RemappingSummary | None:
     for ref in referenced_models(recipe):
         ckpt = Checkpoint(resolve_model(ref, recipe.source_dir))
         folders[ref], configs[ref] = ckpt.folder, ckpt.config
-    info = tokenizer_for(recipe, folders, configs)
-    base = recipe.base_model or next(iter(folders))
+    try:
+        info = tokenizer_for(recipe, folders, configs)
+    except Exception as e:  # transformers cannot load a tokenizer: the merge itself says why (merge/plan.py)
+        log.warning("tokenizer remapping not described: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None
+    base = recipe.base_model if recipe.base_model in folders else next(iter(folders))
     models = list(folders)
     assigned, average = _assign_sources(info, models, base, spec[1])
     vocab = info.tokenizer.get_vocab()

@@ -47,7 +47,7 @@ def vocab_models(tmp_path_factory) -> dict[str, Path]:
         g = torch.Generator().manual_seed(10 + i)
         with torch.no_grad():
             for p in model.parameters():
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
+                p.add_(0.004 * torch.randn(p.shape, generator=g))  # a fine-tune's size of change
         model.save_pretrained(root / name, safe_serialization=True)
         t.save_pretrained(root / name)
         out[name] = root / name
@@ -157,12 +157,15 @@ def test_three_vocabularies_union_in_recipe_order_and_reported(vocab_models, tmp
 
 
 def test_no_tokenizer_keeps_refusing_different_vocabularies(vocab_models, tmp_path):
-    from merge.plan import MergeError
+    from merge.plan import MergeError, build_plan
 
     recipe = _recipes(vocab_models)["union_linear"]
     recipe.pop("tokenizer_source")
     with pytest.raises(MergeError, match=r"shape \[285, 16\].*tokenizer_source: union"):
+        build_plan(load_recipe(recipe))
+    with pytest.raises(Exception, match="285"):  # the plan's refusal, or the compatibility gate's before it
         run_merge(recipe, tmp_path / "x", device="cpu", progress=False)
+    assert not (tmp_path / "x").exists()
     assert describe_remapping(load_recipe(recipe)) is None
 
 
