@@ -61,8 +61,12 @@ def read_documents(path: str | Path) -> list[dict]:
         docs = [d for d in yaml.load_all(path.read_text(), Loader=_Loader) if d is not None]
     except OSError as e:
         raise RecipeError(f"{path}: cannot read the recipe ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: a recipe file must be UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
+    except (RecursionError, ValueError) as e:  # nested too deeply; an integer too long to convert
+        raise RecipeError(f"{path}: not valid YAML ({type(e).__name__})") from None
     for i, d in enumerate(docs):
         if not isinstance(d, dict):
             raise RecipeError(f"{path}: document {i + 1} must be a YAML mapping, not {type(d).__name__}")
