@@ -185,3 +185,19 @@ def test_moves_layers_tells_frankenmerges_from_layer_scoped_slices(llamas):
         {"sources": [{"model": a, "layer_range": [2, 4]}, {"model": b, "layer_range": [2, 4]}]}]}
     assert not moves_layers(load_recipe(aligned))
     assert not build_plan(load_recipe(aligned)).stacked
+
+
+def test_output_config_layer_count_and_per_layer_kinds():
+    from merge.parameters import rename_layer, set_num_layers
+
+    cfg = {"num_hidden_layers": 4, "layer_types": ["sliding", "full", "sliding", "full"], "hidden_size": 8}
+    out = set_num_layers(cfg, [0, 1, 1, 3, 2])
+    assert out["num_hidden_layers"] == 5 and out["layer_types"] == ["sliding", "full", "full", "full", "sliding"]
+    assert cfg["num_hidden_layers"] == 4  # the reference's config is not changed
+    assert set_num_layers({"n_layer": 2}, [0, 1, 1])["n_layer"] == 3
+    nested = set_num_layers({"text_config": {"num_hidden_layers": 2}, "vision_config": {"depth": 9}}, [1, 0, 1])
+    assert nested["text_config"]["num_hidden_layers"] == 3 and nested["vision_config"] == {"depth": 9}
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        set_num_layers({"hidden_size": 8}, [0])
+    assert rename_layer("model.layers.12.mlp.up_proj.weight", 3) == "model.layers.3.mlp.up_proj.weight"
+    assert rename_layer("transformer.h.0.attn.c_attn.weight", 41) == "transformer.h.41.attn.c_attn.weight"

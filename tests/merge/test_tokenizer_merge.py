@@ -211,3 +211,20 @@ def test_bad_tokens_entries_are_refused_before_any_tensor_is_read(vocab_models, 
         load_recipe({**recipe, "tokenizer": {"source": "union", "tokens": {
             "<x>": {"source": {"kind": "model_token", "model": a}}}}})
     assert not (tmp_path / "out").exists()
+
+
+def test_a_renumbered_vocabulary_is_merged_token_by_token(zoo, tmp_path):
+    """The zoo's `different_tokenizer` is the `addition` fine-tune with its token ids renumbered
+    (rows permuted to match). Merged with `addition` on addition's tokenizer, its rows are put
+    back in place, so the merge is `addition` itself; row by row it would mix tokens."""
+    add, perm = str(zoo.finetunes["addition"]), str(zoo.negatives["different_tokenizer"])
+    recipe = {"merge_method": "linear", "base_model": add, "tokenizer_source": "base", "dtype": "float32",
+              "models": [{"model": add, "parameters": {"weight": 0.5}}, {"model": perm, "parameters": {"weight": 0.5}}]}
+    run_merge(recipe, tmp_path / "by_token", device="cpu", progress=False)
+    merged, original = _read(tmp_path / "by_token"), _read(zoo.finetunes["addition"])
+    assert merged.keys() == original.keys()
+    for k in original:
+        torch.testing.assert_close(merged[k], original[k].float(), rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    summary = describe_remapping(load_recipe(recipe))
+    moved = {Path(m.model).name: m.moved for m in summary.models}
+    assert moved["addition"] == 0 and moved["different_tokenizer"] > 100 and summary.added_tokens == 0
