@@ -58,6 +58,7 @@ def build_stacked(recipe: MergeRecipe, method, allow_pickle: bool) -> Plan:
 
     views: list[dict[str, View]] = [{} for _ in range(n_slots)]
     jobs: list[TensorJob] = []
+    rebuilt_rows = recipe_tokenizer(recipe) is not None  # token rows may differ in number (tokenizer_merge.py)
 
     def add(out_name: str, k: int, picks: list[tuple[str, str]], t: float) -> None:
         """picks: per slot, (model ref, its tensor name)."""
@@ -67,7 +68,7 @@ def build_stacked(recipe: MergeRecipe, method, allow_pickle: bool) -> Plan:
                 raise MergeError(f"model {ref!r} has no tensor {out_name!r} (slices[{k}])")
             v[out_name] = View(readers[ref], src, readers[ref].infos[src])
             found.append((ref, readers[ref], src))
-        job = tensor_job(recipe, out_name, found, t, k, recipe_tokenizer(recipe) is not None and out_name in VOCAB_TENSORS)
+        job = tensor_job(recipe, out_name, found, t, k, rebuilt_rows and out_name in VOCAB_TENSORS)
         job.sources = [out_name] * n_slots  # each slot's ViewReader knows where to read it
         job.refs, job.input_names = [ref for ref, _ in picks], [src for _, src in picks]
         jobs.append(job)

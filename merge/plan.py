@@ -113,7 +113,7 @@ def open_reader(ref: str, recipe: MergeRecipe, allow_pickle: bool) -> TensorRead
 
 
 def tensor_job(recipe: MergeRecipe, name: str, found: list[tuple[str, TensorReader, str]], t: float,
-         scope: int | None, vocab: bool) -> TensorJob:
+               scope: int | None, vocab: bool) -> TensorJob:
     """One output tensor from (model ref, reader, name there) per input: shapes and dtypes
     checked, compute and output dtypes fixed. `vocab`: token rows are rebuilt, so only the
     width must agree."""

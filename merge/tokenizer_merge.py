@@ -398,7 +398,7 @@ def describe_remapping(recipe) -> RemappingSummary | None:
     try:
         info = tokenizer_for(recipe, folders, configs)
     except Exception as e:  # transformers cannot load a tokenizer: the merge itself says why (merge/plan.py)
-        log.warning("tokenizer remapping not described: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        log.warning("tokenizer remapping not described: %s: %s", type(e).__name__, (str(e).splitlines() or [""])[0])
         return None
     base = recipe.base_model if recipe.base_model in folders else next(iter(folders))
     models = list(folders)
