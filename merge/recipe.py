@@ -15,10 +15,13 @@ A recipe mergekit runs is read unchanged:
 
 Everything is checked when the recipe is read, before any tensor is touched (here and in
 `merge/recipe_checks.py`): unknown keys, unknown methods, parameters the method does not take,
-values out of range (each error names the key and what is allowed). `slices:` runs when the slices keep every layer in place
-(`merge/slices.py`); `BASE+ADAPTER` references merge a LoRA adapter into its base
-(`merge/lora.py`). Forms mergekit has and mergeline does not run yet (layer-stacking slices,
-`modules`, `tokenizer_source: union`) are refused, never misread.
+values out of range (each error names the key and what is allowed). `slices:` scope settings
+by layer or stack layers into a frankenmerge (`merge/slices.py`); `tokenizer_source` and
+`tokenizer:` build the output vocabulary (`merge/tokenizer_merge.py`); `modules:` runs for a
+one-module (text-only) model; `BASE+ADAPTER` references merge a LoRA adapter into its base
+(`merge/lora.py`). Several documents with `name:` are a multi-stage recipe
+(`merge/multistage.py`). Forms mergekit has and mergeline does not run (modules of a
+multimodal model) are refused, never misread.
 Differences from mergekit are deliberate: mergekit ignores unknown keys and parameters.
 
     python -m merge.recipe configs/recipes/ties.yaml
@@ -37,9 +40,7 @@ from merge.resolve import split_adapter
 from merge.tokenizer_merge import TokenSpec
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
-NOT_SUPPORTED = {
-    "modules": "`modules:` is not supported yet: write the recipe in the `models:` or `slices:` form",
-}
+NOT_SUPPORTED: dict[str, str] = {}
 
 
 class RecipeError(ValueError):
@@ -192,6 +193,7 @@ def load_recipe(path_or_dict: str | Path | Mapping[str, Any], validate: bool = T
     for key, why in NOT_SUPPORTED.items():
         if data.get(key) is not None:
             raise RecipeError(f"{where}: {why}")
+    data = _single_module(data, where)
     try:
         recipe = MergeRecipe.model_validate({**data, "source_dir": source_dir})
     except ValidationError as e:
@@ -201,6 +203,46 @@ def load_recipe(path_or_dict: str | Path | Mapping[str, Any], validate: bool = T
 
         check_recipe_semantics(recipe, where)
     return recipe
+
+
+_MODULE_KEYS = ("models", "slices", "parameters")
+
+
+def _single_module(data: dict, where: str) -> dict:
+    """mergekit's `modules:` form for a model of one module (mergekit names it `default`: every
+    text-only architecture), rewritten as the `models:` or `slices:` form it means. The module's
+    `parameters` rank between the slice's and the recipe's, as in mergekit's ConfigReader; a key set
+    in both is refused (its fall-through between the two is not kept). Several modules (a vision
+    tower, a projector) need mergekit's architecture tables and are refused."""
+    modules = data.get("modules")
+    if modules is None:
+        return data
+    if not isinstance(modules, dict) or set(modules) != {"default"}:
+        shown = sorted(modules) if isinstance(modules, dict) else type(modules).__name__
+        raise RecipeError(f"{where}: modules {shown}: only the single module 'default' (a text-only model) is "
+                          "supported; models with several modules (vision tower, projector) are not")
+    module = modules["default"]
+    if not isinstance(module, dict):
+        raise RecipeError(f"{where}: modules.default must be a mapping with 'models' or 'slices'")
+    extra = sorted(set(module) - set(_MODULE_KEYS))
+    if extra:
+        raise RecipeError(f"{where}: modules.default.{extra[0]}: unknown key (allowed: {', '.join(_MODULE_KEYS)})")
+    if data.get("models") or data.get("slices"):
+        raise RecipeError(f"{where}: give either 'modules' or 'models'/'slices', not both (as in mergekit)")
+    if bool(module.get("models")) == bool(module.get("slices")):
+        raise RecipeError(f"{where}: modules.default must give either 'models' or 'slices' (as in mergekit)")
+    out = {k: v for k, v in data.items() if k != "modules"}
+    out.update({k: module[k] for k in ("models", "slices") if module.get(k)})
+    own, shared = module.get("parameters") or {}, data.get("parameters") or {}
+    if not isinstance(own, dict) or not isinstance(shared, dict):
+        raise RecipeError(f"{where}: 'parameters' must be a mapping")
+    both = sorted(set(own) & set(shared))
+    if both:
+        raise RecipeError(f"{where}: parameter {both[0]!r} is set both in modules.default.parameters and in "
+                          "parameters: set it in one of them")
+    if own:
+        out["parameters"] = {**shared, **own}
+    return out
 
 
 def model_names(recipe: MergeRecipe) -> dict[str, str]:

@@ -66,6 +66,13 @@ def _recipes(m: dict[str, Path]) -> dict[str, dict]:
                          "parameters": {"density": 0.6, "weight": 0.5},
                          "slices": [{"sources": [src(b, 0, 2), src(a, 1, 3)]},
                                     {"sources": [src(b, 2, 4), src(f, 2, 4)], "parameters": {"density": 0.9}}]},
+        # mergekit's `modules:` form, for a one-module model (mergekit's module `default`)
+        "modules_stack": {"merge_method": "passthrough", "dtype": "float32", "modules": {"default": {
+            "slices": [{"sources": [src(f, 2, 4)]}, {"sources": [src(a, 0, 3)]}]}}},
+        "modules_ties": {"merge_method": "ties", "base_model": b, "dtype": "float32", "parameters": {"normalize": True},
+                         "modules": {"default": {"parameters": {"density": [0.3, 0.8]}, "models": [
+                             {"model": a, "parameters": {"weight": 0.6}},
+                             {"model": f, "parameters": {"weight": 0.3, "density": 0.5}}]}}},
     }
 
 
@@ -144,6 +151,12 @@ def test_bad_frankenmerges_are_refused_by_name(llamas):
     with pytest.raises(MergeError, match=r"slices\[0\].*has 4 layers"):
         build_plan(load_recipe({"merge_method": "passthrough",
                                 "slices": [{"sources": [{"model": a, "layer_range": [2, 6]}]}]}))
+    with pytest.raises(RecipeError, match=r"'density' is set both in modules.default.parameters and in parameters"):
+        load_recipe({"merge_method": "ties", "base_model": b, "parameters": {"density": 0.5},
+                     "modules": {"default": {"parameters": {"density": 0.4}, "models": [
+                         {"model": a, "parameters": {"weight": 1}}]}}})
+    with pytest.raises(RecipeError, match=r"modules \['text_decoder', 'vision_tower'\]"):
+        load_recipe({"merge_method": "linear", "modules": {"text_decoder": {}, "vision_tower": {}}})
     with pytest.raises(RecipeError, match=r"passthrough.*exactly 1 model"):
         load_recipe({"merge_method": "passthrough", "slices": [
             {"sources": [{"model": a, "layer_range": [0, 2]}, {"model": b, "layer_range": [0, 2]}]}]})
