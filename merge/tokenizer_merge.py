@@ -197,21 +197,33 @@ def build_tokenizer(source: str, base: str, models: list[str], folders: dict[str
 
 
 # -- rebuilding the rows ----------------------------------------------------------------
+def _source_ids(info: TokenizerInfo, models: list[str]) -> dict[str, torch.Tensor]:
+    """Per model, the model's own id of every output id (-1: it lacks the token)."""
+    n = len(info.tokenizer.get_vocab())
+    return {m: torch.tensor([info.permutations[m].get(i, -1) for i in range(n)], dtype=torch.long) for m in models}
+
+
 def _assign_sources(info: TokenizerInfo, models: list[str], base: str | None,
-                    configs: dict[str, TokenSpec]) -> tuple[dict[str, TokenSpec], set[str]]:
-    """mergekit's assign_embedding_sources: a source for every token some model lacks."""
+                    configs: dict[str, TokenSpec],
+                    ids: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, TokenSpec], set[str]]:
+    """mergekit's assign_embedding_sources: a source for every token some model lacks (tokens
+    every model has need none: their rows are the models' own)."""
+    ids = ids if ids is not None else _source_ids(info, models)
+    present = torch.stack([ids[m] >= 0 for m in models])  # models x output ids
+    count = present.sum(dim=0)
+    lacking = set((count < len(models)).nonzero().flatten().tolist())
     configs = dict(configs)
     average = set()
     for token, tid in info.tokenizer.get_vocab().items():
-        if token in configs:
+        if token in configs or tid not in lacking:
             continue
-        has = [info.permutations[m].get(tid, -1) >= 0 for m in models]
+        has = present[:, tid].tolist()
         if sum(has) == 1:
             configs[token] = TokenSpec(source=models[has.index(True)])
         elif sum(has) == 0:
             configs[token] = TokenSpec(source=ZeroEmbedding(kind="zero"))
             log.warning("token %r is in no model: its row is zero", token)
-        elif base in models and info.permutations[base].get(tid, -1) >= 0:
+        elif base in models and has[models.index(base)]:
             configs[token] = TokenSpec(source=base)
         else:
             average.add(token)
@@ -245,47 +257,57 @@ def _default_row(info: TokenizerInfo, tensors: dict[str, torch.Tensor], token: s
 def remap_rows(info: TokenizerInfo, tensors: dict[str, torch.Tensor], base: str | None,
                configs: dict[str, TokenSpec]) -> dict[str, torch.Tensor]:
     """Each model's tensor (token rows first) rebuilt in the output vocabulary (mergekit's
-    PermutedVocabulary, vectorised: same rows)."""
+    PermutedVocabulary, vectorised: the same rows)."""
     models = list(tensors)
     if any(t.shape[1:] != tensors[models[0]].shape[1:] for t in tensors.values()):
         raise ValueError(f"embedding widths differ: {[list(t.shape) for t in tensors.values()]}")
     vocab = info.tokenizer.get_vocab()
+    n = len(vocab)
+    if vocab and max(vocab.values()) >= n:
+        raise ValueError(f"the output tokenizer's ids are not 0..{n - 1} (largest {max(vocab.values())})")
     row_shape = tensors[models[0]].shape[1:]
     dtype = tensors[models[0]].dtype
     for t in tensors.values():
         dtype = torch.promote_types(dtype, t.dtype)
     device = tensors[models[0]].device
-    configs, average = _assign_sources(info, models, base, configs)
-    defaults = {}
-    for token, tid in vocab.items():
-        spec = configs.get(token)
-        if not (spec and spec.force) and all(info.permutations[m].get(tid, -1) >= 0 for m in models):
-            continue
+    ids = _source_ids(info, models)
+    configs, average = _assign_sources(info, models, base, configs, ids)
+    forced = torch.zeros(n, dtype=torch.bool)
+    for t, spec in configs.items():
+        if spec.force and t in vocab:
+            forced[vocab[t]] = True
+    lacking = forced.clone()
+    for m in models:
+        lacking |= ids[m] < 0
+    defaults = {}  # output id -> the row a model that lacks the token (or must not use its own) gets
+    id_token = {tid: t for t, tid in vocab.items()}
+    for tid in lacking.nonzero().flatten().tolist():
+        token = id_token[tid]
         if token in average:
-            have = [tensors[m][info.permutations[m][tid]] for m in models if info.permutations[m].get(tid, -1) >= 0]
             row = torch.zeros(row_shape, dtype=dtype, device=device)
-            for r in have:  # in model order, as mergekit sums them
-                row = row + r
-            defaults[token] = row / len(have)
-        elif spec is not None:
-            defaults[token] = _default_row(info, tensors, token, tid, spec)
-    forced = {vocab[t] for t, s in configs.items() if s.force and t in vocab}
+            for m in models:  # in model order, as mergekit sums them
+                if ids[m][tid] >= 0:
+                    row = row + tensors[m][ids[m][tid]]
+            defaults[tid] = row / int(sum(int(ids[m][tid] >= 0) for m in models))
+        elif token in configs:
+            defaults[tid] = _default_row(info, tensors, token, tid, configs[token])
     out = {}
     for m in models:
-        p = info.permutations[m]
-        new = torch.zeros((info.vocab_size, *row_shape), dtype=dtype, device=device)
-        ids = [i for i in vocab.values() if p.get(i, -1) >= 0 and i not in forced]
-        if ids:
-            new[torch.tensor(ids)] = tensors[m][torch.tensor([p[i] for i in ids])].to(dtype)
-        for token, row in defaults.items():
-            tid = vocab[token]
-            if p.get(tid, -1) < 0 or tid in forced:
-                new[tid] = row
-        missing = [t for t, i in vocab.items() if (p.get(i, -1) < 0 or i in forced) and t not in defaults]
+        new = torch.empty((info.vocab_size, *row_shape), dtype=dtype, device=device)  # every row set below
+        own = (ids[m] >= 0) & ~forced
+        keep = own.nonzero().flatten()
+        new[keep.to(device)] = tensors[m][ids[m][keep].to(device)].to(dtype)
+        missing = 0
+        for tid in (~own).nonzero().flatten().tolist():
+            if tid in defaults:
+                new[tid] = defaults[tid]
+            else:
+                new[tid] = 0
+                missing += 1
         if missing:
-            log.error("model %r: no row for token %r (and %d more): left zero", m, missing[0], len(missing) - 1)
-        if info.vocab_size > len(vocab):  # padding rows: the mean row (Hewitt, vocabulary expansion)
-            new[len(vocab):] = new[:len(vocab)].mean(dim=0)
+            log.error("model %r: no row for %d tokens: left zero", m, missing)
+        if info.vocab_size > n:  # padding rows: the mean row (Hewitt, vocabulary expansion)
+            new[n:] = new[:n].mean(dim=0)
         out[m] = new
     return out
 
