@@ -332,7 +332,8 @@ class RowRemapper:
 
 # -- what the compatibility gate reports ----------------------------------------------
 class ModelRemap(BaseModel):
-    model: str
+    model: str  # the reference as the recipe writes it
+    name: str  # its short display name (merge.recipe.model_names)
     vocab_size: int  # the model's own rows (config.json)
     kept: int  # output tokens that keep this model's own row
     moved: int  # of those, rows whose id changes
@@ -349,8 +350,10 @@ class RemappingSummary(BaseModel):
     models: list[ModelRemap]
 
     def text(self) -> str:
-        parts = [f"{m.model}: {m.filled} filled ({', '.join(f'{k} {v}' for k, v in m.filled_from.items()) or '-'}), "
-                 f"{m.moved} moved" for m in self.models]
+        names = {m.model: m.name for m in self.models}
+        parts = [f"{m.name}: {m.filled} filled"
+                 + (f" ({', '.join(f'{v} from {names.get(k, k)}' for k, v in m.filled_from.items())})" if m.filled else "")
+                 + f", {m.moved} moved" for m in self.models]
         return (f"tokenizer {self.source}: {self.vocab_size} rows, {self.added_tokens} tokens beyond the base; "
                 + "; ".join(parts))
 
@@ -408,6 +411,7 @@ def describe_remapping(recipe) -> RemappingSummary | None:
     compatibility gate: a union of different vocabularies is a remapping to report, not a
     tokenizer mismatch."""
     from merge.checkpoint import Checkpoint
+    from merge.recipe import model_names
     from merge.resolve import resolve_model
 
     spec = recipe_tokenizer(recipe)
@@ -427,6 +431,7 @@ def describe_remapping(recipe) -> RemappingSummary | None:
     assigned, average = _assign_sources(info, models, base, spec[1])
     vocab = info.tokenizer.get_vocab()
     base_vocab = info.original_vocabs.get(base, {})
+    names = model_names(recipe)
     rows = []
     for ref in models:
         p = info.permutations[ref]
@@ -437,7 +442,7 @@ def describe_remapping(recipe) -> RemappingSummary | None:
                 continue
             src = "mean" if t in average else _source_name(assigned.get(t))
             filled[src] = filled.get(src, 0) + 1
-        rows.append(ModelRemap(model=ref, vocab_size=_vocab_size(configs[ref]) or len(p), kept=len(kept),
+        rows.append(ModelRemap(model=ref, name=names.get(ref, ref), vocab_size=_vocab_size(configs[ref]) or len(p), kept=len(kept),
                                moved=sum(1 for _, i in kept if p[i] != i), filled=sum(filled.values()),
                                filled_from=filled))
     return RemappingSummary(source=spec[0], vocab_size=info.vocab_size,
