@@ -189,8 +189,13 @@ def merge(
     allow_crimes: bool = typer.Option(False, "--allow-crimes",
                                       help="Merge even when a compatibility check fails; the waived failures "
                                            "are recorded in lineage.json and README.md."),
+    intermediate_dir: Optional[Path] = typer.Option(
+        None, help="Multi-stage recipes: where the intermediate stages go (default .OUTPUT_DIR.stages/)."),
 ):
     """Merge the models of a mergekit recipe into OUTPUT_DIR, after the compatibility checks.
+
+    A file of several recipes (mergekit-multi: YAML documents with a `name:`, later ones naming
+    earlier ones) runs stage by stage; each intermediate model is kept and reused when unchanged.
 
     The checks of `mergeline check` run inside the merge (headers before any tensor is read, the
     norms from the merge's own read). Exit 0 merged, 1 a check failed (nothing written), 2 unusable input."""
@@ -199,12 +204,12 @@ def merge(
     from merge.checkpoint import CheckpointError
     from merge.compat import INPUT_ERRORS, ChecksFailed
     from merge.device import DeviceError
-    from merge.executor import run_merge
+    from merge.multistage import merge_file
     from merge.plan import MergeError
     from merge.writer import OutputError
 
     try:
-        out = run_merge(recipe, output_dir, device=device, out_shard_size=out_shard_size, overwrite=overwrite,
+        out = merge_file(recipe, output_dir, intermediate_dir, device=device, out_shard_size=out_shard_size, overwrite=overwrite,
                         seed=seed, allow_pickle=allow_pickle, progress=True, policy=policy, allow_crimes=allow_crimes)
     except ChecksFailed as e:
         fail(escape(str(e)), EXIT_FAILED)

@@ -41,11 +41,11 @@ import yaml
 
 from merge.checkpoint import CheckpointError
 from merge.device import resolve_device
-from merge.plan import MergeError, Plan, TensorJob, build_plan, model_thresholds, tensor_params, torch_dtype
+from merge.plan import MergeError, Plan, TensorJob, build_plan, model_thresholds, tensor_params
 from merge.recipe import MergeRecipe, load_recipe, model_names
 from merge.resolve import ModelNotFound, resolve_model
 from merge.stats import StatsAggregator
-from merge.writer import ShardWriter, copy_side_files, parse_size, staging_dir, write_chat_template, write_config
+from merge.writer import ShardWriter, parse_size, staging_dir, write_side_files
 
 if TYPE_CHECKING:  # the gate (and numba, for its kernel) is imported only when checks run
     from merge.compat.gate import CompatGate
@@ -213,7 +213,8 @@ def run_merge(recipe: MergeRecipe | str | Path | Mapping, out_dir: str | Path, *
             in_q: queue.Queue = queue.Queue(maxsize=1)
             out_q: queue.Queue = queue.Queue(maxsize=2)
             stop, write_errors = threading.Event(), []
-            feed = _NormFeed(gate, plan) if gate is not None and gate.norm_skip_reason() is None else None
+            feed = (_NormFeed(gate, plan) if gate is not None and gate.norm_skip_reason() is None
+            and not plan.stacked else None)  # a frankenmerge's inputs are layer slots, not models
             producer = threading.Thread(target=_producer, args=(plan, dev, in_q, stop, feed), daemon=True)
             wthread = threading.Thread(target=_writer_loop, args=(writer, out_q, write_errors), daemon=True)
             producer.start()
@@ -319,19 +320,7 @@ class _Result:
 
 
 def _write_side_files(plan: Plan, folder: Path) -> None:
-    r = plan.recipe
-    ref_folder = plan.reference.reader.ckpt.folder
-    dtypes = {j.out.dtype for j in plan.jobs if j.floating}
-    out_dtype = next(iter(dtypes)) if len(dtypes) == 1 else (torch_dtype(r.out_dtype) or torch_dtype(r.dtype))
-    write_config(folder, plan.reference.reader.ckpt.config, out_dtype or torch.float32)
-    tok_ref = r.tokenizer_ref
-    tok_folder = ref_folder
-    if tok_ref is not None:
-        tok_folder = next(s.reader.ckpt.folder for s in plan.inputs if s.ref == tok_ref)
-    copy_side_files(folder, tok_folder, ref_folder)
-    if r.chat_template:
-        write_chat_template(folder, r.chat_template, [s.reader.ckpt.folder for s in plan.inputs])
-    (folder / "mergeline_recipe.yaml").write_text(r.to_yaml())
+    write_side_files(plan, folder)  # merge/writer.py: config (layer count, vocabulary), tokenizer, template, recipe
 
 
 def _write_lineage(plan: Plan, folder: Path, name: str, seed: int, report: CompatReport | None) -> None:
@@ -341,7 +330,7 @@ def _write_lineage(plan: Plan, folder: Path, name: str, seed: int, report: Compa
 
     r = plan.recipe
     names = model_names(r)
-    described = {s.ref: describe_input(names[s.ref], s.ref, resolve_model(s.ref, r.source_dir)) for s in plan.inputs}
+    described = {ref: describe_input(names[ref], ref, resolve_model(ref, r.source_dir)) for ref in plan.models}
     base = described.get(r.base_model) if r.base_model else None
     parents = [d for ref, d in described.items() if ref != r.base_model]
     recipe = yaml.safe_load(r.to_yaml())

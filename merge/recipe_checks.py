@@ -24,7 +24,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from merge.chat_templates import problem as chat_template_problem
 from merge.parameters import MISSING, candidate_values, resolve
 from merge.recipe import MergeRecipe, RecipeError
-from merge.slices import check_aligned, parameter_sources
+from merge.slices import check_slices, parameter_sources
 
 
 def _param_fields(cls: type[BaseModel] | None) -> dict[str, Any]:
@@ -125,14 +125,9 @@ def check_recipe_semantics(recipe: MergeRecipe, where: str = "recipe") -> None:
         raise RecipeError(f"{where}: 'models' (or 'slices') must list at least one model")
     if recipe.slices:
         try:
-            check_aligned(recipe.slices, recipe.base_model)
+            check_slices(recipe.slices, recipe.base_model)
         except ValueError as e:
             raise RecipeError(f"{where}: {e}") from None
-    if recipe.tokenizer_source == "union" or (recipe.tokenizer and recipe.tokenizer.source == "union"):
-        raise RecipeError(f"{where}: tokenizer_source 'union' (building a merged vocabulary) is not supported yet; "
-                          "use 'base' or a model reference whose tokenizer all models share")
-    if recipe.tokenizer and (recipe.tokenizer.tokens or recipe.tokenizer.pad_to_multiple_of):
-        raise RecipeError(f"{where}: tokenizer.tokens / tokenizer.pad_to_multiple_of are not supported yet")
     if recipe.tokenizer and recipe.tokenizer_source:
         raise RecipeError(f"{where}: give either 'tokenizer_source' or 'tokenizer', not both (as in mergekit)")
     refs = [m.model for m in recipe.models or []]
@@ -204,14 +199,25 @@ def check_recipe_semantics(recipe: MergeRecipe, where: str = "recipe") -> None:
 def _check_model_count(recipe: MergeRecipe, method, where: str) -> None:
     """The method's input contract (mergekit's), from the recipe alone: one line naming the
     method and the count, before any model is resolved or tensor read."""
-    refs = [m.model for m in recipe.inputs()]  # the base is appended when not listed, as mergekit
-    why = method.inputs.problem(len(refs), recipe.base_model is not None and recipe.base_model in refs)
+    groups = [(where, [m.model for m in recipe.inputs()], recipe.base_model)]  # the base appended when not listed
+    if recipe.slices:  # each slice is a merge of its own (mergekit validates every slice)
+        groups = []
+        for i, sl in enumerate(recipe.slices):
+            base = sl.base_model or recipe.base_model
+            refs = [s.model for s in sl.sources]
+            groups.append((f"{where}: slices[{i}]", refs + ([base] if base and base not in refs else []), base))
+    for at, refs, base in groups:
+        _check_group(method, at, refs, base)
+
+
+def _check_group(method, where: str, refs: list[str], base: str | None) -> None:
+    why = method.inputs.problem(len(refs), base is not None and base in refs)
     if why is None:
         return
     if why == "needs 'base_model'":
         raise RecipeError(f"{where}: merge_method {method.name!r} needs 'base_model' (the model the task vectors "
                           "are taken from)")
-    counted = " (the base included)" if recipe.base_model and method.inputs.base != "ignored" else ""
+    counted = " (the base included)" if base and method.inputs.base != "ignored" else ""
     raise RecipeError(f"{where}: merge_method {method.name!r} {why}{counted}: {', '.join(refs)}")
 
 
@@ -248,7 +254,8 @@ def _merge_scopes(recipe: MergeRecipe, merged: list[str]) -> list[dict[str, list
     """Per scope (the whole merge, or each slice): merged model -> its parameter sources,
     highest precedence first."""
     if recipe.slices:
-        return [{ref: parameter_sources(sl, ref, recipe.parameters) for ref in merged} for sl in recipe.slices]
+        return [{ref: parameter_sources(sl, ref, recipe.parameters) for ref in merged
+                 if ref in {s.model for s in sl.sources}} for sl in recipe.slices]
     own = {m.model: m.parameters for m in recipe.inputs()}
     return [{ref: [own[ref], recipe.parameters] for ref in merged}]
 

@@ -365,12 +365,43 @@ def write_config(folder: Path, config: dict, dtype: torch.dtype) -> None:
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def copy_side_files(folder: Path, tokenizer_from: Path, config_from: Path) -> list[str]:
-    """Tokenizer files from the tokenizer source, generation_config.json from the reference model.
+def write_side_files(plan, folder: Path) -> None:
+    """Everything beside the weights: config.json (the plan's output config: a frankenmerge's
+    layer count, a merged vocabulary's size; dtype set to what was written), the tokenizer (the
+    one built by a tokenizer merge, else the tokenizer source's files), generation_config.json,
+    the chat template and the recipe. `plan` is a merge.plan.Plan."""
+    r = plan.recipe
+    ref_folder = plan.reference.reader.ckpt.folder
+    dtypes = {j.out.dtype for j in plan.jobs if j.floating}
+    named = r.out_dtype or r.dtype
+    out_dtype = next(iter(dtypes)) if len(dtypes) == 1 else (getattr(torch, named) if named else None)
+    config = plan.out_config if plan.out_config is not None else plan.reference.reader.ckpt.config
+    write_config(folder, config, out_dtype or torch.float32)
+    built = plan.tokenizer
+    src = (r.tokenizer.source if r.tokenizer else r.tokenizer_source) if built is not None else None
+    if built is not None and (src == "union" or (r.tokenizer and r.tokenizer.tokens)):
+        # a vocabulary no input has: saved as mergekit saves it (transformers' save_pretrained)
+        built.tokenizer.save_pretrained(str(folder))
+        copy_side_files(folder, None, ref_folder)
+    else:
+        tok_ref = r.tokenizer_ref
+        tok_folder = plan.models[tok_ref].ckpt.folder if tok_ref in plan.models else ref_folder
+        copy_side_files(folder, tok_folder, ref_folder)
+    if r.chat_template:
+        write_chat_template(folder, r.chat_template, [m.ckpt.folder for m in plan.models.values()])
+    (folder / "mergeline_recipe.yaml").write_text(r.to_yaml())
+    if r.stages:  # a multi-stage recipe's final model: every stage (merge/multistage.py)
+        (folder / "mergeline_stages.json").write_text(json.dumps(r.stages, indent=2) + "\n")
+
+
+def copy_side_files(folder: Path, tokenizer_from: Path | None, config_from: Path) -> list[str]:
+    """Tokenizer files from the tokenizer source (None: none), generation_config.json from the
+    reference model.
     Only the models' own regular files are copied: a link out of the model folder (a merges.txt
     pointing at a system file) is refused by name (merge.checkpoint.model_file)."""
     copied = []
-    sources = [(tokenizer_from, name) for name in TOKENIZER_FILES] + [(config_from, "generation_config.json")]
+    tokenizer_files = TOKENIZER_FILES if tokenizer_from is not None else ()
+    sources = [(tokenizer_from, name) for name in tokenizer_files] + [(config_from, "generation_config.json")]
     for src_folder, name in sources:
         src = model_file(src_folder, name, "side file")
         if src is not None:

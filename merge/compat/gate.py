@@ -55,7 +55,8 @@ class CompatGate:
     """The checks of one base and its models; `report` grows as the stages run."""
 
     def __init__(self, base: str | Path, models: Mapping[str, str | Path], policy: Any = None, *,
-                 allow_pickle: bool = False, base_name: str | None = None):
+                 allow_pickle: bool = False, base_name: str | None = None, remapping: Any = None,
+                 moves_layers: bool = False):
         self.policy: CompatPolicy = load_policy(policy)
         if not models:
             raise CompatInputError("no models to check against the base")
@@ -75,9 +76,26 @@ class CompatGate:
         self.adapted = set().union(*(c.adapter.names() for c in self.ckpts.values() if c.adapter is not None))
 
         pol = self.policy
-        checks = [check_architecture(configs, name, pol.architecture.ignore_fields, pol.waived_fields())]
-        checks += check_tensors(self.infos, name)
-        checks += check_tokenizers(tokenizers, name)
+        ignore = list(pol.architecture.ignore_fields)
+        infos = self.infos
+        if remapping is not None:  # a tokenizer merge rebuilds the token rows: sizes may differ
+            from merge.tokenizer_merge import VOCAB_TENSORS
+
+            ignore.append("vocab_size")
+            infos = {n: {t: i for t, i in inf.items() if t not in VOCAB_TENSORS} for n, inf in infos.items()}
+        if moves_layers:  # a frankenmerge: models may differ in depth; compare what they all have
+            from merge.parameters import LAYER_COUNT_KEYS
+
+            ignore += [*LAYER_COUNT_KEYS, "layer_types"]
+            common = set.intersection(*(set(i) for i in infos.values()))
+            infos = {n: {t: i for t, i in inf.items() if t in common} for n, inf in infos.items()}
+        checks = [check_architecture(configs, name, ignore, pol.waived_fields())]
+        checks += check_tensors(infos, name)
+        tok_checks = check_tokenizers(tokenizers, name)
+        if remapping is not None:
+            tok_checks = [c for c in tok_checks if c.name not in ("tokenizer.vocab", "tokenizer.added_tokens")]
+            tok_checks.append(Check("tokenizer.remap", "warn", remapping.text(), remapping.model_dump()))
+        checks += tok_checks
         self._found = {c.name: c.status for c in checks}  # before the policy's severities and waivers
         _apply_policy(checks, pol)
         self.report = CompatReport(checks, base=str(base), models={n: str(Path(p)) for n, p in models.items()})
@@ -150,7 +168,11 @@ def recipe_gate(recipe: MergeRecipe, policy: Any = None, *, allow_pickle: bool =
         refuse_duplicates(base, folders)
     except CompatInputError as e:
         raise CompatInputError(f"{where}: {e}") from None
-    return CompatGate(base, folders, policy, allow_pickle=allow_pickle, base_name=names[reference])
+    from merge.slices import moves_layers
+    from merge.tokenizer_merge import describe_remapping
+
+    return CompatGate(base, folders, policy, allow_pickle=allow_pickle, base_name=names[reference],
+                      remapping=describe_remapping(recipe), moves_layers=moves_layers(recipe))
 
 
 def refuse_duplicates(base: Path, models: dict[str, Path], base_name: str = "the base") -> None:

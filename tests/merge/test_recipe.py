@@ -155,9 +155,8 @@ def test_bad_dtype_lists_allowed():
 
 @pytest.mark.parametrize("over, words", [
     ({"slices": [{"sources": []}], "models": None}, ["slices[0]", "at least one model"]),
-    ({"modules": {"text": {}}}, ["modules", "not supported yet"]),
-    ({"tokenizer_source": "union"}, ["union", "not supported yet"]),
-    ({"tokenizer": {"source": "union"}}, ["union", "not supported yet"]),
+    ({"modules": {"text": {}}}, ["modules ['text']", "only the single module 'default'"]),
+    ({"tokenizer": {"source": "union", "tokens": {"<x>": {"force": "maybe"}}}}, ["tokenizer", "force"]),
     ({"tokenizer_source": "org/zzz"}, ["tokenizer_source", "org/zzz"]),
 ])
 def test_unsupported_forms_are_refused_clearly(over, words):
