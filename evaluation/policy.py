@@ -17,6 +17,10 @@
     baseline:
       must_beat: linear             # the averaging baseline, by mean retention
       margin: 0.0
+    smoke:                          # before the full evaluation (evaluation/smoke.py); null: skip
+      max_perplexity_ratio: 1.5     # vs the worst of base and fine-tunes
+      max_new_tokens: 64            # greedy continuations must end with EOS within this
+      max_repeated_ngram_share: 0.5
 
 A rule whose evidence is missing from the report (no baseline run, no merge stats, no
 compatibility report) FAILS: a release gate must not pass on absent evidence.
@@ -31,6 +35,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from evaluation.smoke import SmokeRule
 from merge.config_files import explain, read_yaml_mapping
 
 
@@ -80,6 +85,7 @@ class GatePolicy(_Strict):
     interference: InterferenceRule = Field(default_factory=InterferenceRule)
     compatibility: CompatibilityRule = Field(default_factory=CompatibilityRule)
     baseline: BaselineRule = Field(default_factory=BaselineRule)
+    smoke: Optional[SmokeRule] = Field(default_factory=SmokeRule)
 
 
 def load_policy(path: str | Path | dict) -> GatePolicy:
