@@ -1,10 +1,12 @@
-"""The pipeline flow: check -> merge (TIES + baselines) -> evaluate -> gate -> register.
+"""The pipeline flow: check -> merge (TIES + baselines) -> smoke -> evaluate -> gate -> register.
 
 One Prefect flow run per pipeline run, one MLflow parent run with a child run per stage. The
 compatibility gate runs first and stops the flow before any merge on a fail (Yadav et al. 2023
 assume one shared base; a fine-tune of another base must never reach the merge). Merges and
 evaluations are Prefect tasks keyed by content hashes (tasks/caching.py), submitted together so
 they run side by side on the task runner (threads by default, Dask with `runner.kind: dask`).
+Each merge is smoke-tested (evaluation/smoke.py, seconds) before its full evaluation: a primary
+that fails stops the run (NO-GO at stage `smoke`), a baseline that fails is reported, not evaluated.
 
     mergeline run configs/pipeline_demo.yaml          # exit 0 GO, 1 NO-GO, 2 bad input
     python -m flows.pipeline configs/pipeline_demo.yaml
@@ -32,6 +34,7 @@ from tasks.eval_tasks import combine, evaluate_model
 from tasks.merge_tasks import merge_key, merge_model
 from tasks.recipes import baseline_recipe, base_name, inputs, resolved_recipe
 from tasks.register_tasks import register_model
+from tasks.smoke_tasks import smoke_model
 
 
 def candidates(pipe: Pipeline) -> tuple[str, dict[str, dict]]:
@@ -132,7 +135,9 @@ def _stages(pipe: Pipeline, c, mlflow_uri: str, parent: str, run_dir: Path, opts
     compat = _check(r, main, compat_policy)
     if compat["status"] == "fail":
         return _stopped_by_compat(compat, run_dir, c, parent, log)
-    merged, table, states, fresh_runs = _merge_and_evaluate(r, recipes, suite)
+    merged, table, states, fresh_runs, smoke = _merge_and_evaluate(r, recipes, suite, gate_policy)
+    if table is None:
+        return _stopped_by_smoke(r, primary, merged, smoke, states)
     report, paths = _report_and_gate(r, suite, table, primary, merged, compat, gate_policy, fresh_runs,
                                      recipe_hash(main))
     decision = report["decision"]
@@ -142,7 +147,7 @@ def _stages(pipe: Pipeline, c, mlflow_uri: str, parent: str, run_dir: Path, opts
             "reasons": decision["reasons"], "report": str(paths.get("md") or next(iter(paths.values()))),
             "reports": {k: str(v) for k, v in paths.items()},
             "models": {n: m["path"] for n, m in merged.items()}, "registered": registered,
-            "lm_eval_runs": fresh_runs, "states": states,
+            "lm_eval_runs": fresh_runs, "states": states, "smoke": _smoke_summary(smoke),
             "reused_merges": sorted(n for n, m in merged.items() if m.get("reused"))}
 
 
@@ -158,9 +163,10 @@ def _check(r: _Run, recipe: dict, policy: dict | None) -> dict:
     return compat
 
 
-def _merge_and_evaluate(r: _Run, recipes: dict[str, dict], suite):
+def _merge_and_evaluate(r: _Run, recipes: dict[str, dict], suite, gate_policy: dict):
     """2 + 3. Every merge and every evaluation as a task, submitted together: the base's and the
-    fine-tunes' evaluations run while the merges do, each merge's evaluation as soon as it lands."""
+    fine-tunes' evaluations run while the merges do, each merge's evaluation as soon as it lands
+    and passes its smoke test. A primary failing its smoke test: table None, nothing evaluated."""
     pipe, primary = r.pipe, next(iter(recipes))
     folders = inputs(recipes[primary])
     base = base_name(recipes[primary])
@@ -183,17 +189,76 @@ def _merge_and_evaluate(r: _Run, recipes: dict[str, dict], suite):
         key=merge_key(recipe, pipe.merge.seed), seed=pipe.merge.seed, device=pipe.merge.device,
         out_shard_size=pipe.merge.out_shard_size, allow_pickle=pipe.merge.allow_pickle,
         mlflow_run_id=r.parent, refresh=r.opts["refresh_cache"]) for name, recipe in recipes.items()}
-    merged = {}
+    merged, smoke = {}, {}
+    states = {}  # which stages ran and which came from the cache (Prefect state "Cached")
     for name, fut in merges.items():
         m = merged[name] = fut.result()
-        evals[name] = evaluate(name, m["path"], "candidate")
         _log_merge(r, name, recipes[name], m)
+        refs = {n: str(p) for n, p in {**folders, **inputs(recipes[name])}.items()}
+        smoke[name] = _smoke(r, name, m["path"], refs, gate_policy, suite.device, states)
+        if smoke[name] is not None and not smoke[name].passed:
+            if name == primary:
+                states.update({f"merge:{n}": f.state.name for n, f in merges.items()})
+                return merged, None, states, 0, smoke
+            continue  # a baseline that fails its smoke test is reported, not evaluated
+        evals[name] = evaluate(name, m["path"], "candidate")
     tables = {n: f.result() for n, f in evals.items()}
-    # Which stages ran and which came from the cache (Prefect state "Cached"): the resume story.
-    states = {f"merge:{n}": f.state.name for n, f in merges.items()}
+    states.update({f"merge:{n}": f.state.name for n, f in merges.items()})
     states.update({f"evaluate:{n}": f.state.name for n, f in evals.items()})
     fresh_runs = sum(tables[n].runs for n, f in evals.items() if f.state.name != "Cached")
-    return merged, combine(list(tables.values())), states, fresh_runs
+    return merged, combine(list(tables.values())), states, fresh_runs, smoke
+
+
+def _smoke(r: _Run, name: str, path: str, references: dict[str, str], gate_policy: dict,
+           device: str, states: dict):
+    """2b. The smoke test of one merge (seconds; tasks/smoke_tasks.py) against its inputs, in a
+    child run `smoke:<name>`. None when the gate policy skips it (`smoke: null`, `enabled: false`)."""
+    from evaluation.policy import load_policy
+
+    rule = load_policy(gate_policy or {}).smoke
+    if rule is None or not rule.enabled:
+        return None
+    text = r.pipe.path(r.pipe.smoke.text).read_text() if r.pipe.smoke.text else None
+    state = smoke_model.with_options(**r.opts)(
+        name=name, path=path, references=references, text=text, prompts=r.pipe.smoke.prompts,
+        rule=rule.model_dump(), device=device, return_state=True)
+    result = state.result()
+    states[f"smoke:{name}"] = state.name
+    with tracking.child_run(r.c, r.parent, f"smoke:{name}") as run:
+        tracking.log_metrics(r.c, run, result.metrics())
+        tracking.set_tags(r.c, run, {"status": "pass" if result.passed else "fail"})
+        tracking.log_json(r.c, run, result.model_dump(mode="json"), "smoke.json")
+    (r.run_dir / f"smoke-{name}.json").write_text(result.model_dump_json(indent=2))
+    if not result.passed:
+        r.log.warning(f"{name}: smoke test failed:\n" + "\n".join(result.reasons()))
+    return result
+
+
+def _smoke_summary(smoke: dict) -> dict:
+    return {n: None if s is None else {"passed": s.passed, "seconds": s.seconds, "reasons": s.reasons()}
+            for n, s in smoke.items()}
+
+
+def _stopped_by_smoke(r: _Run, primary: str, merged: dict, smoke: dict, states: dict) -> dict:
+    """The primary merge failed its smoke test: NO-GO at stage `smoke`, no full evaluation,
+    nothing registered."""
+    result = smoke[primary]
+    reasons = [f"{primary}: {reason}" for reason in result.reasons()]
+    rows = "\n".join(f"| {c.name} | {c.status} | {c.message} |" for c in result.checks)
+    md = (f"# NO-GO: {primary} failed the smoke test\n\nThe full evaluation was not run and nothing was "
+          f"registered.\n\n" + "\n".join(f"- {x}" for x in reasons) +
+          f"\n\n| check | status | evidence |\n|---|---|---|\n{rows}\n\n"
+          + "".join(f"- `{c.prompt}` -> `{c.text}`\n" for c in result.continuations))
+    (r.run_dir / "report.md").write_text(md)
+    decision = {"go": False, "verdict": "NO-GO", "stage": "smoke", "reasons": reasons}
+    (r.run_dir / "decision.json").write_text(json.dumps(decision, indent=2))
+    tracking.log_artifact(r.c, r.parent, r.run_dir / "report.md", "report")
+    tracking.log_json(r.c, r.parent, decision, "decision.json")
+    _prefect_artifacts(md, [], None)
+    r.log.warning(f"{primary} failed the smoke test; not evaluated, not registered:\n" + "\n".join(reasons))
+    return {"decision": "NO-GO", "stage": "smoke", "primary": primary, "reasons": reasons,
+            "report": str(r.run_dir / "report.md"), "models": {n: m["path"] for n, m in merged.items()},
+            "registered": None, "states": states, "smoke": _smoke_summary(smoke), "lm_eval_runs": 0}
 
 
 def _log_merge(r: _Run, name: str, recipe: dict, m: dict) -> None:

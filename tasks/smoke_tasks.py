@@ -1,0 +1,31 @@
+"""Prefect task: the smoke test of one merged model (evaluation.smoke), between merge and
+full evaluation.
+
+Cached by content like the other stages (tasks/caching.py): the key hashes the model's and the
+references' content, the text, the prompts, the rule and the evaluation code, never paths; a
+rerun with nothing changed reads the stored result instead of loading the models again.
+
+    from tasks.smoke_tasks import smoke_model
+"""
+from __future__ import annotations
+
+from prefect import task
+
+from merge.hashing import content_hash
+from tasks.caching import code_version, key_of
+
+
+def smoke_key(context, parameters: dict) -> str:
+    refs = {n: content_hash(p) for n, p in sorted(parameters["references"].items())}
+    return key_of("smoke", content_hash(parameters["path"]), refs, parameters["text"],
+                  parameters["prompts"], parameters["rule"], parameters.get("device", "cpu"),
+                  code_version("evaluation"))
+
+
+@task(name="smoke", cache_key_fn=smoke_key, persist_result=True, retries=1, retry_delay_seconds=5)
+def smoke_model(name: str, path: str, references: dict[str, str], text: str | None,
+                prompts: list[str], rule: dict, device: str = "cpu"):
+    """evaluation.smoke.smoke_test of `path` against `references` (name -> folder): a SmokeResult."""
+    from evaluation.smoke import SmokeRule, smoke_test
+
+    return smoke_test(path, references, text, prompts, SmokeRule.model_validate(rule), device=device)
