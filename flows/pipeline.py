@@ -179,34 +179,53 @@ def _merge_and_evaluate(r: _Run, recipes: dict[str, dict], suite, gate_policy: d
     score_cache = str(pipe.workdir_path / "score-cache")
 
     def evaluate(name, path, role):
+        path = {k: str(v) for k, v in path.items()} if isinstance(path, dict) else str(path)
         return evaluate_model.with_options(**r.opts).submit(
-            name=name, path=str(path), role=role, suite=suite_dict, cache_dir=score_cache)
+            name=name, path=path, role=role, suite=suite_dict, cache_dir=score_cache)
 
     evals = {"base": evaluate("base", folders[base], "base")}
     evals.update({n: evaluate(n, finetunes[n], "finetune") for n in suite.retention})
-    merges = {name: merge_model.with_options(**r.opts).submit(
-        name=name, recipe=recipe, models_dir=str(pipe.workdir_path / "models"),
-        key=merge_key(recipe, pipe.merge.seed), seed=pipe.merge.seed, device=pipe.merge.device,
+    plan = {name: merge_seeds(name, recipe, suite.seeds, pipe.merge.seed) for name, recipe in recipes.items()}
+    merges = {name: {label: merge_model.with_options(**r.opts).submit(
+        name=label, recipe=recipes[name], models_dir=str(pipe.workdir_path / "models"),
+        key=merge_key(recipes[name], seed), seed=seed, device=pipe.merge.device,
         out_shard_size=pipe.merge.out_shard_size, allow_pickle=pipe.merge.allow_pickle,
-        mlflow_run_id=r.parent, refresh=r.opts["refresh_cache"]) for name, recipe in recipes.items()}
+        mlflow_run_id=r.parent, refresh=r.opts["refresh_cache"]) for label, seed in plan[name].items()}
+        for name in recipes}
     merged, smoke = {}, {}
     states = {}  # which stages ran and which came from the cache (Prefect state "Cached")
-    for name, fut in merges.items():
-        m = merged[name] = fut.result()
-        _log_merge(r, name, recipes[name], m)
+    for name, futures in merges.items():
         refs = {n: str(p) for n, p in {**folders, **inputs(recipes[name])}.items()}
-        smoke[name] = _smoke(r, name, m["path"], refs, gate_policy, suite.device, states)
-        if smoke[name] is not None and not smoke[name].passed:
+        per_seed = {}
+        for label, fut in futures.items():
+            m = per_seed[label] = fut.result()
+            _log_merge(r, label, recipes[name], m)
+            smoke[label] = _smoke(r, label, m["path"], refs, gate_policy, suite.device, states)
+        merged[name] = m = {**next(iter(per_seed.values()))}
+        if len(futures) > 1:  # merge seed k is evaluated with eval seed k
+            m["per_seed"] = {plan[name][label]: per_seed[label]["path"] for label in futures}
+        if any(smoke[label] is not None and not smoke[label].passed for label in futures):
             if name == primary:
-                states.update({f"merge:{n}": f.state.name for n, f in merges.items()})
+                states.update({f"merge:{n}": f.state.name for fs in merges.values() for n, f in fs.items()})
                 return merged, None, states, 0, smoke
             continue  # a baseline that fails its smoke test is reported, not evaluated
-        evals[name] = evaluate(name, m["path"], "candidate")
+        evals[name] = evaluate(name, m.get("per_seed") or m["path"], "candidate")
     tables = {n: f.result() for n, f in evals.items()}
-    states.update({f"merge:{n}": f.state.name for n, f in merges.items()})
+    states.update({f"merge:{n}": f.state.name for fs in merges.values() for n, f in fs.items()})
     states.update({f"evaluate:{n}": f.state.name for n, f in evals.items()})
     fresh_runs = sum(tables[n].runs for n, f in evals.items() if f.state.name != "Cached")
     return merged, combine(list(tables.values())), states, fresh_runs, smoke
+
+
+def merge_seeds(name: str, recipe: dict, eval_seeds: list[int], seed: int) -> dict[str, int]:
+    """{merge label: merge seed}. A random method (DARE, DELLA drop at random) under a suite of
+    several seeds is merged once per eval seed, labelled `<name>-seed<k>`, so the spread across
+    seeds covers the merge's own randomness; any other candidate once, with the pipeline's seed."""
+    from merge.methods.registry import get_method
+
+    if get_method(recipe["merge_method"]).randomized and len(eval_seeds) > 1:
+        return {f"{name}-seed{k}": k for k in eval_seeds}
+    return {name: seed}
 
 
 def _smoke(r: _Run, name: str, path: str, references: dict[str, str], gate_policy: dict,

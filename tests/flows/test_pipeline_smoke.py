@@ -95,3 +95,40 @@ def test_broken_baseline_is_reported_not_evaluated(zoo, prefect_server, tmp_path
     s2 = run_pipeline(path)
     assert s2["states"]["smoke:ties"] == s2["states"]["smoke:runaway"] == "Cached"
     assert s2["smoke"] == s["smoke"]
+
+
+def test_merge_seeds_for_random_methods():
+    from flows.pipeline import merge_seeds
+
+    assert merge_seeds("dare", {"merge_method": "dare_ties"}, [0, 1, 2], 7) == {
+        "dare-seed0": 0, "dare-seed1": 1, "dare-seed2": 2}
+    assert merge_seeds("della", {"merge_method": "della_linear"}, [3, 5], 7) == {"della-seed3": 3, "della-seed5": 5}
+    assert merge_seeds("ties", {"merge_method": "ties"}, [0, 1, 2], 7) == {"ties": 7}  # deterministic
+    assert merge_seeds("dare", {"merge_method": "dare_linear"}, [4], 7) == {"dare": 7}  # one eval seed
+
+
+def test_random_method_is_merged_once_per_eval_seed(zoo, prefect_server, tmp_path, monkeypatch):
+    """dare_ties under seeds [0, 1]: two merges (seed 0 and seed 1, different weights), each
+    smoke-tested, evaluated as one candidate with merge seed k under eval seed k."""
+    from merge.checkpoint import Checkpoint
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = _write(tmp_path, zoo, _recipe(zoo, "dare_ties", {"density": 0.5}), [], "smoke-seeds")
+    pipe = yaml.safe_load(path.read_text())
+    pipe["eval_suite"]["seeds"] = [0, 1]
+    path.write_text(yaml.safe_dump(pipe, sort_keys=False))
+    s = run_pipeline(path)
+    assert s["stage"] == "gate", s
+    assert {"merge:dare_ties-seed0", "merge:dare_ties-seed1", "smoke:dare_ties-seed0", "smoke:dare_ties-seed1",
+            "evaluate:dare_ties"} <= set(s["states"])
+    report = json.loads(Path(s["reports"]["json"]).read_text())
+    per_seed = report["inputs"]["models"]["dare_ties"]["per_seed"]
+    folders = {int(k): Path(v["path"]) for k, v in per_seed.items()}
+    assert set(folders) == {0, 1} and folders[0] != folders[1]
+    for k, folder in folders.items():
+        assert json.loads((folder / "lineage.json").read_text())["seed"] == k
+    a, b = Checkpoint(folders[0]), Checkpoint(folders[1])
+    assert any(not a.get(n).equal(b.get(n)) for n in a.names())  # DARE's drops differ by seed
+    assert Path(s["models"]["dare_ties"]) == folders[0]  # the registered candidate: the first seed's
+    spread = next(x for x in report["scores"] if x["model"] == "dare_ties")["seed_spread"]
+    assert sorted(spread["seeds"]) == [0, 1]
