@@ -8,7 +8,7 @@ they run side by side on the task runner (threads by default, Dask with `runner.
 Each merge is smoke-tested (evaluation/smoke.py, seconds) before its full evaluation: a primary
 that fails stops the run (NO-GO at stage `smoke`), a baseline that fails is reported, not evaluated.
 
-    mergeline run configs/pipeline_demo.yaml          # exit 0 GO, 1 NO-GO, 2 bad input
+    mergeline run configs/pipeline_demo.yaml          # exit 0 GO, 1 NO-GO, 3 INCONCLUSIVE, 2 bad input
     python -m flows.pipeline configs/pipeline_demo.yaml
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,12 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
 
+from flows import workdir as workdir_state
+from flows.errors import check_yaml_file
 from flows.pipeline_config import Pipeline, PipelineError, load_pipeline
+from flows.progress import Counter, say
 from flows.servers import check_servers, default_environment, resolve_tracking
+from flows.workdir import workdir_lock
 from merge.lineage import recipe_hash, set_run_id
 from tasks import tracking
 from tasks.check_tasks import check_compat
@@ -66,8 +71,15 @@ def _policy(pipe: Pipeline, value) -> dict | None:
 def pipeline_flow(pipeline: str, refresh: bool = False) -> dict:
     """Run the pipeline file `pipeline`; returns a summary with the decision ("GO" / "NO-GO")."""
     default_environment()
-    log = get_run_logger()
     pipe = load_pipeline(pipeline)
+    if workdir_state.active != pipe.workdir_path:  # a deployment's run: nobody took the lock yet
+        with workdir_lock(pipe.workdir_path):
+            return _flow_body(pipeline, pipe, refresh)
+    return _flow_body(pipeline, pipe, refresh)
+
+
+def _flow_body(pipeline: str, pipe: Pipeline, refresh: bool) -> dict:
+    log = get_run_logger()
     work = pipe.workdir_path
     work.mkdir(parents=True, exist_ok=True)
     track = resolve_tracking(work, pipe.tracking.mlflow_tracking_uri, pipe.tracking.prefect_api_url)
@@ -132,23 +144,39 @@ def _stages(pipe: Pipeline, c, mlflow_uri: str, parent: str, run_dir: Path, opts
                                     "seed": pipe.merge.seed})
     tracking.log_json(c, parent, recipes, "recipes.json")
 
+    say("check: compatibility gate started")
     compat = _check(r, main, compat_policy)
+    say(f"check: {compat['status']}")
     if compat["status"] == "fail":
         return _stopped_by_compat(compat, run_dir, c, parent, log)
     merged, table, states, fresh_runs, smoke = _merge_and_evaluate(r, recipes, suite, gate_policy)
     if table is None:
         return _stopped_by_smoke(r, primary, merged, smoke, states)
-    report, paths = _report_and_gate(r, suite, table, primary, merged, compat, gate_policy, fresh_runs,
-                                     recipe_hash(main))
+    say("report: metrics, plots and the gate's decision")
+    report, paths, problems = _report_and_gate(r, suite, table, primary, merged, compat, gate_policy,
+                                               fresh_runs, recipe_hash(main))
     decision = report["decision"]
-    registered = _register(r, merged[primary], decision["verdict"], recipe_hash(main))
+    verdict = _verdict(decision)
+    say(f"gate: {verdict}")
+    registered = _register(r, merged[primary], verdict, recipe_hash(main))
     log.info(decision.get("reasons") and "\n".join(decision["reasons"]) or "all gate rules passed")
-    return {"decision": decision["verdict"], "stage": "gate", "primary": primary,
+    # What came from earlier runs: a merge folder found finished, or a task Prefect served from
+    # its cache (state "Cached").
+    reused_merges = sorted({n for n, m in merged.items() if m.get("reused")}  # per-seed merges by label
+                           | {k.split(":", 1)[1] for k, s in states.items() if k.startswith("merge:") and s == "Cached"})
+    reused_evals = sorted(k.split(":", 1)[1] for k, s in states.items() if k.startswith("evaluate:") and s == "Cached")
+    return {"decision": verdict, "stage": "gate", "primary": primary,
             "reasons": decision["reasons"], "report": str(paths.get("md") or next(iter(paths.values()))),
             "reports": {k: str(v) for k, v in paths.items()},
             "models": {n: m["path"] for n, m in merged.items()}, "registered": registered,
-            "lm_eval_runs": fresh_runs, "states": states, "smoke": _smoke_summary(smoke),
-            "reused_merges": sorted(n for n, m in merged.items() if m.get("reused"))}
+            "lm_eval_runs": fresh_runs, "states": states, "problems": problems,
+            "smoke": _smoke_summary(smoke), "reused_merges": reused_merges,
+            "reused": {"merges": reused_merges, "evaluations": reused_evals}}
+
+
+def _verdict(decision: dict) -> str:
+    """GO / NO-GO / INCONCLUSIVE, from a decision with or without the `verdict` key."""
+    return decision.get("verdict") or ("GO" if decision.get("go") else "NO-GO")
 
 
 def _check(r: _Run, recipe: dict, policy: dict | None) -> dict:
@@ -183,6 +211,8 @@ def _merge_and_evaluate(r: _Run, recipes: dict[str, dict], suite, gate_policy: d
         return evaluate_model.with_options(**r.opts).submit(
             name=name, path=path, role=role, suite=suite_dict, cache_dir=score_cache)
 
+    from prefect.futures import as_completed
+
     evals = {"base": evaluate("base", folders[base], "base")}
     evals.update({n: evaluate(n, finetunes[n], "finetune") for n in suite.retention})
     plan = {name: merge_seeds(name, recipe, suite.seeds, pipe.merge.seed) for name, recipe in recipes.items()}
@@ -192,25 +222,41 @@ def _merge_and_evaluate(r: _Run, recipes: dict[str, dict], suite, gate_policy: d
         out_shard_size=pipe.merge.out_shard_size, allow_pickle=pipe.merge.allow_pickle,
         mlflow_run_id=r.parent, refresh=r.opts["refresh_cache"]) for label, seed in plan[name].items()}
         for name in recipes}
+    n_merges = sum(map(len, merges.values()))
+    say(f"merge + evaluate: {n_merges} merges and {len(evals) + len(merges)} lm-eval evaluations "
+        f"submitted ({pipe.runner.kind}, {pipe.runner.max_workers} workers)")
+    merge_count, eval_count = Counter("merges", n_merges), Counter("evaluations", len(evals) + len(merges))
+    where = {id(f): (name, label) for name, fs in merges.items() for label, f in fs.items()}
+    landed = {name: {} for name in merges}  # candidate -> merge label -> merge result
     merged, smoke = {}, {}
     states = {}  # which stages ran and which came from the cache (Prefect state "Cached")
-    for name, futures in merges.items():
+    for fut in as_completed([f for fs in merges.values() for f in fs.values()]):
+        name, label = where[id(fut)]
+        m = landed[name][label] = fut.result()
+        merge_count.tick(label, " reused" if m.get("reused") or fut.state.name == "Cached" else "")
+        _log_merge(r, label, recipes[name], m)
         refs = {n: str(p) for n, p in {**folders, **inputs(recipes[name])}.items()}
-        per_seed = {}
-        for label, fut in futures.items():
-            m = per_seed[label] = fut.result()
-            _log_merge(r, label, recipes[name], m)
-            smoke[label] = _smoke(r, label, m["path"], refs, gate_policy, suite.device, states)
-        merged[name] = m = {**next(iter(per_seed.values()))}
-        if len(futures) > 1:  # merge seed k is evaluated with eval seed k
-            m["per_seed"] = {plan[name][label]: per_seed[label]["path"] for label in futures}
-        if any(smoke[label] is not None and not smoke[label].passed for label in futures):
+        smoke[label] = _smoke(r, label, m["path"], refs, gate_policy, suite.device, states)
+        if len(landed[name]) < len(merges[name]):
+            continue  # the candidate's other seeds are still merging
+        merged[name] = m = {**landed[name][next(iter(merges[name]))]}  # the first seed's
+        if len(merges[name]) > 1:  # merge seed k is evaluated with eval seed k
+            m["per_seed"] = {plan[name][label]: landed[name][label]["path"] for label in merges[name]}
+        if any(smoke[label] is not None and not smoke[label].passed for label in merges[name]):
+            eval_count.tick(name, " skipped (failed its smoke test)")
             if name == primary:
                 states.update({f"merge:{n}": f.state.name for fs in merges.values() for n, f in fs.items()})
-                return merged, None, states, 0, smoke
+                return {n: merged[n] for n in recipes if n in merged}, None, states, 0, smoke
             continue  # a baseline that fails its smoke test is reported, not evaluated
         evals[name] = evaluate(name, m.get("per_seed") or m["path"], "candidate")
-    tables = {n: f.result() for n, f in evals.items()}
+    merged = {n: merged[n] for n in recipes}  # the recipe's order, primary first
+    name_of = {id(f): n for n, f in evals.items()}
+    tables = {}
+    for fut in as_completed(list(evals.values())):
+        name = name_of[id(fut)]
+        tables[name] = fut.result()
+        eval_count.tick(name, " cached" if fut.state.name == "Cached" else "")
+    tables = {n: tables[n] for n in evals}
     states.update({f"merge:{n}": f.state.name for fs in merges.values() for n, f in fs.items()})
     states.update({f"evaluate:{n}": f.state.name for n, f in evals.items()})
     fresh_runs = sum(tables[n].runs for n, f in evals.items() if f.state.name != "Cached")
@@ -248,6 +294,7 @@ def _smoke(r: _Run, name: str, path: str, references: dict[str, str], gate_polic
         tracking.set_tags(r.c, run, {"status": "pass" if result.passed else "fail"})
         tracking.log_json(r.c, run, result.model_dump(mode="json"), "smoke.json")
     (r.run_dir / f"smoke-{name}.json").write_text(result.model_dump_json(indent=2))
+    say(f"smoke: {name} {'passed' if result.passed else 'FAILED'} ({result.seconds:.1f} s)")
     if not result.passed:
         r.log.warning(f"{name}: smoke test failed:\n" + "\n".join(result.reasons()))
     return result
@@ -306,12 +353,23 @@ def _report_and_gate(r: _Run, suite, table, primary: str, merged: dict, compat: 
                           extra_inputs={"pipeline": r.pipe.name, "recipe_hash": main_hash,
                                         "mlflow_run_id": parent})
     decision = report["decision"]
-    paths = write_reports(report, r.run_dir / "report")
+    problems: list[str] = []
+    names = set(merged) | set(table.scores["model"]) | set((compat.get("norms") or {}).get("per_model") or {})
+    try:
+        paths = write_reports(report, r.run_dir / "report")
+    except Exception as e:  # noqa: BLE001 - the decision must not die with a drawing
+        problems.append(_report_problem("the HTML report", e, names))
+        paths = _plain_reports(report, r.run_dir / "report")
     plots_dir = r.run_dir / "report" / "plots"
     plots_dir.mkdir(exist_ok=True)
-    for pname, png in all_plots(report).items():
-        if png:
-            (plots_dir / f"{pname}.png").write_bytes(png)
+    try:
+        for pname, png in all_plots(report).items():
+            if png:
+                (plots_dir / f"{pname}.png").write_bytes(png)
+    except Exception as e:  # noqa: BLE001
+        problems.append(_report_problem("the plots", e, names))
+    for p in problems:
+        r.log.warning(p)
     summaries = {n: cand.get("summary", {}) for n, cand in report["candidates"].items()}
     with tracking.child_run(c, parent, "evaluate") as run:
         tracking.log_metrics(c, run, {"scores": {f"{s['model']}.{s['task']}": s["value"] for s in report["scores"]},
@@ -319,14 +377,43 @@ def _report_and_gate(r: _Run, suite, table, primary: str, merged: dict, compat: 
         tracking.log_metrics(c, run, summaries)
     with tracking.child_run(c, parent, "gate") as run:
         tracking.log_metrics(c, run, {"go": decision["go"]})
-        tracking.set_tags(c, run, {"decision": decision["verdict"]})
+        tracking.set_tags(c, run, {"decision": _verdict(decision)})
         tracking.log_json(c, run, decision, "decision.json")
         for p in paths.values():
             tracking.log_artifact(c, run, Path(p), "report")
         tracking.log_artifact(c, run, plots_dir, "report/plots")
     tracking.log_metrics(c, parent, summaries)
+    if problems:
+        tracking.set_tags(c, parent, {"mergeline.report_problems": "; ".join(problems)[:5000]})
     _prefect_artifacts(render_markdown(report), report["scores"], r.pipe.name)
-    return report, paths
+    return report, paths, problems
+
+
+def _report_problem(what: str, e: Exception, names: set[str]) -> str:
+    """One line naming what failed and the model names that may have caused it: matplotlib reads
+    a label with two '$' as math text, and fails on what is not valid TeX there."""
+    odd = sorted(n for n in names if n.count("$") >= 2)
+    culprit = (f"; model name(s) matplotlib reads as math text: {odd} (rename the folders)" if odd
+               else "")
+    msg = " ".join(str(e).split())
+    msg = msg if len(msg) <= 160 else msg[:160] + "..."
+    return f"{what} could not be drawn ({type(e).__name__}: {msg}){culprit}; the decision stands, see report.md"
+
+
+def _plain_reports(report: dict, out_dir: Path) -> dict[str, Path]:
+    """report.json and report.md without the HTML (its plots failed)."""
+    import os
+
+    from evaluation.report import render_markdown
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md"}
+    texts = {"json": json.dumps(report, indent=2, default=str), "md": render_markdown(report)}
+    for kind, path in paths.items():
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(texts[kind], encoding="utf-8")
+        os.replace(tmp, path)
+    return paths
 
 
 def _register(r: _Run, m: dict, verdict: str, main_hash: str) -> dict | None:
@@ -390,6 +477,13 @@ def validate(pipe: Pipeline) -> None:
     from evaluation.suite import check_ready, load_suite
     from merge.compat.policy import load_policy as load_compat_policy
 
+    for key in ("recipe", "eval_suite", "gate_policy", "compat_policy"):
+        value = getattr(pipe, key)
+        if isinstance(value, str):
+            check_yaml_file(pipe.path(value), f"{key.replace('_', ' ')} (pipeline key '{key}')")
+    for b in pipe.baselines:
+        if not isinstance(b, str) and isinstance(b.recipe, str):
+            check_yaml_file(pipe.path(b.recipe), f"baseline {b.name} recipe")
     candidates(pipe)
     load_gate_policy(_policy(pipe, pipe.gate_policy))
     load_compat_policy(_policy(pipe, pipe.compat_policy))
@@ -398,40 +492,44 @@ def validate(pipe: Pipeline) -> None:
 
 
 def run_pipeline(path: str | Path, refresh: bool = False) -> dict:
-    """Validate the file, check the servers (fast), then run the flow. Raises PipelineError,
-    ServerUnreachable before any heavy work."""
+    """Take the workdir's lock, validate the file, check the servers (fast), then run the flow.
+    Raises PipelineError, ServerUnreachable, WorkdirBusy, ... (flows.errors.input_errors())
+    before any heavy work."""
     default_environment()
     pipe = load_pipeline(path)
-    from prefect.settings import PREFECT_API_URL
+    with workdir_lock(pipe.workdir_path) if workdir_state.active != pipe.workdir_path else _held():
+        from prefect.settings import PREFECT_API_URL
 
-    api = PREFECT_API_URL.value() or None  # env or the active Prefect profile
-    track = resolve_tracking(pipe.workdir_path, pipe.tracking.mlflow_tracking_uri,
-                             pipe.tracking.prefect_api_url or api)
-    check_servers(track)
-    validate(pipe)
-    flow_fn = pipeline_flow.with_options(task_runner=task_runner(pipe))
-    if track.prefect_api_url and track.prefect_api_url != api:
-        from prefect.settings import temporary_settings
+        api = PREFECT_API_URL.value() or None  # env or the active Prefect profile
+        track = resolve_tracking(pipe.workdir_path, pipe.tracking.mlflow_tracking_uri,
+                                 pipe.tracking.prefect_api_url or api)
+        check_servers(track)
+        validate(pipe)
+        say(f"pipeline {pipe.name}: workdir {pipe.workdir_path}")
+        if not track.prefect_api_url:
+            say("prefect: starting its temporary server (~20 s; set PREFECT_API_URL to use a running one)")
+        flow_fn = pipeline_flow.with_options(task_runner=task_runner(pipe))
+        if track.prefect_api_url and track.prefect_api_url != api:
+            from prefect.settings import temporary_settings
 
-        with temporary_settings({PREFECT_API_URL: track.prefect_api_url}):
-            return flow_fn(pipeline=str(Path(path).resolve()), refresh=refresh)
-    return flow_fn(pipeline=str(Path(path).resolve()), refresh=refresh)
+            with temporary_settings({PREFECT_API_URL: track.prefect_api_url}):
+                summary = flow_fn(pipeline=str(Path(path).resolve()), refresh=refresh)
+        else:
+            summary = flow_fn(pipeline=str(Path(path).resolve()), refresh=refresh)
+    say(f"done: {summary['decision']}")
+    return summary
+
+
+@contextmanager
+def _held():
+    yield  # the caller (mergeline demo) holds the workdir's lock already
 
 
 def input_errors() -> tuple[type[Exception], ...]:
-    """Exceptions that mean unusable input (exit 2), not a failed check."""
-    from flows.servers import ServerUnreachable
-    from merge.recipe import RecipeError
-    from merge.resolve import ModelNotFound
+    """Exceptions that mean unusable input (exit 2): the one list in flows/errors.py."""
+    from flows.errors import input_errors as errors
 
-    errors: list[type[Exception]] = [PipelineError, ServerUnreachable, RecipeError, ModelNotFound]
-    for mod, name in (("evaluation.suite", "SuiteError"), ("evaluation.policy", "PolicyError"),
-                      ("merge.compat", "CompatInputError")):
-        try:
-            errors.append(getattr(__import__(mod, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+    return errors()
 
 
 if __name__ == "__main__":

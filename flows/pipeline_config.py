@@ -27,6 +27,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from flows.errors import InputError, read_text, yaml_error_line
 from merge import config_files
 from merge.config_files import parse_yaml_mapping
 
@@ -121,7 +122,18 @@ class Pipeline(_Strict):
         p = self.path(value)
         if not p.is_file():
             raise PipelineError(f"{value}: file not found (resolved to {p})")
-        return yaml.safe_load(p.read_text()), p
+        text = _text(p, "config")
+        try:
+            return yaml.safe_load(text), p
+        except yaml.YAMLError as e:
+            raise PipelineError(yaml_error_line(e, str(p))) from None
+
+
+def _text(path: Path, kind: str) -> str:
+    try:
+        return read_text(path, kind)
+    except InputError as e:
+        raise PipelineError(str(e)) from None
 
 
 def fill(text: str, values: dict[str, str] | None = None) -> str:
@@ -139,10 +151,14 @@ def load_pipeline(path: str | Path, values: dict[str, str] | None = None) -> Pip
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: pipeline file not found")
-    text = fill(path.read_text(), values)
+    text = fill(_text(path, "pipeline"), values)
     if missing := sorted(set(_PLACEHOLDER.findall(text))):
         raise PipelineError(f"{path}: placeholder(s) {missing} not set; set them as environment "
                             f"variables (`mergeline demo` writes a filled-in copy for the zoo)")
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as e:  # one line with the place, not YAML's multi-line snippet
+        raise PipelineError(yaml_error_line(e, str(path))) from None
     data = parse_yaml_mapping(text, str(path), "pipeline", PipelineError)
     if "source_dir" in data:
         raise PipelineError(f"{path}: unknown key 'source_dir'")

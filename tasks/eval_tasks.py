@@ -47,8 +47,21 @@ def _evaluate(name: str, path: str | dict[int, str], role: str, suite: dict, cac
 
     s = EvalSuite.model_validate(suite)
     folder = {int(k): Path(p) for k, p in path.items()} if isinstance(path, dict) else Path(path)
+    _no_git_describe()
     with _LM_EVAL_LOCK:
         return evaluate_models(s, {name: folder}, cache_dir, roles={name: role}, log=None)
+
+
+def _no_git_describe() -> None:
+    """lm-eval records the git commit of the current folder by running `git describe`, which
+    prints "fatal: not a git repository" to the terminal outside a checkout; its own fallback
+    reads the same commit from .git silently."""
+    import os
+
+    import lm_eval.evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    lm_eval.evaluator.get_git_commit_hash = lambda: get_commit_from_path(os.getcwd())
 
 
 def combine(tables: list):
