@@ -36,7 +36,7 @@ def zoo_values(zoo) -> dict[str, str]:
 def smoke_text(zoo, lines: int = 64) -> Path:
     """The `lines` generic sentences drawn right after the base's training text (the same
     generator, seed and stream: the same language, lines the base never trained on), written
-    once beside the zoo's cache folder as `<zoo>.smoke.txt` (the zoo folder itself is left
+    once beside the zoo's folder as `<zoo>.smoke-<lines>.txt` (the zoo folder itself is left
     untouched: its content hash is its identity)."""
     import os
     import tempfile

@@ -13,6 +13,10 @@ from prefect import task
 
 from merge.hashing import content_hash
 from tasks.caching import code_version, key_of
+# transformers' model loading is not safe beside another load in the same process (seen: a tied
+# lm_head left on the meta device while lm-eval loaded a model in another thread, "Cannot copy
+# out of meta tensor"): the smoke test takes the lock the lm-eval evaluations hold.
+from tasks.eval_tasks import _LM_EVAL_LOCK
 
 
 def smoke_key(context, parameters: dict) -> str:
@@ -26,6 +30,13 @@ def smoke_key(context, parameters: dict) -> str:
 def smoke_model(name: str, path: str, references: dict[str, str], text: str | None,
                 prompts: list[str], rule: dict, device: str = "cpu"):
     """evaluation.smoke.smoke_test of `path` against `references` (name -> folder): a SmokeResult."""
+    return _smoke(path, references, text, prompts, rule, device)
+
+
+def _smoke(path: str, references: dict[str, str], text: str | None, prompts: list[str], rule: dict,
+           device: str):
+    # A plain module-level function: Dask pickles it by reference, so the lock never travels.
     from evaluation.smoke import SmokeRule, smoke_test
 
-    return smoke_test(path, references, text, prompts, SmokeRule.model_validate(rule), device=device)
+    with _LM_EVAL_LOCK:
+        return smoke_test(path, references, text, prompts, SmokeRule.model_validate(rule), device=device)
