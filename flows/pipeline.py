@@ -154,7 +154,7 @@ def _stages(pipe: Pipeline, c, mlflow_uri: str, parent: str, run_dir: Path, opts
         return _stopped_by_smoke(r, primary, merged, smoke, states)
     say("report: metrics, plots and the gate's decision")
     report, paths, problems = _report_and_gate(r, suite, table, primary, merged, compat, gate_policy,
-                                               fresh_runs, recipe_hash(main))
+                                               fresh_runs, recipe_hash(main), _smoke_markdown(smoke))
     decision = report["decision"]
     verdict = _verdict(decision)
     say(f"gate: {verdict}")
@@ -305,6 +305,17 @@ def _smoke_summary(smoke: dict) -> dict:
             for n, s in smoke.items()}
 
 
+def _smoke_markdown(smoke: dict) -> str:
+    """A section for report.md: every merge's smoke test, a failed one's checks named."""
+    rows = [f"| {n} | {'pass' if s.passed else 'FAIL (not evaluated)'} | {s.seconds:.1f} | "
+            + ("; ".join(s.reasons()) or "-").replace("|", "\\|").replace("\n", " ") + " |"
+            for n, s in smoke.items() if s is not None]
+    if not rows:
+        return ""
+    return ("\n## Smoke test\n\nEach merge, before its full evaluation (evaluation/smoke.py).\n\n"
+            "| merge | smoke | seconds | failed checks |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
 def _stopped_by_smoke(r: _Run, primary: str, merged: dict, smoke: dict, states: dict) -> dict:
     """The primary merge failed its smoke test: NO-GO at stage `smoke`, no full evaluation,
     nothing registered."""
@@ -341,8 +352,9 @@ def _log_merge(r: _Run, name: str, recipe: dict, m: dict) -> None:
 
 
 def _report_and_gate(r: _Run, suite, table, primary: str, merged: dict, compat: dict,
-                     gate_policy: dict, fresh_runs: int, main_hash: str):
-    """4. Metrics, report (json/md/html + plots) and the gate's decision, logged and published."""
+                     gate_policy: dict, fresh_runs: int, main_hash: str, appendix: str = ""):
+    """4. Metrics, report (json/md/html + plots) and the gate's decision, logged and published;
+    `appendix` (markdown: the smoke tests) is added to report.md."""
     from evaluation.plots import all_plots
     from evaluation.report import build_report, render_markdown, write_reports
 
@@ -360,6 +372,9 @@ def _report_and_gate(r: _Run, suite, table, primary: str, merged: dict, compat: 
     except Exception as e:  # noqa: BLE001 - the decision must not die with a drawing
         problems.append(_report_problem("the HTML report", e, names))
         paths = _plain_reports(report, r.run_dir / "report")
+    if appendix and paths.get("md"):
+        with open(paths["md"], "a", encoding="utf-8") as f:
+            f.write(appendix)
     plots_dir = r.run_dir / "report" / "plots"
     plots_dir.mkdir(exist_ok=True)
     try:
@@ -385,7 +400,7 @@ def _report_and_gate(r: _Run, suite, table, primary: str, merged: dict, compat: 
     tracking.log_metrics(c, parent, summaries)
     if problems:
         tracking.set_tags(c, parent, {"mergeline.report_problems": "; ".join(problems)[:5000]})
-    _prefect_artifacts(render_markdown(report), report["scores"], r.pipe.name)
+    _prefect_artifacts(render_markdown(report) + appendix, report["scores"], r.pipe.name)
     return report, paths, problems
 
 

@@ -90,6 +90,8 @@ def test_broken_baseline_is_reported_not_evaluated(zoo, prefect_server, tmp_path
     assert "evaluate:runaway" not in s["states"]
     report = json.loads(Path(s["reports"]["json"]).read_text())
     assert "ties" in report["candidates"] and "runaway" not in report["candidates"]
+    md = Path(s["reports"]["md"]).read_text()
+    assert "## Smoke test" in md and "| runaway | FAIL (not evaluated) |" in md and "| ties | pass |" in md
 
     # a rerun takes every smoke result from the cache
     s2 = run_pipeline(path)
