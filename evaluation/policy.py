@@ -19,6 +19,10 @@
     baseline:
       must_beat: linear             # the averaging baseline, by mean retention
       margin: 0.0
+    smoke:                          # before the full evaluation (evaluation/smoke.py); null: skip
+      max_perplexity_ratio: 1.5     # vs the worst of base and fine-tunes
+      max_new_tokens: 64            # greedy continuations must end with EOS within this
+      max_repeated_ngram_share: 0.5
 
 Each rule is judged on its interval at `confidence` (evaluation/gate.py): it passes when the
 interval clears the threshold, fails when the interval lies wholly on the wrong side, and is
@@ -50,6 +54,7 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evaluation.metrics import INTERFERENCE_GAP
+from evaluation.smoke import SmokeRule
 from evaluation.stats import DEFAULT_CONFIDENCE
 from merge.config_files import explain, read_yaml_mapping
 
@@ -102,6 +107,7 @@ class GatePolicy(_Strict):
     interference: InterferenceRule = Field(default_factory=InterferenceRule)
     compatibility: CompatibilityRule = Field(default_factory=CompatibilityRule)
     baseline: BaselineRule = Field(default_factory=BaselineRule)
+    smoke: Optional[SmokeRule] = Field(default_factory=SmokeRule)
 
     @field_validator("confidence", mode="before")
     @classmethod

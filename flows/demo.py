@@ -25,11 +25,33 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def zoo_values(zoo) -> dict[str, str]:
-    """Placeholder values: ${base}, ${<skill>} per fine-tune, ${<negative>}, ${zoo} (tasks)."""
-    values = {"base": str(zoo.base), "zoo": str(zoo.tasks_dir)}
+    """Placeholder values: ${base}, ${<skill>} per fine-tune, ${<negative>}, ${zoo} (tasks),
+    ${smoke_text} (a held-out slice of the zoo's generic text, for the smoke stage)."""
+    values = {"base": str(zoo.base), "zoo": str(zoo.tasks_dir), "smoke_text": str(smoke_text(zoo))}
     values.update({k: str(v) for k, v in zoo.finetunes.items()})
     values.update({k: str(v) for k, v in zoo.negatives.items()})
     return values
+
+
+def smoke_text(zoo, lines: int = 64) -> Path:
+    """The `lines` generic sentences drawn right after the base's training text (the same
+    generator, seed and stream: the same language, lines the base never trained on), written
+    once beside the zoo's folder as `<zoo>.smoke-<lines>.txt` (the zoo folder itself is left
+    untouched: its content hash is its identity)."""
+    import os
+    import tempfile
+
+    from evaluation.zoo.build import N_GENERIC
+    from evaluation.zoo.data import generic_lines
+
+    out = zoo.root.parent / f"{zoo.root.name}.smoke-{lines}.txt"
+    if not out.is_file():
+        text = "".join(generic_lines(N_GENERIC + lines, zoo.manifest["seed"])[N_GENERIC:])
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".smoke-")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, out)  # complete or absent, even with two demos starting at once
+    return out
 
 
 def write_pipeline(template: Path, workdir: Path, values: dict[str, str]) -> Path:

@@ -10,6 +10,7 @@ and where to record it.
     compat_policy: compat_policy.yaml    # optional
     tracking: {experiment: mergeline, register_as: mergeline-demo}
     runner: {kind: threads, max_workers: 2}
+    smoke: {text: held_out.txt, prompts: ["the cat"]}  # optional; thresholds: the gate policy's smoke:
 
 `mergeline run PIPELINE` runs it (flows/pipeline.py). Unknown keys are refused by name.
 
@@ -71,6 +72,15 @@ class Runner(_Strict):
     dask_address: Optional[str] = None
 
 
+class SmokeInputs(_Strict):
+    """What the smoke stage (evaluation/smoke.py) feeds every merge; its thresholds are the gate
+    policy's `smoke:` section. Without text the perplexity check is skipped, without prompts
+    the EOS and repetition checks are (each recorded as skipped)."""
+
+    text: Optional[str] = Field(None, description="file of held-out general text, one document per line")
+    prompts: list[str] = Field(default_factory=list, description="prompts for greedy continuations")
+
+
 class Pipeline(_Strict):
     name: str = "pipeline"
     workdir: str = "mergeline-runs/pipeline"
@@ -84,6 +94,7 @@ class Pipeline(_Strict):
     merge: MergeSettings = Field(default_factory=MergeSettings)
     tracking: Tracking = Field(default_factory=Tracking)
     runner: Runner = Field(default_factory=Runner)
+    smoke: SmokeInputs = Field(default_factory=SmokeInputs)
     # The file's folder; relative paths above resolve against it. Set by load_pipeline.
     source_dir: Optional[str] = Field(None, exclude=True)
 
@@ -160,6 +171,9 @@ def load_pipeline(path: str | Path, values: dict[str, str] | None = None) -> Pip
         value = getattr(pipe, key)
         if isinstance(value, str) and not pipe.path(value).is_file():
             raise PipelineError(f"{path}: key '{key}': file {value} not found (resolved to {pipe.path(value)})")
+    if pipe.smoke.text is not None and not pipe.path(pipe.smoke.text).is_file():
+        raise PipelineError(f"{path}: key 'smoke.text': file {pipe.smoke.text} not found "
+                            f"(resolved to {pipe.path(pipe.smoke.text)})")
     return pipe
 
 

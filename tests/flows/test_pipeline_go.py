@@ -64,7 +64,8 @@ def test_go_pipeline_tracking_registry_and_caching(tiny_models, tiny_tasks, pref
     runs = c.search_runs([exp.experiment_id])
     parent = c.get_run(s1["mlflow_run_id"])
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"check", "merge:ties", "merge:linear", "evaluate", "gate", "register"}
+    assert set(children) == {"check", "merge:ties", "merge:linear", "smoke:ties", "smoke:linear", "evaluate", "gate",
+                             "register"}
     assert parent.data.tags["mergeline.decision"] == "GO" and parent.data.metrics["go"] == 1.0
     assert parent.data.params["recipe.merge_method"] == "ties"
     assert {"ties.mean_retention", "linear.mean_retention"} <= set(parent.data.metrics)
@@ -129,6 +130,7 @@ def test_go_pipeline_tracking_registry_and_caching(tiny_models, tiny_tasks, pref
     s3 = run_pipeline(path)
     assert s3["lm_eval_runs"] == 3  # ft_b, ties, linear; base and ft_a reused
     assert s3["states"] == {"merge:ties": "Completed", "merge:linear": "Completed",
+                            "smoke:ties": "Completed", "smoke:linear": "Completed",
                             "evaluate:base": "Cached", "evaluate:ft_a": "Cached",
                             f"evaluate:{ODD}": "Completed", "evaluate:ties": "Completed",
                             "evaluate:linear": "Completed"}
