@@ -220,7 +220,9 @@ def test_a_renumbered_vocabulary_is_merged_token_by_token(zoo, tmp_path):
     add, perm = str(zoo.finetunes["addition"]), str(zoo.negatives["different_tokenizer"])
     recipe = {"merge_method": "linear", "base_model": add, "tokenizer_source": "base", "dtype": "float32",
               "models": [{"model": add, "parameters": {"weight": 0.5}}, {"model": perm, "parameters": {"weight": 0.5}}]}
-    run_merge(recipe, tmp_path / "by_token", device="cpu", progress=False)
+    # After remapping, different_tokenizer IS its base (addition): the checks rightly say
+    # "identical to the base"; this test is about the rows, so it merges anyway.
+    run_merge(recipe, tmp_path / "by_token", device="cpu", progress=False, allow_crimes=True)
     merged, original = _read(tmp_path / "by_token"), _read(zoo.finetunes["addition"])
     assert merged.keys() == original.keys()
     for k in original:
