@@ -125,6 +125,7 @@ class _Run:
     run_dir: Path
     opts: dict
     log: Any
+    compat_policy: dict | None = None  # the merges run the same checks as the check stage
 
 
 def _stages(pipe: Pipeline, c, mlflow_uri: str, parent: str, run_dir: Path, opts: dict, log) -> dict:
@@ -134,6 +135,7 @@ def _stages(pipe: Pipeline, c, mlflow_uri: str, parent: str, run_dir: Path, opts
     primary, recipes = candidates(pipe)
     main = recipes[primary]
     compat_policy = _policy(pipe, pipe.compat_policy)
+    r.compat_policy = compat_policy
     gate_policy = _policy(pipe, pipe.gate_policy)
     suite_src = pipe.path(pipe.eval_suite) if isinstance(pipe.eval_suite, str) else pipe.eval_suite
     suite = load_suite(suite_src, pipe.placeholders)
@@ -220,7 +222,8 @@ def _merge_and_evaluate(r: _Run, recipes: dict[str, dict], suite, gate_policy: d
         name=label, recipe=recipes[name], models_dir=str(pipe.workdir_path / "models"),
         key=merge_key(recipes[name], seed), seed=seed, device=pipe.merge.device,
         out_shard_size=pipe.merge.out_shard_size, allow_pickle=pipe.merge.allow_pickle,
-        mlflow_run_id=r.parent, refresh=r.opts["refresh_cache"]) for label, seed in plan[name].items()}
+        compat_policy=r.compat_policy, mlflow_run_id=r.parent,
+        refresh=r.opts["refresh_cache"]) for label, seed in plan[name].items()}
         for name in recipes}
     n_merges = sum(map(len, merges.values()))
     say(f"merge + evaluate: {n_merges} merges and {len(evals) + len(merges)} lm-eval evaluations "
