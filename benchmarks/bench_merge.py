@@ -9,8 +9,16 @@ tool's own (peak RSS and CPU seconds from resource.getrusage(RUSAGE_CHILDREN) of
 Also times the floor: reading all four inputs and writing one output, nothing computed, and
 the compatibility gate on the same models (`bench_compat.compare`: header checks, norm pass).
 
+The merge runs its compatibility checks inside (merge/executor.py: header checks first, the
+norm statistics from the tensors it reads anyway); the target is at most 10% over the merge
+without them. Both are timed in the same run, alternating, best of --repeat each
+(`run_merge(checks=False)` is the merge as it was before the checks were folded in; both
+without lineage.json, whose content hashes read every input and the output once more: a third
+row times that, what `mergeline merge` does by default).
+
     python benchmarks/bench_merge.py                 # both tools, prints the table
     python benchmarks/bench_merge.py --only mergeline
+    python benchmarks/bench_merge.py --only checks --repeat 5   # merge with vs without the checks
     python benchmarks/bench_merge.py --cache /data/bench --device cuda
 
 Hooks for other timings on the same models: `build_models(cache) -> BenchModels` returns the
@@ -141,11 +149,36 @@ def timed_run(code: str, env: dict | None = None) -> tuple[float, int, float]:
     return dt, rss, cpu
 
 
-def run_mergeline(m: BenchModels, out: Path, device: str = "cpu") -> tuple[float, int, float]:
+def run_mergeline(m: BenchModels, out: Path, device: str = "cpu", checks: bool = True,
+                  lineage: bool = False) -> tuple[float, int, float]:
     return timed_run(textwrap.dedent(f"""\
         from merge.executor import run_merge
-        run_merge({str(m.recipe)!r}, {str(out)!r}, device={device!r}, overwrite=True, progress=False)
+        out = run_merge({str(m.recipe)!r}, {str(out)!r}, device={device!r}, overwrite=True, progress=False,
+                        checks={checks!r}, lineage={lineage!r})
+        assert (out.checks is not None) == {checks!r} and not out.waived
         """))
+
+
+def compare_checks(m: BenchModels, out: Path, device: str, repeat: int) -> list[tuple]:
+    """The merge with its checks folded in against the same merge without them: alternating runs
+    (the shared machine's load drifts), best and median wall and CPU seconds of each."""
+    from statistics import median
+
+    runs: dict[str, list] = {"with checks": [], "without checks": []}
+    for _ in range(repeat):
+        runs["without checks"].append(run_mergeline(m, out / "mergeline-nochecks", device, checks=False))
+        runs["with checks"].append(run_mergeline(m, out / "mergeline", device, checks=True))
+    best = {k: (min(r[0] for r in v), max(r[1] for r in v), min(r[2] for r in v)) for k, v in runs.items()}
+    mid = {k: (median(r[0] for r in v), median(r[2] for r in v)) for k, v in runs.items()}
+    (w1, _, c1), (w0, _, c0) = best["with checks"], best["without checks"]
+    (mw1, mc1), (mw0, mc0) = mid["with checks"], mid["without checks"]
+    print(f"\nmerge with checks vs without ({repeat} alternating runs each; target <= 1.10x):\n"
+          f"  best:   wall {w1:.2f} / {w0:.2f} s = {w1 / w0:.3f}x, CPU {c1:.2f} / {c0:.2f} s = {c1 / c0:.3f}x\n"
+          f"  median: wall {mw1:.2f} / {mw0:.2f} s = {mw1 / mw0:.3f}x, CPU {mc1:.2f} / {mc0:.2f} s = {mc1 / mc0:.3f}x")
+    for k, v in runs.items():
+        print(f"  {k:15s} wall " + " ".join(f"{r[0]:6.2f}" for r in v) + "   CPU " + " ".join(f"{r[2]:6.2f}" for r in v))
+    return [(f"mergeline ties ({device}), checks, best of {repeat}", *best["with checks"]),
+            (f"mergeline ties ({device}), no checks, best of {repeat}", *best["without checks"])]
 
 
 def run_mergekit(m: BenchModels, out: Path, device: str = "cpu") -> tuple[float, int, float]:
@@ -211,7 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default=".bench", help="folder for the synthetic models (built once)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--only", choices=["mergeline", "mergekit"], default=None)
+    ap.add_argument("--only", choices=["mergeline", "mergekit", "checks"], default=None,
+                    help="checks: only the merge with vs without its compatibility checks")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each for the checks comparison")
     ap.add_argument("--layers", type=int, default=LAYERS, help="fewer layers for a quick check (the target is 20)")
     args = ap.parse_args(argv)
     LAYERS = args.layers
@@ -226,9 +261,12 @@ def main(argv: list[str] | None = None) -> None:
     floor = run_floor(m, out / "floor")
     rows.append(("floor: read 4 inputs + write 1", *floor))
     results = {}
+    if args.only in (None, "mergeline", "checks"):
+        rows += compare_checks(m, out, args.device, args.repeat)
+        results["mergeline"] = rows[-2][1:]
     if args.only in (None, "mergeline"):
-        results["mergeline"] = run_mergeline(m, out / "mergeline", args.device)
-        rows.append((f"mergeline ties ({args.device})", *results["mergeline"]))
+        rows.append((f"mergeline ties ({args.device}), checks + lineage.json",
+                     *run_mergeline(m, out / "mergeline-lineage", args.device, lineage=True)))
     if args.only in (None, "mergekit"):
         results["mergekit"] = run_mergekit(m, out / "mergekit", args.device)
         rows.append((f"mergekit ties ({args.device})", *results["mergekit"]))
@@ -244,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
         print("(ties at the trim threshold are broken by index in mergeline, by argsort order in mergekit,"
               " so a few bf16 steps of difference are expected)")
 
+    if args.only == "checks":
+        return
     # The compatibility gate's speed targets (issue 4) on the same models, in this process.
     sys.path.insert(0, str(ROOT))
     from benchmarks.bench_compat import compare

@@ -2,10 +2,13 @@
 
 The one call the pipeline makes:
 
-    evaluate_models(suite: EvalSuite, models: dict[str, Path], cache_dir: Path | None,
+    evaluate_models(suite: EvalSuite, models: dict[str, Path | dict[int, Path]], cache_dir: Path | None,
                     *, roles: dict[str, str] | None = None, runner=None, log=print) -> ScoreTable
 
-`models` maps a name to a Hugging Face folder. Roles come from the names unless `roles` says
+`models` maps a name to a Hugging Face folder, or to {seed: folder} for a merge made once per
+seed (DARE, DELLA drop at random): merge seed k is evaluated with eval seed k, so the tables'
+`seed` column names the merge seed and the metrics report the spread across seeds. Such a dict
+must give one folder for every seed of the suite. Roles come from the names unless `roles` says
 otherwise: "base" is the base, a name listed under the suite's `retention` is that fine-tune,
 anything else ("ties", "linear", "task_arithmetic", ...) is a merge candidate. Every model runs
 every suite task (the tasks are tiny; base scores on the skills and fine-tune scores on the
@@ -14,6 +17,8 @@ cache first (`evaluation.score_cache`); `ScoreTable.runs` counts the lm-eval run
 
 `ScoreTable.scores`:  model, role, task, metric, value, primary, seed
 `ScoreTable.samples`: model, role, task, doc_id, correct, seed (+ target, response)
+`ScoreTable.models`:  name -> role, path, content_hash, cache (per seed); a per-seed model also
+                      has per_seed {seed: {path, content_hash}} (path/content_hash: the first seed's)
 
     python -m evaluation.evaluate SUITE.yaml NAME=MODEL_DIR [NAME=MODEL_DIR ...]
 """
@@ -87,14 +92,27 @@ def infer_roles(suite: EvalSuite, names: list[str], roles: dict[str, str] | None
     return out
 
 
-def evaluate_models(suite: EvalSuite, models: dict[str, str | Path], cache_dir: str | Path | None,
-                    *, roles: dict[str, str] | None = None, runner: Callable | None = None,
-                    log: Callable[[str], None] | None = print) -> ScoreTable:
+def _per_seed(suite: EvalSuite, name: str, path) -> dict[int, str | Path]:
+    """seed -> folder for one model: one folder for every seed, or the model's own {seed: folder}."""
+    if not isinstance(path, dict):
+        return {seed: path for seed in suite.seeds}
+    given = {int(k): v for k, v in path.items()}
+    if set(given) != set(suite.seeds):
+        raise ValueError(f"model {name!r}: per-seed folders for seeds {sorted(given)}, "
+                         f"but the suite runs seeds {suite.seeds}")
+    return {seed: given[seed] for seed in suite.seeds}
+
+
+def evaluate_models(suite: EvalSuite, models: dict[str, str | Path | dict[int, str | Path]],
+                    cache_dir: str | Path | None, *, roles: dict[str, str] | None = None,
+                    runner: Callable | None = None, log: Callable[[str], None] | None = print) -> ScoreTable:
     check_ready(suite)
-    for name, path in models.items():
-        for folder in split_adapter(str(path)):  # BASE+ADAPTER: a LoRA adapter on its base
-            if folder is not None and not Path(folder).is_dir():
-                raise FileNotFoundError(f"model {name!r}: folder {folder} does not exist")
+    folders = {name: _per_seed(suite, name, path) for name, path in models.items()}
+    for name, per_seed in folders.items():
+        for path in per_seed.values():
+            for folder in split_adapter(str(path)):  # BASE+ADAPTER: a LoRA adapter on its base
+                if folder is not None and not Path(folder).is_dir():
+                    raise FileNotFoundError(f"model {name!r}: folder {folder} does not exist")
     if runner is None:
         from evaluation.lm_eval_runner import run_lm_eval as runner  # heavy: imports lm_eval
     roles = infer_roles(suite, list(models), roles)
@@ -102,13 +120,20 @@ def evaluate_models(suite: EvalSuite, models: dict[str, str | Path], cache_dir: 
     tasks = suite.all_tasks()
     task_fp = task_fingerprint(tasks, suite.include_paths)
     version = lm_eval_version()
-    include = suite.include_paths[0] if len(suite.include_paths) == 1 else (suite.include_paths or None)
+    # Every folder of the suite (lm-eval's TaskManager takes a list of include paths).
+    include = list(suite.include_paths) or None
 
     score_frames, sample_frames, info, task_types, runs = [], [], {}, dict(suite.task_types), 0
-    for name, path in models.items():
-        mhash = model_hash(path)
-        info[name] = {"role": roles[name], "path": str(Path(path).resolve()), "content_hash": mhash, "cache": []}
-        for seed in suite.seeds:
+    for name, per_seed in folders.items():
+        hashes = {seed: model_hash(path) for seed, path in per_seed.items()}
+        first = suite.seeds[0]
+        info[name] = {"role": roles[name], "path": str(Path(per_seed[first]).resolve()),
+                      "content_hash": hashes[first], "cache": []}
+        if isinstance(models[name], dict):
+            info[name]["per_seed"] = {seed: {"path": str(Path(p).resolve()), "content_hash": hashes[seed]}
+                                      for seed, p in per_seed.items()}
+        for seed, path in per_seed.items():
+            mhash = hashes[seed]
             key = cache_key(mhash, task_fp, limit=suite.limit, seed=seed, device=suite.device, version=version)
             run = cache.get(key) if cache else None
             if run is not None:

@@ -1,6 +1,12 @@
 """report.html: one self-contained page (inline CSS, plots as base64 PNG data: URIs), readable
 offline and attachable to a CI run or an MLflow run as a single file.
 
+It renders the same document as report.md (`evaluation.tables.document`). Every value from the
+report goes through html.escape: no cell, name or message is ever copied in as markup (issue #11).
+Verdicts and check statuses are badges: GO/pass green, NO-GO/fail red, INCONCLUSIVE amber,
+not applicable grey. Tables sit in a horizontal scroll box and wrap long paths and hashes, so the
+page fits a 1400-pixel window.
+
     render_html(report: dict) -> str
 
     python -m evaluation.html_report report.json > report.html
@@ -10,132 +16,116 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 import sys
 from pathlib import Path
 
-from evaluation.plots import PLOTS, all_plots
-from evaluation.report import score_matrix, sign_conflict_table
+from evaluation.plots import PLOTS, draw
+from evaluation.tables import Code, Ival, Plots, Section, Status, Table, cell_text, document
 
 CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1100px;
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1320px;
      color:#1d2330;padding:0 16px;line-height:1.4}
 h1{font-size:1.6em;margin-bottom:4px} h2{margin-top:32px;border-bottom:1px solid #d8dde6;padding-bottom:4px}
 .meta{color:#5b6475;font-size:.9em}
-.verdict{display:inline-block;padding:6px 16px;border-radius:6px;font-weight:700;font-size:1.3em;color:#fff}
-.go{background:#2e9e57} .nogo{background:#c4393b} .none{background:#7b7b7b}
-table{border-collapse:collapse;margin:8px 0 16px;font-size:.88em}
+.badge{display:inline-block;padding:1px 8px;border-radius:4px;font-weight:700;font-size:.85em;color:#fff;
+       white-space:nowrap;vertical-align:middle;letter-spacing:.02em}
+h2 .badge{font-size:.8em;padding:4px 14px;margin-left:10px}
+.badge.go,.badge.pass{background:#2e9e57} .badge.no-go,.badge.fail,.badge.flagged{background:#c4393b}
+.badge.inconclusive,.badge.suspected{background:#f2b705;color:#1d2330;outline:2px dashed #8a6700;outline-offset:-3px}
+.badge.warn{background:#d9822b} .badge.not_applicable,.badge.none{background:#8d94a0}
+.tw{overflow-x:auto;max-width:100%;margin:8px 0 16px}
+table{border-collapse:collapse;font-size:.88em}
 th,td{border:1px solid #d8dde6;padding:4px 8px;text-align:left;vertical-align:top}
+.long{overflow-wrap:anywhere}
 th{background:#f1f4f9} td.num{text-align:right;font-variant-numeric:tabular-nums}
-td.pass{color:#1f7a41;font-weight:600} td.fail{color:#b02a2c;font-weight:600}
+td.num span{white-space:nowrap} .ci{color:#5b6475;font-size:.9em}
+td.code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em;overflow-wrap:anywhere;min-width:12em}
+td.text{max-width:36em} td.none{text-align:center;color:#8d94a0}
 figure{margin:12px 0 24px} figure img{max-width:100%;border:1px solid #e3e7ee}
-figcaption{color:#5b6475;font-size:.9em} .answer{font-size:1.05em;background:#f6f8fb;padding:8px 12px;border-left:4px solid #1f6fb4}
-code{font-size:.85em;word-break:break-all}
+figcaption{color:#5b6475;font-size:.9em}
+p.para{margin:6px 0}
 """
 
 
+LONG_WORD = 18  # characters
+
+
 def _e(x) -> str:
-    return html.escape(str(x))
+    return html.escape(str(x), quote=True)
+
+
+def _is_long(text: str) -> bool:
+    """A word too long for a column: such text (class 'long') may break anywhere; other text breaks
+    only between words, so short headers such as 'threshold' stay whole."""
+    return any(len(w) > LONG_WORD for w in str(text).split())
+
+
+def _breakable(text: str) -> str:
+    """Escaped text with a break opportunity after _ . / [ - in long words (rule names, paths), so
+    they wrap at a separator rather than mid-word (overflow-wrap stays the fallback)."""
+    escaped = _e(text)
+    return re.sub(r"([_./\[-])(?=\S)", r"\1<wbr>", escaped) if _is_long(text) else escaped
 
 
 def _cell(x) -> str:
+    if isinstance(x, Status):
+        return f"<td><span class='badge {_e(x.key)}'>{_e(x.word)}</span></td>"
+    if isinstance(x, Ival):
+        est, ci = x.parts()
+        ci_html = f" <span class='ci'>{_e(ci)}</span>" if ci else ""
+        return f"<td class='num'><span>{_e(est)}</span>{ci_html}</td>"
+    if isinstance(x, Code):
+        return f"<td class='code'>{_breakable(x)}</td>"
     if x is None:
-        return '<td class="num">–</td>'
-    if isinstance(x, bool):
-        return f"<td>{'yes' if x else 'no'}</td>"
-    if isinstance(x, (int, float)):
-        return f'<td class="num">{x:.3f}</td>' if isinstance(x, float) else f'<td class="num">{x}</td>'
-    return f"<td>{_e(x)}</td>"
+        return "<td class='none'>–</td>"
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return f"<td class='num'>{_e(cell_text(x))}</td>"
+    text = cell_text(x)
+    return f"<td class='text{' long' if _is_long(text) else ''}'>{_breakable(text)}</td>"
 
 
-def _table(headers: list[str], rows: list[list], raw_cells: bool = False) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(c if raw_cells and isinstance(c, str) and c.startswith("<td")
-                                    else _cell(c) for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def html_table(table: Table) -> str:
+    head = "".join(f"<th class='long'>{_breakable(h)}</th>" if _is_long(h) else f"<th>{_e(h)}</th>"
+                   for h in table.headers)
+    body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in table.rows)
+    return f"<div class='tw'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def render_html(report: dict) -> str:
-    p, d = report["primary"], report.get("decision")
-    parts = [f"<h1>mergeline evaluation report</h1><p class='meta'>primary candidate <b>{_e(p)}</b> · "
-             f"created {_e(report['created'])} · lm-eval {_e(report['lm_eval_version'])} · "
-             f"schema v{report['schema_version']}</p>"]
-    if d:
-        cls = "go" if d["go"] else "nogo"
-        parts.append(f"<p><span class='verdict {cls}'>{_e(d['verdict'])}</span> &nbsp;candidate <b>{_e(d['candidate'])}</b> "
-                     f"under policy <b>{_e(d['policy'])}</b></p>")
-        parts.append(_table(["check", "result", "detail"],
-                            [[c["rule"], f"<td class='{'pass' if c['passed'] else 'fail'}'>{'PASS' if c['passed'] else 'FAIL'}</td>",
-                              c["message"]] for c in d["checks"]], raw_cells=True))
-    else:
-        parts.append("<p><span class='verdict none'>no gate decision</span></p>")
+def _plot(report: dict, key: str) -> str:
+    title = PLOTS[key][0]
+    png = draw(key, report)
+    if png is None:
+        return f"<p class='meta'>{_e(title)}: no data in this report.</p>"
+    return f"<figure>{_img(png, title)}<figcaption>{_e(title)}</figcaption></figure>"
 
-    parts.append(f"<h2>Does {_e(p)} beat averaging?</h2><p class='answer'>{_e(report['baselines']['answer'])}</p>")
-    keys = ["mean_retention", "min_retention", "mean_regression", "worst_regression", "interference_flag",
-            "total_flips", "sign_conflict_rate", "max_dropped_fraction"]
-    parts.append(_table(["candidate"] + [k.replace("_", " ") for k in keys],
-                        [[n] + [c["summary"][k] for k in keys] for n, c in report["candidates"].items()]))
 
-    parts.append("<h2>Plots</h2>")
-    for key, png in all_plots(report).items():
-        title = PLOTS[key][0]
-        if png is None:
-            parts.append(f"<p class='meta'>{_e(title)}: no data in this report.</p>")
+def _section(report: dict, sec: Section) -> str:
+    badge = f"<span class='badge {_e(sec.badge.key)}'>{_e(sec.badge.word)}</span>" if sec.badge is not None else ""
+    parts = [f"<h2>{_e(sec.title)}{badge}</h2>"]
+    for b in sec.blocks:
+        if isinstance(b, Table):
+            parts.append(html_table(b))
+        elif isinstance(b, Plots):
+            parts += [_plot(report, key) for key in PLOTS]
         else:
-            parts.append(f"<figure>{_img(png, title)}<figcaption>{_e(title)}</figcaption></figure>")
+            parts.append(f"<p class='para'>{_e(b)}</p>")
+    return "\n".join(parts)
 
-    models, tasks, values = score_matrix(report)
-    parts.append("<h2>Scores (primary metric)</h2>")
-    parts.append(_table(["task", "type"] + models,
-                        [[t, report["task_types"].get(t)] + [values.get((m, t)) for m in models] for t in tasks]))
 
-    parts.append("<h2>Retention</h2>")
-    parts.append(_table(["candidate", "fine-tune", "task", "type", "fine-tune score", "merged", "retention", "drop"],
-                        [[r["candidate"], r["finetune"], r["task"], r["task_type"], r["finetune_score"],
-                          r["merged_score"], r["retention"], r["drop"]]
-                         for c in report["candidates"].values() for r in c["retention"]]))
-    parts.append("<h2>Regression vs base</h2>")
-    parts.append(_table(["candidate", "task", "base", "merged", "delta"],
-                        [[r["candidate"], r["task"], r["base_score"], r["merged_score"], r["delta"]]
-                         for c in report["candidates"].values() for r in c["regression"]]))
-
-    parts.append("<h2>Interference</h2>")
-    rows = []
-    for n, c in report["candidates"].items():
-        i, s = c["interference"], c["interference"]["spread"]
-        by_type = ", ".join(f"{k}: {v['mean_retention']:.3f}" for k, v in i["by_type"].items()
-                            if v.get("mean_retention") is not None)
-        rows.append([n, s["min"], s["max"], s["std"], ", ".join(i["kept"]) or "–", ", ".join(i["lost"]) or "–",
-                     "YES" if i["flag"] else "no", by_type or "–", i["total_flips"]])
-    parts.append(_table(["candidate", "min", "max", "std", "kept (≥ high)", "lost (≤ low)", "flag",
-                         "retention by type", "flips"], rows))
-    parts.append(_table(["candidate", "task", "reference", "items", "reference right", "flips", "gains", "flip rate"],
-                        [[n, f["task"], f["reference"], f["items"], f["reference_correct"], f["flips"], f["gains"],
-                          f["flip_rate"]] for n, c in report["candidates"].items() for f in c["interference"]["flips"]]))
-
-    parts.append("<h2>Sign-conflict proxy</h2>")
-    parts.append(_table(*sign_conflict_table(report)))
-
-    parts.append("<h2>Compatibility</h2>")
-    comp = report.get("compat")
-    if comp:
-        parts.append(f"<p>status: <b>{_e(comp['status'])}</b></p>")
-        parts.append(_table(["check", "status", "message"],
-                            [[c["name"], f"{c['status']}{' (waived)' if c.get('waived') else ''}", c["message"]]
-                             for c in comp["checks"]]))
-    else:
-        parts.append("<p class='meta'>no compatibility report was given</p>")
-
-    parts.append("<h2>Inputs</h2>")
-    parts.append(_table(["model", "role", "content hash", "path"],
-                        [[n, m["role"], m["content_hash"], m["path"]] for n, m in report["inputs"]["models"].items()]))
-    body = "\n".join(parts)
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>mergeline report: {_e(p)}</title>"
-            f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")
+def render_html(report: dict) -> str:
+    meta, sections = document(report)
+    body = [f"<h1>mergeline evaluation report</h1><p class='meta'>{' · '.join(_e(m) for m in meta)}</p>"]
+    body += [_section(report, sec) for sec in sections]
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>mergeline report: {_e(report['primary'])}</title>"
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
 if __name__ == "__main__":
-    print(render_html(json.loads(Path(sys.argv[1]).read_text())))
+    print(render_html(json.loads(Path(sys.argv[1]).read_text())), end="")

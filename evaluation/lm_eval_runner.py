@@ -1,8 +1,8 @@
 """Evaluate one model folder with lm-eval, offline, and return pandas frames.
 
 Scores and per-sample rows come back as tidy frames so metrics, caches and reports never
-touch lm-eval's nested result dicts. Local task YAMLs are found through `include_path`;
-built-in task names work too (then lm-eval indexes its own tasks, about 12 s more).
+touch lm-eval's nested result dicts. Local task YAMLs are found through `include_path` (one
+folder or a list of folders); built-in task names work too (then lm-eval indexes its own tasks, about 12 s more).
 
     python -m evaluation.lm_eval_runner MODEL_DIR TASK [TASK ...] --include-path DIR
 """
@@ -50,12 +50,20 @@ def _offline_env() -> None:
         os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="mergeline-hf-datasets-")
 
 
-def task_manager(tasks: list[str], include_path: str | Path | None):
+def include_paths(include_path: str | Path | list[str | Path] | None) -> list[str] | None:
+    """One folder or several, as the list of strings lm-eval's TaskManager takes."""
+    if not include_path:
+        return None
+    items = include_path if isinstance(include_path, (list, tuple)) else [include_path]
+    return [str(p) for p in items]
+
+
+def task_manager(tasks: list[str], include_path: str | Path | list[str | Path] | None):
     """Index only the local YAMLs when they define every requested task (skips ~12 s of
     indexing lm-eval's built-ins); otherwise fall back to the built-ins as well."""
     from lm_eval.tasks import TaskManager
 
-    paths = [str(include_path)] if include_path else None
+    paths = include_paths(include_path)
     if paths:
         local = TaskManager(include_path=paths, include_defaults=False)
         if all(t in local.all_tasks for t in tasks):
@@ -152,7 +160,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model_dir")
     ap.add_argument("tasks", nargs="+")
-    ap.add_argument("--include-path")
+    ap.add_argument("--include-path", action="append", help="a folder of task YAMLs (repeatable)")
     ap.add_argument("--limit", type=int)
     args = ap.parse_args()
     run = run_lm_eval(args.model_dir, args.tasks, include_path=args.include_path, limit=args.limit)

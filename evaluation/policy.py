@@ -2,6 +2,7 @@
 
     schema_version: 1
     candidate: ties                 # which candidate the gate judges (default: the report's primary)
+    confidence: 0.95                # per rule; `none`: judge the point estimates (pass/fail only)
     retention:
       min_per_task: 0.8             # a number for every task, or {task: number}
       min_mean: 0.85
@@ -11,12 +12,33 @@
       max_dropped_fraction_per_model: 0.5
     interference:
       fail_on_flag: true            # NO-GO when one skill is kept and another lost
+      min_gap: 0.5                  # ...by at least this retention gap, intervals apart
     compatibility:
       must_pass: true
       allow_warn: true              # a "warn" compatibility status still passes
     baseline:
       must_beat: linear             # the averaging baseline, by mean retention
       margin: 0.0
+    smoke:                          # before the full evaluation (evaluation/smoke.py); null: skip
+      max_perplexity_ratio: 1.5     # vs the worst of base and fine-tunes
+      max_new_tokens: 64            # greedy continuations must end with EOS within this
+      max_repeated_ngram_share: 0.5
+
+Each rule is judged on its interval at `confidence` (evaluation/gate.py): it passes when the
+interval clears the threshold, fails when the interval lies wholly on the wrong side, and is
+inconclusive otherwise. The confidence is PER RULE: each rule's interval has that coverage on
+its own, with no family-wise correction, so with k rules the chance that at least one of them is
+misjudged can reach k x (1 - confidence). For a family-wise bound alpha over k rules, set
+`confidence: 1 - alpha / k` (Bonferroni; e.g. 0.99 for 5 rules at 0.05). `confidence: none`
+keeps the point-estimate gate (no interval, no INCONCLUSIVE). Sign-conflict and compatibility
+rules read counts from the merge, not samples: they pass or fail on their values. The report
+must be built at the same confidence (build_report(policy=...) does).
+
+The interference rule flags a task-conditional failure relative to the other fine-tunes: some
+fine-tune's retention above another's by at least `min_gap`, their intervals not overlapping
+(inconclusive when the gap is there but the intervals overlap). Sign-conflict rules apply only
+to methods that elect signs (ties, dare_ties, breadcrumbs_ties, della); for others they are
+reported "not applicable".
 
 A rule whose evidence is missing from the report (no baseline run, no merge stats, no
 compatibility report) FAILS: a release gate must not pass on absent evidence.
@@ -29,8 +51,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from evaluation.metrics import INTERFERENCE_GAP
+from evaluation.smoke import SmokeRule
+from evaluation.stats import DEFAULT_CONFIDENCE
 from merge.config_files import explain, read_yaml_mapping
 
 
@@ -58,6 +83,7 @@ class SignConflictRule(_Strict):
 
 class InterferenceRule(_Strict):
     fail_on_flag: bool = False
+    min_gap: float = Field(INTERFERENCE_GAP, gt=0, le=1)
 
 
 class CompatibilityRule(_Strict):
@@ -74,12 +100,20 @@ class GatePolicy(_Strict):
     schema_version: int = 1
     name: str = "policy"
     candidate: Optional[str] = None
+    confidence: Optional[float] = Field(DEFAULT_CONFIDENCE, gt=0, lt=1)   # None: point estimates
     retention: RetentionRule = Field(default_factory=RetentionRule)
     regression: RegressionRule = Field(default_factory=RegressionRule)
     sign_conflict: SignConflictRule = Field(default_factory=SignConflictRule)
     interference: InterferenceRule = Field(default_factory=InterferenceRule)
     compatibility: CompatibilityRule = Field(default_factory=CompatibilityRule)
     baseline: BaselineRule = Field(default_factory=BaselineRule)
+    smoke: Optional[SmokeRule] = Field(default_factory=SmokeRule)
+
+    @field_validator("confidence", mode="before")
+    @classmethod
+    def _none(cls, v):
+        # YAML `none` is a string (YAML's null is `null` or `~`): both mean "point estimates".
+        return None if isinstance(v, str) and v.strip().lower() == "none" else v
 
 
 def load_policy(path: str | Path | dict) -> GatePolicy:

@@ -7,9 +7,9 @@ do?), plus how to run them (limit, seeds, batch size, device) and where local ta
     retention:            # fine-tune name -> its own tasks
       addition: [zoo_addition]
     general: [zoo_general]
-    include_paths: ["${zoo}"]   # placeholders are filled in by the caller (see `resolve`)
+    include_paths: ["${zoo}"]   # placeholders are filled in by the caller (see `resolve`); several folders work
     limit: 50
-    seeds: [0]
+    seeds: [0]                  # several: each score's spread across seeds is reported
 
 Placeholders: an include path may contain `${NAME}`; `resolve(suite, {"zoo": zoo.tasks_dir})`
 replaces it. `${zoo}` is the convention for the demo zoo's task folder. An environment variable
@@ -62,6 +62,14 @@ class EvalSuite(BaseModel):
         for name, tasks in v.items():
             if not tasks:
                 raise ValueError(f"fine-tune {name!r} lists no tasks")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int]) -> list[int]:
+        # A seed is a run's identity (for DARE/DELLA, the merge's): twice would count it twice.
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
         return v
 
     @model_validator(mode="after")

@@ -6,33 +6,34 @@ own body, so `mergeline --help` stays instant.
     mergeline --help
     mergeline demo
 
-Exit codes: 0 success (or GO), 1 a check failed or the gate said NO-GO, 2 unusable input.
+Exit codes (flows/errors.py): 0 success or GO, 1 NO-GO or a failed check, 2 unusable input,
+3 INCONCLUSIVE, 4 an unexpected error (one line; the traceback goes to a log file it names),
+130 Ctrl-C, 143 SIGTERM. Every command runs under one handler (`Commands`) that keeps those
+promises (flows/handler.py), so no command can end in a traceback or exit 0/1 on a crash.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 
-app = typer.Typer(
+from flows.errors import EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, exit_code_for
+from flows.handler import App, Commands, err, fail
+
+app = App(
+    cls=Commands,
     help="Merge LLM fine-tunes with TIES and gate the release on evidence.",
+    epilog=EXIT_CODES_HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-zoo_app = typer.Typer(help="The tiny zoo of genuine fine-tunes used by the demo and tests.", no_args_is_help=True)
+zoo_app = typer.Typer(cls=Commands, help="The tiny zoo of genuine fine-tunes used by the demo and tests.",
+                      no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
-
-err = Console(stderr=True)
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-
-
-def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    """Print a one-line error and exit with `code`."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 @zoo_app.command("build")
@@ -65,22 +66,48 @@ def zoo_build(
     out.print(table)
 
 
+@zoo_app.command("recipes")
+def zoo_recipes(
+    out_dir: Path = typer.Argument(..., help="Folder to write the example recipes into."),
+    zoo: Optional[Path] = typer.Option(None, "--zoo", help="A built zoo (default: the cached one, built if missing)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace recipes already in OUT_DIR."),
+):
+    """Write configs/recipes/ with the zoo's folders in place of models/base, models/ft_a, ...
+
+    Then every example runs as is: `mergeline check OUT_DIR/ties.yaml`, `mergeline merge ...`."""
+    from flows.demo import write_zoo_recipes, zoo_or_build
+
+    try:
+        written, skipped = write_zoo_recipes(zoo_or_build(zoo), out_dir, overwrite=overwrite)
+    except FileExistsError as e:
+        fail(str(e))
+    for p in written:
+        typer.echo(str(p))
+    for name, why in skipped.items():
+        err.print(f"skipped {name}: {why}", highlight=False, soft_wrap=True, markup=False)
+
+
 @app.command()
 def demo(
-    workdir: Path = typer.Option(Path("mergeline-runs/demo"), help="Folder for merged models, reports and the MLflow store."),
+    workdir: Optional[Path] = typer.Option(
+        None, help="Folder for merged models, reports and the MLflow store "
+                   "(default: mergeline-runs/demo, or mergeline-runs/demo-nogo with --nogo)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs of an earlier demo run."),
     nogo: bool = typer.Option(False, "--nogo", help="Run the NO-GO pipeline (a different-base specimen)."),
     zoo: Optional[Path] = typer.Option(None, "--zoo", help="Use this built zoo instead of the cached one."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show lm-eval's, Prefect's and MLflow's own output."),
 ):
-    """Run the whole pipeline on the built-in zoo and print the decision."""
-    from flows.demo import run_demo
+    """Run the whole pipeline on the built-in zoo and print the decision.
 
-    summary = _pipeline_errors(lambda: run_demo(workdir, overwrite=overwrite, nogo=nogo, zoo_dir=zoo))
+    The first run on a machine builds the zoo (~2-3 min); every run starts Prefect's temporary
+    server (~20 s) and evaluates 7 models with lm-eval. Exit 0 GO, 1 NO-GO, 3 INCONCLUSIVE."""
+    from flows.demo import default_workdir, run_demo
+    from flows.progress import quiet
+
+    quiet(verbose)
+    summary = run_demo(workdir or default_workdir(nogo), overwrite=overwrite, nogo=nogo, zoo_dir=zoo)
     _print_summary(summary)
-    store = summary.get("mlflow_uri", "")
-    if store.startswith("sqlite:"):
-        typer.echo(f"MLflow UI: mlflow ui --backend-store-uri {store}")
-    raise typer.Exit(EXIT_OK if summary["decision"] == "GO" else EXIT_FAILED)
+    raise typer.Exit(exit_code_for(summary["decision"]))
 
 
 @app.command()
@@ -97,7 +124,8 @@ def check(
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from merge.compat import INPUT_ERRORS, check_recipe
+    from flows.errors import INPUT_ERRORS
+    from merge.compat import check_recipe
 
     # The header checks take milliseconds; the norm pass reads every model once: a bar for that.
     bar = Progress(TextColumn("[bold]base-delta norms"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
@@ -108,7 +136,7 @@ def check(
             report = check_recipe(recipe, policy, allow_pickle=allow_pickle,
                                   on_progress=lambda done, total: bar.update(task, completed=done, total=total))
     except INPUT_ERRORS as e:
-        fail(str(e))
+        fail(str(e) + _example_hint(recipe, e))
     if json_out:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -138,6 +166,16 @@ def check(
     raise typer.Exit(EXIT_FAILED if report.status == "fail" else EXIT_OK)
 
 
+def _example_hint(recipe: Path, e: Exception) -> str:
+    """configs/recipes/ name models/base etc. as mergekit's examples do: say how to fill them."""
+    from flows.demo import CONFIGS
+
+    if type(e).__name__ == "ModelNotFound" and recipe.resolve().parent == CONFIGS / "recipes":
+        return (f" (the example recipes name models/base, models/ft_a, ...: `mergeline zoo recipes DIR` "
+                f"writes them with the demo zoo's folders, then `mergeline check DIR/{recipe.name}`)")
+    return ""
+
+
 @app.command()
 def merge(
     recipe: Path = typer.Argument(..., help="A mergekit YAML recipe."),
@@ -147,26 +185,44 @@ def merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     seed: int = typer.Option(0, help="Seed for the random methods (DARE, DELLA)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load .bin pickle checkpoints (weights_only)."),
+    policy: Optional[Path] = typer.Option(None, help="Compatibility policy YAML (thresholds, waivers), as for check."),
+    allow_crimes: bool = typer.Option(False, "--allow-crimes",
+                                      help="Merge even when a compatibility check fails; the waived failures "
+                                           "are recorded in lineage.json and README.md."),
+    intermediate_dir: Optional[Path] = typer.Option(
+        None, help="Multi-stage recipes: where the intermediate stages go (default .OUTPUT_DIR.stages/)."),
 ):
-    """Merge the models of a mergekit recipe into OUTPUT_DIR."""
+    """Merge the models of a mergekit recipe into OUTPUT_DIR, after the compatibility checks.
+
+    A file of several recipes (mergekit-multi: YAML documents with a `name:`, later ones naming
+    earlier ones) runs stage by stage; each intermediate model is kept and reused when unchanged.
+
+    The checks of `mergeline check` run inside the merge (headers before any tensor is read, the
+    norms from the merge's own read). Exit 0 merged, 1 a check failed (nothing written), 2 unusable input."""
+    from rich.markup import escape
+
     from merge.checkpoint import CheckpointError
+    from merge.compat import INPUT_ERRORS, ChecksFailed
     from merge.device import DeviceError
-    from merge.executor import run_merge
+    from merge.multistage import merge_file
     from merge.plan import MergeError
-    from merge.recipe import RecipeError
-    from merge.resolve import ModelNotFound
     from merge.writer import OutputError
 
     try:
-        out = run_merge(recipe, output_dir, device=device, out_shard_size=out_shard_size, overwrite=overwrite,
-                        seed=seed, allow_pickle=allow_pickle, progress=True)
-    except (RecipeError, MergeError, CheckpointError, DeviceError, ModelNotFound, OutputError) as e:
-        fail(str(e))
+        out = merge_file(recipe, output_dir, intermediate_dir, device=device, out_shard_size=out_shard_size, overwrite=overwrite,
+                        seed=seed, allow_pickle=allow_pickle, progress=True, policy=policy, allow_crimes=allow_crimes)
+    except ChecksFailed as e:
+        fail(escape(str(e)), EXIT_FAILED)
+    except (MergeError, CheckpointError, DeviceError, OutputError, *INPUT_ERRORS) as e:
+        fail(escape(str(e)))
     rate = out.stats.get("sign_conflict", {}).get("rate")
     conflict = f"{rate:.1%}" if rate is not None else "n/a"
     Console().print(
         f"merged [bold]{out.method}[/]: {out.tensors} tensors, {out.nbytes / 1e9:.2f} GB in {out.seconds:.1f} s "
-        f"-> {out.path} (sign conflicts {conflict})", highlight=False, soft_wrap=True)
+        f"-> {escape(str(out.path))} (sign conflicts {conflict})", highlight=False, soft_wrap=True)
+    if out.waived:
+        err.print(f"[bold yellow]warning:[/] merged with --allow-crimes although {', '.join(out.waived)} failed "
+                  "(recorded in lineage.json and README.md)", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -181,8 +237,6 @@ def evaluate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files in --out."),
 ):
     """Evaluate one model folder with lm-eval on the suite's tasks."""
-    from rich.markup import escape
-
     from evaluation.suite import SuiteError, load_suite
 
     placeholders = {}
@@ -191,11 +245,11 @@ def evaluate(
         try:
             placeholders["zoo"] = load_zoo(zoo).tasks_dir
         except Exception as e:  # the zoo loader names the file at fault
-            fail(escape(f"--zoo {zoo}: {e}"))
+            fail(f"--zoo {zoo}: {e}")
     try:
         s = load_suite(suite, placeholders)
     except SuiteError as e:
-        fail(escape(str(e)))
+        fail(str(e))
     updates = {k: v for k, v in {"device": device, "batch_size": batch_size}.items() if v is not None}
     s = s.model_copy(update=updates)
     if not model_dir.is_dir():
@@ -209,7 +263,7 @@ def evaluate(
         table = evaluate_models(s, {model_dir.name: model_dir}, cache_dir, roles={model_dir.name: "candidate"},
                                 log=lambda m: err.print(m, highlight=False))
     except (SuiteError, FileNotFoundError) as e:
-        fail(escape(str(e)))
+        fail(str(e))
     primary = table.primary()[["task", "value"]]
     Console().print(primary.to_string(index=False, float_format=lambda v: f"{v:.3f}"), highlight=False)
     if out:
@@ -228,10 +282,8 @@ def gate(
     policy: Path = typer.Option(..., help="Gate policy YAML."),
     json_out: bool = typer.Option(False, "--json", help="Print the decision as JSON."),
 ):
-    """Decide GO (exit 0) or NO-GO (exit 1) from a report and a policy; 2 on unusable input."""
+    """Decide from a report and a policy: exit 0 GO, 1 NO-GO, 3 INCONCLUSIVE, 2 unusable input."""
     import json
-
-    from rich.markup import escape
 
     from evaluation.gate import ReportError, decide, load_report
     from evaluation.policy import PolicyError, load_policy
@@ -239,50 +291,70 @@ def gate(
     try:
         decision = decide(load_report(report), load_policy(policy))
     except (ReportError, PolicyError) as e:
-        fail(escape(str(e)))
+        fail(str(e))
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         # A report with the right version but broken content is unusable input, not a NO-GO.
-        fail(escape(f"{report}: malformed report ({type(e).__name__}: {e})"))
+        fail(f"{report}: malformed report ({type(e).__name__}: {e})")
     if json_out:
         print(json.dumps(decision.to_dict(), indent=2))
     else:
         Console().print(decision.text(), highlight=False, soft_wrap=True, markup=False)
-    raise typer.Exit(EXIT_OK if decision.go else EXIT_FAILED)
+    verdict = getattr(decision, "verdict", None) or decision.to_dict().get("verdict") or ("GO" if decision.go else "NO-GO")
+    raise typer.Exit(exit_code_for(verdict))
 
 
 @app.command()
 def run(
     pipeline: Path = typer.Argument(..., help="A pipeline YAML."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs of an earlier run."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show lm-eval's, Prefect's and MLflow's own output."),
 ):
-    """Run a pipeline file: check, merge, evaluate, gate, register. Exit 0 GO, 1 NO-GO."""
+    """Run a pipeline file: check, merge, evaluate, gate, register.
+
+    Exit 0 GO, 1 NO-GO, 3 INCONCLUSIVE, 2 unusable input or a workdir another run holds."""
     from flows.pipeline import run_pipeline
+    from flows.progress import quiet
 
-    summary = _pipeline_errors(lambda: run_pipeline(pipeline, refresh=overwrite))
+    quiet(verbose)
+    summary = run_pipeline(pipeline, refresh=overwrite)
     _print_summary(summary)
-    raise typer.Exit(EXIT_OK if summary["decision"] == "GO" else EXIT_FAILED)
-
-
-def _pipeline_errors(fn):
-    """Run `fn`; a bad pipeline file, recipe, suite, policy or an unreachable server exits 2."""
-    from flows.pipeline import input_errors
-
-    try:
-        return fn()
-    except input_errors() as e:
-        fail(str(e), EXIT_BAD_INPUT)
+    raise typer.Exit(exit_code_for(summary["decision"]))
 
 
 def _print_summary(summary: dict) -> None:
-    color = "green" if summary["decision"] == "GO" else "red"
-    out = Console()
+    color = {"GO": "green", "INCONCLUSIVE": "yellow"}.get(summary["decision"], "red")
+    out = Console(soft_wrap=True)  # a log file gets whole lines
     out.print(f"[bold {color}]{summary['decision']}[/] (stage: {summary.get('stage')})")
     for reason in summary.get("reasons") or []:
-        out.print(f"  - {reason}", highlight=False)
-    if summary.get("registered"):
-        r = summary["registered"]
-        out.print(f"registered: {r['name']} version {r['version']} (aliases: {', '.join(r['aliases'])})")
-    out.print(f"report: {summary.get('report')}", highlight=False, soft_wrap=True)
+        out.print(f"  - {reason}", highlight=False, markup=False)
+    reused = summary.get("reused") or {}
+    if any(reused.values()):
+        out.print("reused from earlier runs: " + "; ".join(
+            f"{kind} {', '.join(names)}" for kind, names in reused.items() if names), highlight=False, markup=False)
+    r = summary.get("registered")
+    if r:
+        how = "already registered as" if r.get("reused") else "registered:"
+        out.print(f"{how} {r['name']} version {r['version']} (aliases: {', '.join(r['aliases']) or 'none'})",
+                  highlight=False, markup=False)
+    for problem in summary.get("problems") or []:
+        out.print(f"warning: {problem}", highlight=False, markup=False)
+    reports = summary.get("reports") or {}
+    out.print(f"report: {summary.get('report')}", highlight=False, markup=False)
+    if reports.get("html"):
+        out.print(f"html report: {reports['html']}", highlight=False, markup=False)
+    store = summary.get("mlflow_uri", "")
+    if store:
+        out.print(f"MLflow UI: {_mlflow_ui(store)}", highlight=False, markup=False)
+
+
+def _mlflow_ui(store: str) -> str:
+    """A command that works from where the user stands (no activated venv needed); MLflow 3
+    lists pipeline runs under "Model training" in the experiment's page."""
+    if not store.startswith(("sqlite:", "file:", "postgresql", "mysql", "mssql")):
+        return f"open {store} (runs under the experiment's \"Model training\" tab)"
+    mlflow = Path(sys.executable).parent / "mlflow"
+    return (f"{mlflow} ui --backend-store-uri {store}  then http://127.0.0.1:5000 "
+            f"(runs under the experiment's \"Model training\" tab)")
 
 
 @app.command()
@@ -290,7 +362,9 @@ def lineage(
     target: str = typer.Argument(..., help="A merged model folder, or a registered NAME@alias."),
     json_out: bool = typer.Option(False, "--json"),
     tracking_uri: Optional[str] = typer.Option(
-        None, envvar="MLFLOW_TRACKING_URI", help="MLflow store for NAME@alias (default: ./mlflow.db)."),
+        None, envvar="MLFLOW_TRACKING_URI",
+        help="MLflow store for NAME@alias (default: ./mlflow.db or ./mergeline-runs/*/mlflow.db, "
+             "whichever holds NAME; nothing is created)."),
 ):
     """Print the merge lineage tree of a model, across generations."""
     import json
@@ -301,10 +375,11 @@ def lineage(
     if not folder.is_dir():
         if "@" not in target:
             fail(f"{target}: not a folder, and not a registered NAME@alias")
-        from tasks.tracking import client, folder_of
+        from tasks.tracking import folder_of, open_existing_store
 
+        uri = tracking_uri or _find_store(target.partition("@")[0])
         try:
-            folder = folder_of(client(tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"), target)
+            folder = folder_of(open_existing_store(uri), target)
         except Exception as e:  # MlflowException (unknown name/alias) or a non-local source
             fail(f"{target}: {e}")
     try:
@@ -329,6 +404,24 @@ def lineage(
     Console().print(rich_tree)
 
 
+def _find_store(name: str) -> str:
+    """The SQLite store that registered `name`: ./mlflow.db or a pipeline workdir's under
+    ./mergeline-runs; opening an existing file only (MLflow would create an empty one)."""
+    from tasks.tracking import open_existing_store
+
+    found = [p for p in [Path("mlflow.db"), *sorted(Path("mergeline-runs").glob("*/mlflow.db"))] if p.is_file()]
+    for p in found:
+        uri = f"sqlite:///{p.resolve()}"
+        try:
+            open_existing_store(uri).get_registered_model(name)
+            return uri
+        except Exception:  # not in this store (or not an MLflow store): try the next
+            continue
+    looked = ", ".join(str(p) for p in found) or "no ./mlflow.db, no ./mergeline-runs/*/mlflow.db"
+    fail(f"no MLflow store here has a registered model {name!r} ({looked}); pass the pipeline's store, "
+         f"e.g. --tracking-uri sqlite:///mergeline-runs/demo/mlflow.db, or set MLFLOW_TRACKING_URI")
+
+
 @app.command()
 def schedule(
     pipeline: Path = typer.Argument(..., help="A pipeline YAML."),
@@ -338,7 +431,7 @@ def schedule(
     """Create and serve a Prefect deployment that runs the pipeline on a cron schedule."""
     from flows.schedule import serve
 
-    _pipeline_errors(lambda: serve(pipeline, cron, name))
+    serve(pipeline, cron, name)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
-"""The pipeline flow: check -> merge (TIES + baselines) -> evaluate -> gate -> register.
+"""The pipeline flow: check -> merge (TIES + baselines) -> smoke -> evaluate -> gate -> register.
 
 One Prefect flow run per pipeline run, one MLflow parent run with a child run per stage. The
 compatibility gate runs first and stops the flow before any merge on a fail (Yadav et al. 2023
 assume one shared base; a fine-tune of another base must never reach the merge). Merges and
 evaluations are Prefect tasks keyed by content hashes (tasks/caching.py), submitted together so
 they run side by side on the task runner (threads by default, Dask with `runner.kind: dask`).
+Each merge is smoke-tested (evaluation/smoke.py, seconds) before its full evaluation: a primary
+that fails stops the run (NO-GO at stage `smoke`), a baseline that fails is reported, not evaluated.
 
-    mergeline run configs/pipeline_demo.yaml          # exit 0 GO, 1 NO-GO, 2 bad input
+    mergeline run configs/pipeline_demo.yaml          # exit 0 GO, 1 NO-GO, 3 INCONCLUSIVE, 2 bad input
     python -m flows.pipeline configs/pipeline_demo.yaml
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +26,12 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
 
+from flows import workdir as workdir_state
+from flows.errors import check_yaml_file
 from flows.pipeline_config import Pipeline, PipelineError, load_pipeline
+from flows.progress import Counter, say
 from flows.servers import check_servers, default_environment, resolve_tracking
+from flows.workdir import workdir_lock
 from merge.lineage import recipe_hash, set_run_id
 from tasks import tracking
 from tasks.check_tasks import check_compat
@@ -32,6 +39,7 @@ from tasks.eval_tasks import combine, evaluate_model
 from tasks.merge_tasks import merge_key, merge_model
 from tasks.recipes import baseline_recipe, base_name, inputs, resolved_recipe
 from tasks.register_tasks import register_model
+from tasks.smoke_tasks import smoke_model
 
 
 def candidates(pipe: Pipeline) -> tuple[str, dict[str, dict]]:
@@ -63,8 +71,15 @@ def _policy(pipe: Pipeline, value) -> dict | None:
 def pipeline_flow(pipeline: str, refresh: bool = False) -> dict:
     """Run the pipeline file `pipeline`; returns a summary with the decision ("GO" / "NO-GO")."""
     default_environment()
-    log = get_run_logger()
     pipe = load_pipeline(pipeline)
+    if workdir_state.active != pipe.workdir_path:  # a deployment's run: nobody took the lock yet
+        with workdir_lock(pipe.workdir_path):
+            return _flow_body(pipeline, pipe, refresh)
+    return _flow_body(pipeline, pipe, refresh)
+
+
+def _flow_body(pipeline: str, pipe: Pipeline, refresh: bool) -> dict:
+    log = get_run_logger()
     work = pipe.workdir_path
     work.mkdir(parents=True, exist_ok=True)
     track = resolve_tracking(work, pipe.tracking.mlflow_tracking_uri, pipe.tracking.prefect_api_url)
@@ -110,6 +125,7 @@ class _Run:
     run_dir: Path
     opts: dict
     log: Any
+    compat_policy: dict | None = None  # the merges run the same checks as the check stage
 
 
 def _stages(pipe: Pipeline, c, mlflow_uri: str, parent: str, run_dir: Path, opts: dict, log) -> dict:
@@ -119,6 +135,7 @@ def _stages(pipe: Pipeline, c, mlflow_uri: str, parent: str, run_dir: Path, opts
     primary, recipes = candidates(pipe)
     main = recipes[primary]
     compat_policy = _policy(pipe, pipe.compat_policy)
+    r.compat_policy = compat_policy
     gate_policy = _policy(pipe, pipe.gate_policy)
     suite_src = pipe.path(pipe.eval_suite) if isinstance(pipe.eval_suite, str) else pipe.eval_suite
     suite = load_suite(suite_src, pipe.placeholders)
@@ -129,21 +146,39 @@ def _stages(pipe: Pipeline, c, mlflow_uri: str, parent: str, run_dir: Path, opts
                                     "seed": pipe.merge.seed})
     tracking.log_json(c, parent, recipes, "recipes.json")
 
+    say("check: compatibility gate started")
     compat = _check(r, main, compat_policy)
+    say(f"check: {compat['status']}")
     if compat["status"] == "fail":
         return _stopped_by_compat(compat, run_dir, c, parent, log)
-    merged, table, states, fresh_runs = _merge_and_evaluate(r, recipes, suite)
-    report, paths = _report_and_gate(r, suite, table, primary, merged, compat, gate_policy, fresh_runs,
-                                     recipe_hash(main))
+    merged, table, states, fresh_runs, smoke = _merge_and_evaluate(r, recipes, suite, gate_policy)
+    if table is None:
+        return _stopped_by_smoke(r, primary, merged, smoke, states)
+    say("report: metrics, plots and the gate's decision")
+    report, paths, problems = _report_and_gate(r, suite, table, primary, merged, compat, gate_policy,
+                                               fresh_runs, recipe_hash(main), _smoke_markdown(smoke))
     decision = report["decision"]
-    registered = _register(r, merged[primary], decision["verdict"], recipe_hash(main))
+    verdict = _verdict(decision)
+    say(f"gate: {verdict}")
+    registered = _register(r, merged[primary], verdict, recipe_hash(main))
     log.info(decision.get("reasons") and "\n".join(decision["reasons"]) or "all gate rules passed")
-    return {"decision": decision["verdict"], "stage": "gate", "primary": primary,
+    # What came from earlier runs: a merge folder found finished, or a task Prefect served from
+    # its cache (state "Cached").
+    reused_merges = sorted({n for n, m in merged.items() if m.get("reused")}  # per-seed merges by label
+                           | {k.split(":", 1)[1] for k, s in states.items() if k.startswith("merge:") and s == "Cached"})
+    reused_evals = sorted(k.split(":", 1)[1] for k, s in states.items() if k.startswith("evaluate:") and s == "Cached")
+    return {"decision": verdict, "stage": "gate", "primary": primary,
             "reasons": decision["reasons"], "report": str(paths.get("md") or next(iter(paths.values()))),
             "reports": {k: str(v) for k, v in paths.items()},
             "models": {n: m["path"] for n, m in merged.items()}, "registered": registered,
-            "lm_eval_runs": fresh_runs, "states": states,
-            "reused_merges": sorted(n for n, m in merged.items() if m.get("reused"))}
+            "lm_eval_runs": fresh_runs, "states": states, "problems": problems,
+            "smoke": _smoke_summary(smoke), "reused_merges": reused_merges,
+            "reused": {"merges": reused_merges, "evaluations": reused_evals}}
+
+
+def _verdict(decision: dict) -> str:
+    """GO / NO-GO / INCONCLUSIVE, from a decision with or without the `verdict` key."""
+    return decision.get("verdict") or ("GO" if decision.get("go") else "NO-GO")
 
 
 def _check(r: _Run, recipe: dict, policy: dict | None) -> dict:
@@ -158,9 +193,10 @@ def _check(r: _Run, recipe: dict, policy: dict | None) -> dict:
     return compat
 
 
-def _merge_and_evaluate(r: _Run, recipes: dict[str, dict], suite):
+def _merge_and_evaluate(r: _Run, recipes: dict[str, dict], suite, gate_policy: dict):
     """2 + 3. Every merge and every evaluation as a task, submitted together: the base's and the
-    fine-tunes' evaluations run while the merges do, each merge's evaluation as soon as it lands."""
+    fine-tunes' evaluations run while the merges do, each merge's evaluation as soon as it lands
+    and passes its smoke test. A primary failing its smoke test: table None, nothing evaluated."""
     pipe, primary = r.pipe, next(iter(recipes))
     folders = inputs(recipes[primary])
     base = base_name(recipes[primary])
@@ -173,27 +209,136 @@ def _merge_and_evaluate(r: _Run, recipes: dict[str, dict], suite):
     score_cache = str(pipe.workdir_path / "score-cache")
 
     def evaluate(name, path, role):
+        path = {k: str(v) for k, v in path.items()} if isinstance(path, dict) else str(path)
         return evaluate_model.with_options(**r.opts).submit(
-            name=name, path=str(path), role=role, suite=suite_dict, cache_dir=score_cache)
+            name=name, path=path, role=role, suite=suite_dict, cache_dir=score_cache)
+
+    from prefect.futures import as_completed
 
     evals = {"base": evaluate("base", folders[base], "base")}
     evals.update({n: evaluate(n, finetunes[n], "finetune") for n in suite.retention})
-    merges = {name: merge_model.with_options(**r.opts).submit(
-        name=name, recipe=recipe, models_dir=str(pipe.workdir_path / "models"),
-        key=merge_key(recipe, pipe.merge.seed), seed=pipe.merge.seed, device=pipe.merge.device,
+    plan = {name: merge_seeds(name, recipe, suite.seeds, pipe.merge.seed) for name, recipe in recipes.items()}
+    merges = {name: {label: merge_model.with_options(**r.opts).submit(
+        name=label, recipe=recipes[name], models_dir=str(pipe.workdir_path / "models"),
+        key=merge_key(recipes[name], seed), seed=seed, device=pipe.merge.device,
         out_shard_size=pipe.merge.out_shard_size, allow_pickle=pipe.merge.allow_pickle,
-        mlflow_run_id=r.parent, refresh=r.opts["refresh_cache"]) for name, recipe in recipes.items()}
-    merged = {}
-    for name, fut in merges.items():
-        m = merged[name] = fut.result()
-        evals[name] = evaluate(name, m["path"], "candidate")
-        _log_merge(r, name, recipes[name], m)
-    tables = {n: f.result() for n, f in evals.items()}
-    # Which stages ran and which came from the cache (Prefect state "Cached"): the resume story.
-    states = {f"merge:{n}": f.state.name for n, f in merges.items()}
+        compat_policy=r.compat_policy, mlflow_run_id=r.parent,
+        refresh=r.opts["refresh_cache"]) for label, seed in plan[name].items()}
+        for name in recipes}
+    n_merges = sum(map(len, merges.values()))
+    say(f"merge + evaluate: {n_merges} merges and {len(evals) + len(merges)} lm-eval evaluations "
+        f"submitted ({pipe.runner.kind}, {pipe.runner.max_workers} workers)")
+    merge_count, eval_count = Counter("merges", n_merges), Counter("evaluations", len(evals) + len(merges))
+    where = {id(f): (name, label) for name, fs in merges.items() for label, f in fs.items()}
+    landed = {name: {} for name in merges}  # candidate -> merge label -> merge result
+    merged, smoke = {}, {}
+    states = {}  # which stages ran and which came from the cache (Prefect state "Cached")
+    for fut in as_completed([f for fs in merges.values() for f in fs.values()]):
+        name, label = where[id(fut)]
+        m = landed[name][label] = fut.result()
+        merge_count.tick(label, " reused" if m.get("reused") or fut.state.name == "Cached" else "")
+        _log_merge(r, label, recipes[name], m)
+        refs = {n: str(p) for n, p in {**folders, **inputs(recipes[name])}.items()}
+        smoke[label] = _smoke(r, label, m["path"], refs, gate_policy, suite.device, states)
+        if len(landed[name]) < len(merges[name]):
+            continue  # the candidate's other seeds are still merging
+        merged[name] = m = {**landed[name][next(iter(merges[name]))]}  # the first seed's
+        if len(merges[name]) > 1:  # merge seed k is evaluated with eval seed k
+            m["per_seed"] = {plan[name][label]: landed[name][label]["path"] for label in merges[name]}
+        if any(smoke[label] is not None and not smoke[label].passed for label in merges[name]):
+            eval_count.tick(name, " skipped (failed its smoke test)")
+            if name == primary:
+                states.update({f"merge:{n}": f.state.name for fs in merges.values() for n, f in fs.items()})
+                return {n: merged[n] for n in recipes if n in merged}, None, states, 0, smoke
+            continue  # a baseline that fails its smoke test is reported, not evaluated
+        evals[name] = evaluate(name, m.get("per_seed") or m["path"], "candidate")
+    merged = {n: merged[n] for n in recipes}  # the recipe's order, primary first
+    name_of = {id(f): n for n, f in evals.items()}
+    tables = {}
+    for fut in as_completed(list(evals.values())):
+        name = name_of[id(fut)]
+        tables[name] = fut.result()
+        eval_count.tick(name, " cached" if fut.state.name == "Cached" else "")
+    tables = {n: tables[n] for n in evals}
+    states.update({f"merge:{n}": f.state.name for fs in merges.values() for n, f in fs.items()})
     states.update({f"evaluate:{n}": f.state.name for n, f in evals.items()})
     fresh_runs = sum(tables[n].runs for n, f in evals.items() if f.state.name != "Cached")
-    return merged, combine(list(tables.values())), states, fresh_runs
+    return merged, combine(list(tables.values())), states, fresh_runs, smoke
+
+
+def merge_seeds(name: str, recipe: dict, eval_seeds: list[int], seed: int) -> dict[str, int]:
+    """{merge label: merge seed}. A random method (DARE, DELLA drop at random) under a suite of
+    several seeds is merged once per eval seed, labelled `<name>-seed<k>`, so the spread across
+    seeds covers the merge's own randomness; any other candidate once, with the pipeline's seed."""
+    from merge.methods.registry import get_method
+
+    if get_method(recipe["merge_method"]).randomized and len(eval_seeds) > 1:
+        return {f"{name}-seed{k}": k for k in eval_seeds}
+    return {name: seed}
+
+
+def _smoke(r: _Run, name: str, path: str, references: dict[str, str], gate_policy: dict,
+           device: str, states: dict):
+    """2b. The smoke test of one merge (seconds; tasks/smoke_tasks.py) against its inputs, in a
+    child run `smoke:<name>`. None when the gate policy skips it (`smoke: null`, `enabled: false`)."""
+    from evaluation.policy import load_policy
+
+    rule = load_policy(gate_policy or {}).smoke
+    if rule is None or not rule.enabled:
+        return None
+    text = r.pipe.path(r.pipe.smoke.text).read_text() if r.pipe.smoke.text else None
+    state = smoke_model.with_options(**r.opts)(
+        name=name, path=path, references=references, text=text, prompts=r.pipe.smoke.prompts,
+        rule=rule.model_dump(), device=device, return_state=True)
+    result = state.result()
+    states[f"smoke:{name}"] = state.name
+    with tracking.child_run(r.c, r.parent, f"smoke:{name}") as run:
+        tracking.log_metrics(r.c, run, result.metrics())
+        tracking.set_tags(r.c, run, {"status": "pass" if result.passed else "fail"})
+        tracking.log_json(r.c, run, result.model_dump(mode="json"), "smoke.json")
+    (r.run_dir / f"smoke-{name}.json").write_text(result.model_dump_json(indent=2))
+    say(f"smoke: {name} {'passed' if result.passed else 'FAILED'} ({result.seconds:.1f} s)")
+    if not result.passed:
+        r.log.warning(f"{name}: smoke test failed:\n" + "\n".join(result.reasons()))
+    return result
+
+
+def _smoke_summary(smoke: dict) -> dict:
+    return {n: None if s is None else {"passed": s.passed, "seconds": s.seconds, "reasons": s.reasons()}
+            for n, s in smoke.items()}
+
+
+def _smoke_markdown(smoke: dict) -> str:
+    """A section for report.md: every merge's smoke test, a failed one's checks named."""
+    rows = [f"| {n} | {'pass' if s.passed else 'FAIL (not evaluated)'} | {s.seconds:.1f} | "
+            + ("; ".join(s.reasons()) or "-").replace("|", "\\|").replace("\n", " ") + " |"
+            for n, s in smoke.items() if s is not None]
+    if not rows:
+        return ""
+    return ("\n## Smoke test\n\nEach merge, before its full evaluation (evaluation/smoke.py).\n\n"
+            "| merge | smoke | seconds | failed checks |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
+def _stopped_by_smoke(r: _Run, primary: str, merged: dict, smoke: dict, states: dict) -> dict:
+    """The primary merge failed its smoke test: NO-GO at stage `smoke`, no full evaluation,
+    nothing registered."""
+    result = smoke[primary]
+    reasons = [f"{primary}: {reason}" for reason in result.reasons()]
+    rows = "\n".join(f"| {c.name} | {c.status} | {c.message} |" for c in result.checks)
+    md = (f"# NO-GO: {primary} failed the smoke test\n\nThe full evaluation was not run and nothing was "
+          f"registered.\n\n" + "\n".join(f"- {x}" for x in reasons) +
+          f"\n\n| check | status | evidence |\n|---|---|---|\n{rows}\n\n"
+          + "".join(f"- `{c.prompt}` -> `{c.text}`\n" for c in result.continuations))
+    (r.run_dir / "report.md").write_text(md)
+    decision = {"go": False, "verdict": "NO-GO", "stage": "smoke", "reasons": reasons}
+    (r.run_dir / "decision.json").write_text(json.dumps(decision, indent=2))
+    tracking.log_artifact(r.c, r.parent, r.run_dir / "report.md", "report")
+    tracking.log_json(r.c, r.parent, decision, "decision.json")
+    _prefect_artifacts(md, [], None)
+    r.log.warning(f"{primary} failed the smoke test; not evaluated, not registered:\n" + "\n".join(reasons))
+    return {"decision": "NO-GO", "stage": "smoke", "primary": primary, "reasons": reasons,
+            "report": str(r.run_dir / "report.md"), "models": {n: m["path"] for n, m in merged.items()},
+            "registered": None, "states": states, "smoke": _smoke_summary(smoke), "lm_eval_runs": 0}
 
 
 def _log_merge(r: _Run, name: str, recipe: dict, m: dict) -> None:
@@ -210,8 +355,9 @@ def _log_merge(r: _Run, name: str, recipe: dict, m: dict) -> None:
 
 
 def _report_and_gate(r: _Run, suite, table, primary: str, merged: dict, compat: dict,
-                     gate_policy: dict, fresh_runs: int, main_hash: str):
-    """4. Metrics, report (json/md/html + plots) and the gate's decision, logged and published."""
+                     gate_policy: dict, fresh_runs: int, main_hash: str, appendix: str = ""):
+    """4. Metrics, report (json/md/html + plots) and the gate's decision, logged and published;
+    `appendix` (markdown: the smoke tests) is added to report.md."""
     from evaluation.plots import all_plots
     from evaluation.report import build_report, render_markdown, write_reports
 
@@ -222,12 +368,26 @@ def _report_and_gate(r: _Run, suite, table, primary: str, merged: dict, compat: 
                           extra_inputs={"pipeline": r.pipe.name, "recipe_hash": main_hash,
                                         "mlflow_run_id": parent})
     decision = report["decision"]
-    paths = write_reports(report, r.run_dir / "report")
+    problems: list[str] = []
+    names = set(merged) | set(table.scores["model"]) | set((compat.get("norms") or {}).get("per_model") or {})
+    try:
+        paths = write_reports(report, r.run_dir / "report")
+    except Exception as e:  # noqa: BLE001 - the decision must not die with a drawing
+        problems.append(_report_problem("the HTML report", e, names))
+        paths = _plain_reports(report, r.run_dir / "report")
+    if appendix and paths.get("md"):
+        with open(paths["md"], "a", encoding="utf-8") as f:
+            f.write(appendix)
     plots_dir = r.run_dir / "report" / "plots"
     plots_dir.mkdir(exist_ok=True)
-    for pname, png in all_plots(report).items():
-        if png:
-            (plots_dir / f"{pname}.png").write_bytes(png)
+    try:
+        for pname, png in all_plots(report).items():
+            if png:
+                (plots_dir / f"{pname}.png").write_bytes(png)
+    except Exception as e:  # noqa: BLE001
+        problems.append(_report_problem("the plots", e, names))
+    for p in problems:
+        r.log.warning(p)
     summaries = {n: cand.get("summary", {}) for n, cand in report["candidates"].items()}
     with tracking.child_run(c, parent, "evaluate") as run:
         tracking.log_metrics(c, run, {"scores": {f"{s['model']}.{s['task']}": s["value"] for s in report["scores"]},
@@ -235,14 +395,43 @@ def _report_and_gate(r: _Run, suite, table, primary: str, merged: dict, compat: 
         tracking.log_metrics(c, run, summaries)
     with tracking.child_run(c, parent, "gate") as run:
         tracking.log_metrics(c, run, {"go": decision["go"]})
-        tracking.set_tags(c, run, {"decision": decision["verdict"]})
+        tracking.set_tags(c, run, {"decision": _verdict(decision)})
         tracking.log_json(c, run, decision, "decision.json")
         for p in paths.values():
             tracking.log_artifact(c, run, Path(p), "report")
         tracking.log_artifact(c, run, plots_dir, "report/plots")
     tracking.log_metrics(c, parent, summaries)
-    _prefect_artifacts(render_markdown(report), report["scores"], r.pipe.name)
-    return report, paths
+    if problems:
+        tracking.set_tags(c, parent, {"mergeline.report_problems": "; ".join(problems)[:5000]})
+    _prefect_artifacts(render_markdown(report) + appendix, report["scores"], r.pipe.name)
+    return report, paths, problems
+
+
+def _report_problem(what: str, e: Exception, names: set[str]) -> str:
+    """One line naming what failed and the model names that may have caused it: matplotlib reads
+    a label with two '$' as math text, and fails on what is not valid TeX there."""
+    odd = sorted(n for n in names if n.count("$") >= 2)
+    culprit = (f"; model name(s) matplotlib reads as math text: {odd} (rename the folders)" if odd
+               else "")
+    msg = " ".join(str(e).split())
+    msg = msg if len(msg) <= 160 else msg[:160] + "..."
+    return f"{what} could not be drawn ({type(e).__name__}: {msg}){culprit}; the decision stands, see report.md"
+
+
+def _plain_reports(report: dict, out_dir: Path) -> dict[str, Path]:
+    """report.json and report.md without the HTML (its plots failed)."""
+    import os
+
+    from evaluation.report import render_markdown
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md"}
+    texts = {"json": json.dumps(report, indent=2, default=str), "md": render_markdown(report)}
+    for kind, path in paths.items():
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(texts[kind], encoding="utf-8")
+        os.replace(tmp, path)
+    return paths
 
 
 def _register(r: _Run, m: dict, verdict: str, main_hash: str) -> dict | None:
@@ -306,6 +495,13 @@ def validate(pipe: Pipeline) -> None:
     from evaluation.suite import check_ready, load_suite
     from merge.compat.policy import load_policy as load_compat_policy
 
+    for key in ("recipe", "eval_suite", "gate_policy", "compat_policy"):
+        value = getattr(pipe, key)
+        if isinstance(value, str):
+            check_yaml_file(pipe.path(value), f"{key.replace('_', ' ')} (pipeline key '{key}')")
+    for b in pipe.baselines:
+        if not isinstance(b, str) and isinstance(b.recipe, str):
+            check_yaml_file(pipe.path(b.recipe), f"baseline {b.name} recipe")
     candidates(pipe)
     load_gate_policy(_policy(pipe, pipe.gate_policy))
     load_compat_policy(_policy(pipe, pipe.compat_policy))
@@ -314,40 +510,44 @@ def validate(pipe: Pipeline) -> None:
 
 
 def run_pipeline(path: str | Path, refresh: bool = False) -> dict:
-    """Validate the file, check the servers (fast), then run the flow. Raises PipelineError,
-    ServerUnreachable before any heavy work."""
+    """Take the workdir's lock, validate the file, check the servers (fast), then run the flow.
+    Raises PipelineError, ServerUnreachable, WorkdirBusy, ... (flows.errors.input_errors())
+    before any heavy work."""
     default_environment()
     pipe = load_pipeline(path)
-    from prefect.settings import PREFECT_API_URL
+    with workdir_lock(pipe.workdir_path) if workdir_state.active != pipe.workdir_path else _held():
+        from prefect.settings import PREFECT_API_URL
 
-    api = PREFECT_API_URL.value() or None  # env or the active Prefect profile
-    track = resolve_tracking(pipe.workdir_path, pipe.tracking.mlflow_tracking_uri,
-                             pipe.tracking.prefect_api_url or api)
-    check_servers(track)
-    validate(pipe)
-    flow_fn = pipeline_flow.with_options(task_runner=task_runner(pipe))
-    if track.prefect_api_url and track.prefect_api_url != api:
-        from prefect.settings import temporary_settings
+        api = PREFECT_API_URL.value() or None  # env or the active Prefect profile
+        track = resolve_tracking(pipe.workdir_path, pipe.tracking.mlflow_tracking_uri,
+                                 pipe.tracking.prefect_api_url or api)
+        check_servers(track)
+        validate(pipe)
+        say(f"pipeline {pipe.name}: workdir {pipe.workdir_path}")
+        if not track.prefect_api_url:
+            say("prefect: starting its temporary server (~20 s; set PREFECT_API_URL to use a running one)")
+        flow_fn = pipeline_flow.with_options(task_runner=task_runner(pipe))
+        if track.prefect_api_url and track.prefect_api_url != api:
+            from prefect.settings import temporary_settings
 
-        with temporary_settings({PREFECT_API_URL: track.prefect_api_url}):
-            return flow_fn(pipeline=str(Path(path).resolve()), refresh=refresh)
-    return flow_fn(pipeline=str(Path(path).resolve()), refresh=refresh)
+            with temporary_settings({PREFECT_API_URL: track.prefect_api_url}):
+                summary = flow_fn(pipeline=str(Path(path).resolve()), refresh=refresh)
+        else:
+            summary = flow_fn(pipeline=str(Path(path).resolve()), refresh=refresh)
+    say(f"done: {summary['decision']}")
+    return summary
+
+
+@contextmanager
+def _held():
+    yield  # the caller (mergeline demo) holds the workdir's lock already
 
 
 def input_errors() -> tuple[type[Exception], ...]:
-    """Exceptions that mean unusable input (exit 2), not a failed check."""
-    from flows.servers import ServerUnreachable
-    from merge.recipe import RecipeError
-    from merge.resolve import ModelNotFound
+    """Exceptions that mean unusable input (exit 2): the one list in flows/errors.py."""
+    from flows.errors import input_errors as errors
 
-    errors: list[type[Exception]] = [PipelineError, ServerUnreachable, RecipeError, ModelNotFound]
-    for mod, name in (("evaluation.suite", "SuiteError"), ("evaluation.policy", "PolicyError"),
-                      ("merge.compat", "CompatInputError")):
-        try:
-            errors.append(getattr(__import__(mod, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+    return errors()
 
 
 if __name__ == "__main__":

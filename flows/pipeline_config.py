@@ -10,6 +10,7 @@ and where to record it.
     compat_policy: compat_policy.yaml    # optional
     tracking: {experiment: mergeline, register_as: mergeline-demo}
     runner: {kind: threads, max_workers: 2}
+    smoke: {text: held_out.txt, prompts: ["the cat"]}  # optional; thresholds: the gate policy's smoke:
 
 `mergeline run PIPELINE` runs it (flows/pipeline.py). Unknown keys are refused by name.
 
@@ -26,6 +27,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from flows.errors import InputError, read_text, yaml_error_line
 from merge import config_files
 from merge.config_files import parse_yaml_mapping
 
@@ -70,6 +72,15 @@ class Runner(_Strict):
     dask_address: Optional[str] = None
 
 
+class SmokeInputs(_Strict):
+    """What the smoke stage (evaluation/smoke.py) feeds every merge; its thresholds are the gate
+    policy's `smoke:` section. Without text the perplexity check is skipped, without prompts
+    the EOS and repetition checks are (each recorded as skipped)."""
+
+    text: Optional[str] = Field(None, description="file of held-out general text, one document per line")
+    prompts: list[str] = Field(default_factory=list, description="prompts for greedy continuations")
+
+
 class Pipeline(_Strict):
     name: str = "pipeline"
     workdir: str = "mergeline-runs/pipeline"
@@ -83,6 +94,7 @@ class Pipeline(_Strict):
     merge: MergeSettings = Field(default_factory=MergeSettings)
     tracking: Tracking = Field(default_factory=Tracking)
     runner: Runner = Field(default_factory=Runner)
+    smoke: SmokeInputs = Field(default_factory=SmokeInputs)
     # The file's folder; relative paths above resolve against it. Set by load_pipeline.
     source_dir: Optional[str] = Field(None, exclude=True)
 
@@ -110,7 +122,18 @@ class Pipeline(_Strict):
         p = self.path(value)
         if not p.is_file():
             raise PipelineError(f"{value}: file not found (resolved to {p})")
-        return yaml.safe_load(p.read_text()), p
+        text = _text(p, "config")
+        try:
+            return yaml.safe_load(text), p
+        except yaml.YAMLError as e:
+            raise PipelineError(yaml_error_line(e, str(p))) from None
+
+
+def _text(path: Path, kind: str) -> str:
+    try:
+        return read_text(path, kind)
+    except InputError as e:
+        raise PipelineError(str(e)) from None
 
 
 def fill(text: str, values: dict[str, str] | None = None) -> str:
@@ -128,10 +151,14 @@ def load_pipeline(path: str | Path, values: dict[str, str] | None = None) -> Pip
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: pipeline file not found")
-    text = fill(path.read_text(), values)
+    text = fill(_text(path, "pipeline"), values)
     if missing := sorted(set(_PLACEHOLDER.findall(text))):
         raise PipelineError(f"{path}: placeholder(s) {missing} not set; set them as environment "
                             f"variables (`mergeline demo` writes a filled-in copy for the zoo)")
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as e:  # one line with the place, not YAML's multi-line snippet
+        raise PipelineError(yaml_error_line(e, str(path))) from None
     data = parse_yaml_mapping(text, str(path), "pipeline", PipelineError)
     if "source_dir" in data:
         raise PipelineError(f"{path}: unknown key 'source_dir'")
@@ -144,6 +171,9 @@ def load_pipeline(path: str | Path, values: dict[str, str] | None = None) -> Pip
         value = getattr(pipe, key)
         if isinstance(value, str) and not pipe.path(value).is_file():
             raise PipelineError(f"{path}: key '{key}': file {value} not found (resolved to {pipe.path(value)})")
+    if pipe.smoke.text is not None and not pipe.path(pipe.smoke.text).is_file():
+        raise PipelineError(f"{path}: key 'smoke.text': file {pipe.smoke.text} not found "
+                            f"(resolved to {pipe.path(pipe.smoke.text)})")
     return pipe
 
 

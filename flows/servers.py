@@ -16,10 +16,21 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from flows.errors import InputError
 
 
 class ServerUnreachable(RuntimeError):
     """A configured Prefect or MLflow server did not answer its health check."""
+
+
+class TrackingURIError(InputError):
+    """A tracking URI with a scheme MLflow cannot store runs in (e.g. ftp://), refused by name."""
+
+
+# What MLflow can keep runs in: a server, a database, a folder, Databricks.
+MLFLOW_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks", "databricks-uc", "uc")
 
 
 @dataclass(frozen=True)
@@ -49,10 +60,23 @@ def resolve_tracking(workdir: Path, mlflow_uri: str | None = None,
     workdir = Path(workdir).resolve()
     uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     api = os.environ.get("PREFECT_API_URL") or prefect_api_url or None
+    _check_scheme(uri, "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else
+                  "tracking.mlflow_tracking_uri", MLFLOW_SCHEMES, "http(s)://HOST:PORT of an `mlflow server`, "
+                  "sqlite:///PATH, postgresql://..., or unset it for WORKDIR/mlflow.db")
+    if api:
+        _check_scheme(api, "PREFECT_API_URL" if os.environ.get("PREFECT_API_URL") else "tracking.prefect_api_url",
+                      ("http", "https"), "http(s)://HOST:PORT/api of a `prefect server start`, or unset it")
     local = not uri.startswith(("http://", "https://", "databricks"))
     artifacts = (workdir / "mlartifacts").as_uri() if local else None
     _refuse_shared_sqlite(uri)
     return Tracking(mlflow_uri=uri, artifact_location=artifacts, prefect_api_url=api)
+
+
+def _check_scheme(uri: str, setting: str, schemes: tuple[str, ...], hint: str) -> None:
+    """Refuse a URI whose scheme the tool cannot use, before any work; a bare path is a folder."""
+    scheme = urlsplit(uri).scheme.lower().split("+", 1)[0]  # postgresql+psycopg2 -> postgresql
+    if scheme and len(scheme) > 1 and scheme not in schemes:  # len 1: a Windows drive letter
+        raise TrackingURIError(f"{setting}={uri}: unsupported scheme '{scheme}://' (use {hint})")
 
 
 def _refuse_shared_sqlite(mlflow_uri: str) -> None:

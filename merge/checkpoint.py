@@ -11,8 +11,9 @@ the caller opts in, because unpickling runs code; opted in, they load with
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -33,6 +34,53 @@ class CheckpointError(ValueError):
     """A model folder that cannot be read; the message names the file at fault."""
 
 
+# JSON a model folder holds (index, config, tokenizer files) can fail to parse in these ways;
+# RecursionError is json's answer to deeply nested arrays.
+JSON_ERRORS = (json.JSONDecodeError, UnicodeDecodeError, RecursionError)
+
+
+def short_path(path: str | Path, limit: int = 120) -> str:
+    """A path for a one-line message: whole when short, else its start and its length."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _roots(folder: Path) -> list[Path]:
+    """Where files of `folder` may really live: the folder itself, and for a Hugging Face cache
+    snapshot (`.../snapshots/<rev>`), the repo's `blobs/` its links point into."""
+    real = folder.resolve()
+    roots = [real]
+    if real.parent.name == "snapshots":
+        roots.append(real.parent.parent / "blobs")
+    return roots
+
+
+def model_file(folder: Path, name: str, what: str = "file") -> Path | None:
+    """`folder/name` if it exists, None if not; CheckpointError naming it when `name` leaves the
+    folder (`..`, an absolute path, a link to elsewhere) or is not a regular file.
+
+    A file named by a model folder (an index's shard, a tokenizer file) is read and may be copied
+    into a merged model, so it must be the folder's own: a link to /etc/passwd is refused. Links
+    inside the folder, and a Hugging Face snapshot's links into its `blobs/`, are followed."""
+    pure = PurePosixPath(name)
+    if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name:
+        raise CheckpointError(f"{folder}: {what} {short_path(name)!r} is outside the model folder (refused)")
+    path = folder / name
+    try:
+        if not path.exists() and not path.is_symlink():
+            return None
+        real = path.resolve()
+        regular = real.is_file()
+    except (OSError, RuntimeError) as e:  # a name too long, a link loop
+        raise CheckpointError(f"{short_path(path)}: unreadable {what} ({e.__class__.__name__}: {e})") from None
+    if not any(real == r or real.is_relative_to(r) for r in _roots(folder)):
+        raise CheckpointError(f"{path}: {what} is a link to {real}, outside the model folder (refused: copy the "
+                              "file into the folder)")
+    if not regular:
+        raise CheckpointError(f"{path}: {what} is not a regular file")
+    return path
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     dtype: str  # safetensors name, e.g. "BF16"
@@ -50,26 +98,49 @@ class TensorInfo:
 def read_json_object(path: Path) -> dict:
     """A JSON object from `path` (config.json, adapter_config.json); CheckpointError naming the
     file when it is missing, not JSON, or not an object."""
-    if not path.is_file():
+    if model_file(path.parent, path.name) is None:
         raise CheckpointError(f"{path}: {path.name} missing")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except JSON_ERRORS as e:
+        raise CheckpointError(f"{path}: invalid JSON ({_why(e)})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: {path.name} must be a JSON object")
     return data
 
 
+def _why(e: Exception) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e).splitlines()[0] if str(e) else e.__class__.__name__
+
+
 def _read_weight_map(index: Path) -> dict[str, str]:
-    """The `weight_map` of a sharded checkpoint's index (tensor name -> shard file)."""
+    """The `weight_map` of a sharded checkpoint's index (tensor name -> shard file), every shard
+    a regular file inside the model folder."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: not a valid index, no readable 'weight_map' ({e})") from e
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (*JSON_ERRORS, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid index, no readable 'weight_map' ({_why(e)})") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    for shard in sorted(set(weight_map.values())):
+        if model_file(index.parent, shard, "shard") is None:
+            raise CheckpointError(f"{index}: names shard {short_path(shard)!r}, which is missing")
     return weight_map
+
+
+def _one_owner(found: list[tuple[str, list[str]]], folder: Path) -> dict[str, str]:
+    """(file, tensor names) per file -> name -> file; a name stored in two files is refused,
+    since which copy a reader takes would depend on the reader."""
+    owner: dict[str, str] = {}
+    for file, names in found:
+        for name in names:
+            if name in owner:
+                raise CheckpointError(f"{folder}: tensor {name!r} is stored twice, in {owner[name]} and {file} "
+                                      "(refused: which copy is meant is ambiguous)")
+            owner[name] = file
+    return owner
 
 
 class Checkpoint:
@@ -85,8 +156,12 @@ class Checkpoint:
             model, adapter_folder = split_adapter(model)
             adapter = LoraAdapter.load(adapter_folder)
         self.folder = Path(model)
-        if not self.folder.is_dir():
-            raise CheckpointError(f"{self.folder}: model folder not found")
+        try:
+            found = self.folder.is_dir()
+        except OSError as e:  # a name too long for the file system
+            raise CheckpointError(f"{short_path(self.folder)}: unusable model folder ({e.strerror})") from None
+        if not found:
+            raise CheckpointError(f"{short_path(self.folder)}: model folder not found")
         self._handles: dict[str, object] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         self.weight_map = self._find_weights(allow_pickle)
@@ -98,19 +173,20 @@ class Checkpoint:
     # -- discovery -------------------------------------------------------------
     def _find_weights(self, allow_pickle: bool) -> dict[str, str]:
         index = self.folder / SAFETENSORS_INDEX
-        if index.exists():
+        if model_file(self.folder, SAFETENSORS_INDEX, "index") is not None:
             weight_map = _read_weight_map(index)
-            for shard in sorted(set(weight_map.values())):
-                if not (self.folder / shard).is_file():
-                    raise CheckpointError(f"{index}: names shard {shard!r}, which is missing")
+            # Every shard's header is read once here, so a name two shards hold is refused
+            # before anyone (check, merge) reads either copy.
+            _one_owner([(s, list(self._open(s).keys())) for s in sorted(set(weight_map.values()))], self.folder)
             return dict(weight_map)
-        single = self.folder / SAFETENSORS_SINGLE
-        if single.exists():
+        if model_file(self.folder, SAFETENSORS_SINGLE) is not None:
             return {name: SAFETENSORS_SINGLE for name in self._open(SAFETENSORS_SINGLE).keys()}
         loose = sorted(p.name for p in self.folder.glob("*.safetensors"))
         if loose:
-            return {name: shard for shard in loose for name in self._open(shard).keys()}
-        pickles = [n for n in PICKLE_NAMES if (self.folder / n).exists()]
+            for shard in loose:
+                model_file(self.folder, shard, "shard")
+            return _one_owner([(s, list(self._open(s).keys())) for s in loose], self.folder)
+        pickles = [n for n in PICKLE_NAMES if model_file(self.folder, n) is not None]
         if pickles:
             if not allow_pickle:
                 raise CheckpointError(
@@ -124,31 +200,49 @@ class Checkpoint:
         files = [name]
         if name.endswith(".index.json"):
             files = sorted(set(_read_weight_map(self.folder / name).values()))
-        self._pickled, weight_map = {}, {}
+        self._pickled, found = {}, []
         for f in files:
             path = self.folder / f
-            if not path.is_file():
-                raise CheckpointError(f"{self.folder / name}: names shard {f!r}, which is missing")
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # torch raises many types for a bad pickle
-                raise CheckpointError(f"{path}: cannot load pickle checkpoint ({e})") from e
+                raise CheckpointError(f"{path}: cannot load pickle checkpoint ({_why(e)})") from None
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise CheckpointError(f"{path}: pickle checkpoint is not a flat name -> tensor state dict")
+            found.append((f, list(state)))
             self._pickled.update(state)
-            weight_map.update({k: f for k in state})
-        return weight_map
+        return _one_owner(found, self.folder)
 
     def _open(self, shard: str):
         if shard not in self._handles:
             path = self.folder / shard
             try:
                 self._handles[shard] = safe_open(str(path), framework="pt", device="cpu")
-            except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from e
+            except (SafetensorError, OSError, ValueError, RecursionError) as e:
+                raise CheckpointError(f"{path}: unreadable safetensors file ({_why(e)})") from None
         return self._handles[shard]
 
     # -- public API ------------------------------------------------------------
+    def spans(self) -> dict[str, tuple[str, int, int]]:
+        """Name -> (shard, byte offset, byte length) of each tensor's data, for the weight map's
+        own tensor -> shard pairs only (the one reading of this checkpoint: a reader that maps
+        shard headers itself must not pick up a copy the map does not name)."""
+        out: dict[str, tuple[str, int, int]] = {}
+        if self._pickled is not None:
+            return out
+        wanted: dict[str, set[str]] = {}
+        for name, shard in self.weight_map.items():
+            wanted.setdefault(shard, set()).add(name)
+        for shard, names in wanted.items():
+            path = self.folder / shard
+            with open(path, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))  # safetensors already parsed it in _open
+            for name in names & header.keys():
+                start, end = header[name]["data_offsets"]
+                out[name] = (shard, 8 + n + start, end - start)
+        return out
+
     @property
     def config(self) -> dict:
         return read_json_object(self.folder / "config.json")
@@ -166,15 +260,19 @@ class Checkpoint:
             for name, shard in self.weight_map.items():
                 if self._pickled is not None:
                     t = self._pickled[name]
-                    dtype = next((k for k, v in DTYPES.items() if v == t.dtype), str(t.dtype))
+                    dtype = next((k for k, v in DTYPES.items() if v == t.dtype), str(t.dtype).removeprefix("torch."))
                     infos[name] = TensorInfo(dtype, tuple(t.shape), shard)
-                    continue
-                try:
-                    sl = self._open(shard).get_slice(name)
-                except SafetensorError as e:
-                    raise CheckpointError(f"{self.folder / shard}: tensor {name!r} (listed in the index) "
-                                          f"unreadable ({e})") from e
-                infos[name] = TensorInfo(sl.get_dtype(), tuple(sl.get_shape()), shard)
+                else:
+                    try:
+                        sl = self._open(shard).get_slice(name)
+                    except SafetensorError as e:
+                        raise CheckpointError(f"{self.folder / shard}: tensor {name!r} (listed in the index) "
+                                              f"unreadable ({e})") from None
+                    infos[name] = TensorInfo(sl.get_dtype(), tuple(sl.get_shape()), shard)
+                if infos[name].dtype not in DTYPES:  # FP8, F4, ...: no merge arithmetic is defined on them
+                    raise CheckpointError(f"{self.folder / shard}: tensor {name!r} has dtype {infos[name].dtype}, which "
+                                          f"mergeline cannot read (supported: {', '.join(DTYPES)}); dequantize the "
+                                          "model first")
             self._infos = infos
         return self._infos
 

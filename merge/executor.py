@@ -1,10 +1,15 @@
 """Run a recipe: stream every tensor name through the merge method, out of core.
 
-The plan (merge/plan.py) is built from the headers first. Then, for each output tensor, in the
-order its bytes lie in the reference model's shards:
+Safe by default: the compatibility gate (merge/compat, the checks of `mergeline check`, with
+the same policy) runs first on the headers alone (architecture, tensor names/shapes/dtypes,
+tokenizer; the same model given twice is refused before that); a failed check stops the merge
+before any tensor is read. The plan (merge/plan.py) is built from the headers next. Then, for
+each output tensor, in the order its bytes lie in the reference model's shards:
 1. read the base's and each model's tensor straight from the safetensors files into fresh
    buffers (merge/reader.py: `os.preadv`, no memory map), in a prefetch thread so reading the
    next tensor overlaps computing this one (on CUDA via pinned host buffers and a side stream);
+   the tensors, as read, also go to the gate's norm statistics (the fused Gram kernel of
+   merge/compat/gram.py, on a thread of its own): no second read of the inputs;
 2. cast to the compute dtype (the recipe's `dtype`, else the inputs' promoted dtype: mergekit
    casts, it never upcasts on its own);
 3. call the method with this tensor's parameters (`plan.tensor_params`, resolved as mergekit does)
@@ -12,7 +17,12 @@ order its bytes lie in the reference model's shards:
    independent of order;
 4. cast to `out_dtype` (else the compute dtype, as mergekit writes) and hand the result to a
    writer thread that appends it to the current output shard.
-At most three tensor names' inputs (reading, queued, computing) and two outputs are alive.
+At most three tensor names' inputs (reading, queued, computing) and two outputs are alive, and
+up to three more inputs the merge is done with while the norm thread catches up.
+When every tensor is written, the norm checks (NaN/Inf, a delta too large for a fine-tune,
+weights unrelated to the base, a model identical to the base) are judged; a failure discards
+the staged output (`ChecksFailed`). `allow_crimes=True` (mergekit's `--allow-crimes`) merges
+anyway and records the waived failures in lineage.json and the model card.
 
     python -c "from merge.executor import run_merge; print(run_merge('configs/recipes/ties.yaml', 'out'))"
 """
@@ -22,17 +32,25 @@ import hashlib
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
+import yaml
 
+from merge.checkpoint import CheckpointError
 from merge.device import resolve_device
-from merge.plan import Plan, TensorJob, build_plan, model_thresholds, tensor_params, torch_dtype
-from merge.recipe import MergeRecipe, load_recipe
+from merge.plan import MergeError, Plan, TensorJob, build_plan, model_thresholds, tensor_params
+from merge.recipe import MergeRecipe, load_recipe, model_names
+from merge.resolve import ModelNotFound, resolve_model
 from merge.stats import StatsAggregator
-from merge.writer import ShardWriter, copy_side_files, parse_size, staging_dir, write_chat_template, write_config
+from merge.writer import ShardWriter, parse_size, staging_dir, write_side_files
+
+if TYPE_CHECKING:  # the gate (and numba, for its kernel) is imported only when checks run
+    from merge.compat.gate import CompatGate
+    from merge.compat.norms import NormAccumulator
+    from merge.compat.report import CompatReport
 
 @dataclass
 class MergeOutput:
@@ -42,6 +60,8 @@ class MergeOutput:
     method: str = ""
     tensors: int = 0
     nbytes: int = 0
+    checks: dict | None = None  # the compatibility report (CompatReport.to_dict()); None when not checked
+    waived: list[str] = field(default_factory=list)  # failed checks merged anyway (allow_crimes)
 
 
 # -- the streaming loop ----------------------------------------------------------------
@@ -52,7 +72,63 @@ def _seed_for(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def _producer(plan: Plan, device: torch.device, out_q: queue.Queue, stop: threading.Event) -> None:
+class _NormFeed:
+    """Hands the tensors the merge reads to the gate's norm accumulator, as stored (before any
+    cast or device move), so its figures are those `mergeline check` computes from the files.
+
+    The Gram kernel runs on a thread of its own, so the numba start-up (about 0.3 s, paid while
+    the first tensors are read) and the kernel itself stay off the read-merge-write path; the
+    queue holds at most two tensor names' inputs that the merge may already have dropped."""
+
+    def __init__(self, gate: CompatGate, plan: Plan):
+        index = {s.name: i for i, s in enumerate(plan.inputs)}  # the gate names inputs as the plan does
+        self.models = [index[n] for n in gate.models]
+        self.base = index[gate.base_name]
+        self.names = gate.norm_names()
+        self.acc: NormAccumulator = gate.accumulator()
+        self.errors: list[BaseException] = []
+        self._q: queue.Queue = queue.Queue(maxsize=2)
+        dtypes = {plan.inputs[self.base].reader.infos[n].dtype for n in self.names}
+        self._thread = threading.Thread(target=self._run, args=(dtypes,), daemon=True)
+        self._thread.start()
+
+    def __call__(self, job: TensorJob, tensors: list[torch.Tensor]) -> None:
+        """From the producer thread, as each job's inputs are read."""
+        if job.name in self.names:  # shared by every model under this name (not a tied head)
+            self._q.put((job.name, [tensors[i] for i in self.models], tensors[self.base]))
+
+    def _run(self, dtypes: set[str]) -> None:
+        from merge.checkpoint import DTYPES
+        from merge.compat.gram import warm_up
+
+        try:
+            warm_up(len(self.models) + 1, {DTYPES[d] for d in dtypes if d in DTYPES})
+        except BaseException as e:
+            self.errors.append(e)
+        while (item := self._q.get()) is not _DONE:
+            if self.errors:
+                continue  # drain after a failure so the producer never blocks
+            try:
+                self.acc.add(*item)
+            except BaseException as e:
+                self.errors.append(e)
+
+    def join(self) -> None:
+        """Wait for the queued tensors (the producer has stopped)."""
+        if self._thread.is_alive():
+            self._q.put(_DONE)
+            self._thread.join()
+
+    def result(self):
+        """The accumulated statistics (NormResult); raises the thread's error, if any."""
+        self.join()
+        if self.errors:
+            raise self.errors[0]
+        return self.acc.result
+
+
+def _producer(plan: Plan, device: torch.device, out_q: queue.Queue, stop: threading.Event,
+              feed: _NormFeed | None = None) -> None:
     """Read each job's inputs (and move them to the device) ahead of the compute loop."""
     cuda = device.type == "cuda"
     stream = torch.cuda.Stream(device) if cuda else None
@@ -61,6 +137,8 @@ def _producer(plan: Plan, device: torch.device, out_q: queue.Queue, stop: thread
             if stop.is_set():
                 return
             tensors = [s.reader.read(src, pin=cuda) for s, src in zip(plan.inputs, job.sources)]
+            if feed is not None:
+                feed(job, tensors)
             if job.floating:
                 if cuda:
                     with torch.cuda.stream(stream):
@@ -101,26 +179,43 @@ def _progress_bar(total_tensors: int, total_bytes: int):
 def run_merge(recipe: MergeRecipe | str | Path | Mapping, out_dir: str | Path, *, device: str = "auto",
               out_shard_size: str | int = "5GB", overwrite: bool = False, seed: int = 0,
               allow_pickle: bool = False, progress: bool = True,
-              on_tensor: Callable[[str, int], None] | None = None) -> MergeOutput:
-    """Merge the recipe's models into `out_dir`; returns the path, merge statistics and seconds."""
+              on_tensor: Callable[[str, int], None] | None = None,
+              policy: Any = None, allow_crimes: bool = False, checks: bool = True,
+              lineage: bool = True) -> MergeOutput:
+    """Merge the recipe's models into `out_dir`; returns the path, merge statistics and seconds.
+
+    `policy`: the compatibility policy (a YAML path, a dict, a CompatPolicy; None: the default
+    file), as `mergeline check --policy` takes it. A failed check raises `ChecksFailed` and
+    leaves nothing behind, unless `allow_crimes`, which merges anyway and records the waived
+    failures. `checks=False` skips the gate (the benchmark's baseline; nothing else should).
+    `lineage`: write lineage.json and the model card README.md (content hashes of every input
+    and of the output: one extra read of each)."""
     t0 = time.perf_counter()
     if not isinstance(recipe, MergeRecipe):
         recipe = load_recipe(recipe)
     dev = resolve_device(device)
     max_shard = parse_size(out_shard_size)
+    gate = _open_gate(recipe, policy, allow_pickle) if checks else None
+    if gate is not None:
+        _verdict(gate.report, "headers", allow_crimes)  # before any tensor is read
     plan = build_plan(recipe, allow_pickle=allow_pickle)
+    if gate is not None:
+        gate.close()  # the merge's own reader feeds the norms from here on
     method = plan.method
     thresholds = model_thresholds(plan, dev)
     merged_names = [s.name for s in plan.merged]
     agg = StatsAggregator(method.name, merged_names)
     total_bytes = sum(j.out.nbytes for j in plan.jobs)
+    report: CompatReport | None = None
     try:
         with staging_dir(out_dir, overwrite) as tmp:
             writer = ShardWriter(tmp, [j.out for j in plan.jobs], max_shard)
             in_q: queue.Queue = queue.Queue(maxsize=1)
             out_q: queue.Queue = queue.Queue(maxsize=2)
             stop, write_errors = threading.Event(), []
-            producer = threading.Thread(target=_producer, args=(plan, dev, in_q, stop), daemon=True)
+            feed = (_NormFeed(gate, plan) if gate is not None and gate.norm_skip_reason() is None
+            and not plan.stacked else None)  # a frankenmerge's inputs are layer slots, not models
+            producer = threading.Thread(target=_producer, args=(plan, dev, in_q, stop, feed), daemon=True)
             wthread = threading.Thread(target=_writer_loop, args=(writer, out_q, write_errors), daemon=True)
             producer.start()
             wthread.start()
@@ -156,18 +251,48 @@ def run_merge(recipe: MergeRecipe | str | Path | Mapping, out_dir: str | Path, *
                         pass
                 out_q.put(_DONE)
                 wthread.join()
+                if feed is not None:
+                    feed.join()
                 if bar is not None:
                     bar.stop()
                 writer.abort()
             if write_errors:
                 raise write_errors[0]
+            if gate is not None:  # the norm checks, from what the loop read: a failure discards tmp
+                report = gate.finish(feed.result() if feed is not None else None)
+                _verdict(report, "norms", allow_crimes)
             writer.close()
             _write_side_files(plan, tmp)
             stats = agg.write(tmp)
+            if lineage:
+                _write_lineage(plan, tmp, Path(out_dir).name, seed, report)
     finally:
         for s in plan.inputs:
             s.reader.close()
-    return MergeOutput(Path(out_dir), stats, time.perf_counter() - t0, method.name, len(plan.jobs), total_bytes)
+    waived = [c.name for c in report.checks if c.details.get("waived_by")] if report is not None else []
+    return MergeOutput(Path(out_dir), stats, time.perf_counter() - t0, method.name, len(plan.jobs), total_bytes,
+                       report.to_dict() if report is not None else None, waived)
+
+
+def _open_gate(recipe: MergeRecipe, policy: Any, allow_pickle: bool) -> CompatGate:
+    """The gate of the recipe's models: the same model twice is refused, then every input is
+    opened and the header checks run. An unusable input is a MergeError naming the file."""
+    from merge.compat.gate import CompatInputError, recipe_gate
+
+    try:
+        return recipe_gate(recipe, policy, allow_pickle=allow_pickle)
+    except (CheckpointError, CompatInputError, ModelNotFound) as e:
+        raise MergeError(str(e)) from e
+
+
+def _verdict(report: CompatReport, stage: str, allow_crimes: bool) -> None:
+    """Refuse on a failed check, or, with allow_crimes, mark the failures waived by it."""
+    from merge.compat.gate import ChecksFailed, waive_failures
+
+    if report.failed():
+        if not allow_crimes:
+            raise ChecksFailed(report, stage)
+        waive_failures(report)
 
 
 def _merge_one(plan: Plan, job: TensorJob, tensors: list[torch.Tensor], dev: torch.device, seed: int,
@@ -195,16 +320,20 @@ class _Result:
 
 
 def _write_side_files(plan: Plan, folder: Path) -> None:
+    write_side_files(plan, folder)  # merge/writer.py: config (layer count, vocabulary), tokenizer, template, recipe
+
+
+def _write_lineage(plan: Plan, folder: Path, name: str, seed: int, report: CompatReport | None) -> None:
+    """lineage.json and README.md (merge/lineage.py), with the checks and what was waived."""
+    from merge.compat.gate import summary
+    from merge.lineage import build_lineage, describe_input, write_lineage
+
     r = plan.recipe
-    ref_folder = plan.reference.reader.ckpt.folder
-    dtypes = {j.out.dtype for j in plan.jobs if j.floating}
-    out_dtype = next(iter(dtypes)) if len(dtypes) == 1 else (torch_dtype(r.out_dtype) or torch_dtype(r.dtype))
-    write_config(folder, plan.reference.reader.ckpt.config, out_dtype or torch.float32)
-    tok_ref = r.tokenizer_ref
-    tok_folder = ref_folder
-    if tok_ref is not None:
-        tok_folder = next(s.reader.ckpt.folder for s in plan.inputs if s.ref == tok_ref)
-    copy_side_files(folder, tok_folder, ref_folder)
-    if r.chat_template:
-        write_chat_template(folder, r.chat_template, [s.reader.ckpt.folder for s in plan.inputs])
-    (folder / "mergeline_recipe.yaml").write_text(r.to_yaml())
+    names = model_names(r)
+    described = {ref: describe_input(names[ref], ref, resolve_model(ref, r.source_dir)) for ref in plan.models}
+    base = described.get(r.base_model) if r.base_model else None
+    parents = [d for ref, d in described.items() if ref != r.base_model]
+    recipe = yaml.safe_load(r.to_yaml())
+    write_lineage(folder, build_lineage(name=name, model_dir=folder, recipe=recipe, method=r.merge_method, seed=seed,
+                                        base=base, parents=parents,
+                                        checks=summary(report) if report is not None else None))

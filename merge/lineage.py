@@ -2,9 +2,11 @@
 
 mergekit leaves only the recipe in a README, with no hashes; here each merged folder records its
 base and parents with their sources and content hashes (`merge.hashing.content_hash`), the recipe
-and its hash, the method, seed, mergeline version, time and MLflow run id. A parent that is itself
-a merge carries its own lineage, which is embedded at write time, so the tree of a merge of
-merges survives even when the intermediate folders are gone.
+and its hash, the method, seed, mergeline version, time and MLflow run id, and the compatibility
+checks the merge ran (merge/compat): every verdict, and each failed check that was merged anyway
+with who waived it (`--allow-crimes` or the policy), also stated at the top of the model card.
+A parent that is itself a merge carries its own lineage, which is embedded at write time, so the
+tree of a merge of merges survives even when the intermediate folders are gone.
 
     python -m merge.lineage MODEL_DIR        # print the lineage tree as text
 """
@@ -59,8 +61,10 @@ def describe_input(name: str, ref: str, path: str | Path) -> dict:
 
 def build_lineage(*, name: str, model_dir: str | Path, recipe: dict, method: str,
                   base: dict | None, parents: list[dict], seed: int = 0,
-                  mlflow_run_id: str | None = None, extra: dict | None = None) -> dict:
-    """The lineage record of the merged model in `model_dir` (inputs from `describe_input`)."""
+                  mlflow_run_id: str | None = None, extra: dict | None = None,
+                  checks: dict | None = None) -> dict:
+    """The lineage record of the merged model in `model_dir` (inputs from `describe_input`);
+    `checks`: the compatibility checks of the merge (`merge.compat.gate.summary`)."""
     return {
         "schema_version": SCHEMA_VERSION,
         "name": name,
@@ -74,6 +78,7 @@ def build_lineage(*, name: str, model_dir: str | Path, recipe: dict, method: str
         "mergeline_version": mergeline_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "mlflow_run_id": mlflow_run_id,
+        "checks": checks,
         **(extra or {}),
     }
 
@@ -110,7 +115,7 @@ def model_card(lineage: dict):
     rows = "\n".join(f"| {p['name']} | `{p['source']}` | `{p['content_hash'][:19]}` |" for p in parents)
     body = f"""
 # {lineage.get('name', 'merged model')}
-
+{_checks_section(lineage.get('checks'))}
 A merge of {len(parents)} model(s) with **{lineage.get('method')}**, made by mergeline
 {lineage.get('mergeline_version')} on {lineage.get('created')}.
 
@@ -132,6 +137,29 @@ A merge of {len(parents)} model(s) with **{lineage.get('method')}**, made by mer
 The full lineage, with the parents' own lineage when they are merges, is in `lineage.json`.
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _checks_section(checks: dict | None) -> str:
+    """The model card's statement of the compatibility checks: failures merged anyway come first."""
+    if not checks:  # not recorded (e.g. checked by the pipeline before the merge)
+        return ""
+    waived = checks.get("waived") or []
+    crimes = [w for w in waived if w.get("by") != "policy"]
+    lines = []
+    if crimes:
+        lines += [f"> **Warning: merged with `{crimes[0]['by']}`.** {len(crimes)} compatibility check(s) failed "
+                  "and were waived; the merge may be meaningless:", ">"]
+        lines += [f"> - `{w['name']}`: {w['message']}" for w in crimes]
+        lines.append("")
+    verdict = f"**fail**, merged anyway with `{crimes[0]['by']}`" if crimes else f"**{checks.get('status')}**"
+    lines.append(f"Compatibility checks: {verdict}.")
+    by_policy = [w for w in waived if w.get("by") == "policy"]
+    if by_policy:
+        lines.append("Waived by the compatibility policy: " + ", ".join(f"`{w['name']}` ({w['status']})" for w in by_policy) + ".")
+    warned = [c for c in checks.get("checks") or [] if c["status"] == "warn"]
+    if warned:
+        lines.append("Warnings: " + "; ".join(f"`{c['name']}`: {c['message']}" for c in warned))
+    return "\n" + "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- the tree

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from merge.checkpoint import CheckpointError, read_json_object
+from merge.checkpoint import CheckpointError, model_file, read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -54,7 +54,7 @@ class LoraAdapter:
         cfg_path, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
         cfg = read_json_object(cfg_path)
         _refuse_unsupported(cfg, cfg_path)
-        if not weights.is_file():
+        if model_file(folder, ADAPTER_WEIGHTS, "adapter weights") is None:
             raise LoraError(f"{weights}: missing (adapters saved as adapter_model.bin are not read: pickle)")
         try:
             state = load_file(weights)

@@ -35,6 +35,33 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def rename_layer(name: str, index: int) -> str:
+    """`name` with its decoder-layer index replaced by `index` (a frankenmerge's output layer)."""
+    m = _LAYER_RE.search(name)
+    if m is None:
+        raise ValueError(f"tensor {name!r} has no layer index")
+    return name[:m.start(1)] + str(index) + name[m.end(1):]
+
+
+def set_num_layers(config: Mapping[str, Any], layers_from: list[int]) -> dict:
+    """A copy of config.json for a frankenmerge whose output layer i is input layer
+    `layers_from[i]`: its layer-count key (the first of LAYER_COUNT_KEYS it has; in `text_config`
+    for multimodal configs) set as mergekit sets it, and a per-layer `layer_types` list (sliding or
+    full attention) reordered with the layers."""
+    cfg = dict(config)
+    for key in LAYER_COUNT_KEYS:
+        if isinstance(cfg.get(key), int):
+            cfg[key] = len(layers_from)
+            kinds = cfg.get("layer_types")
+            if isinstance(kinds, list) and kinds:
+                cfg["layer_types"] = [kinds[i] for i in layers_from]
+            return cfg
+    if isinstance(cfg.get("text_config"), Mapping):
+        cfg["text_config"] = set_num_layers(cfg["text_config"], layers_from)
+        return cfg
+    raise ValueError(f"config.json has none of {', '.join(LAYER_COUNT_KEYS)}: cannot set the layer count")
+
+
 def num_layers(config: Mapping[str, Any], names: Iterable[str] = ()) -> int:
     """Number of decoder layers: from config.json, else one more than the largest index seen."""
     for key in LAYER_COUNT_KEYS:

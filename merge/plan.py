@@ -6,6 +6,12 @@ input (a fine-tune with its own head on a tied base gets its head merged), and p
 compute and output dtypes and the gradient position t are fixed. `tensor_params` then resolves
 one tensor's method parameters exactly as mergekit does (models, slices, filters, gradients).
 
+Slices that move layers (frankenmerges, merge/slices.py) are planned over input *slots*: slot j
+of an output tensor is the j-th source of its slice, read under that model's own layer index
+through a `merge.tensor_views.ViewReader`, so the executor's loop runs them unchanged. A recipe
+that sets a tokenizer gets its embedding and head rows rebuilt in the output vocabulary as they
+are read (merge/tokenizer_merge.py).
+
     python -c "from merge.plan import build_plan; from merge.recipe import load_recipe; \
 print(len(build_plan(load_recipe('RECIPE.yaml')).jobs))"
 """
@@ -14,17 +20,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import logging
+
 import torch
 from pydantic import ValidationError
 
-from merge.checkpoint import DTYPES, Checkpoint, CheckpointError
+from merge.checkpoint import DTYPES, Checkpoint, CheckpointError, TensorInfo
 from merge.parameters import MISSING, layer_t, num_layers, resolve
 from merge.reader import TensorReader
 from merge.recipe import MergeRecipe, RecipeError, model_names
 from merge.recipe_checks import check_weight_sum, get_method_or_error
 from merge.resolve import resolve_model
-from merge.slices import layer_count, locate, parameter_sources
+from merge.slices import is_aligned, layer_count, locate, parameter_sources
+from merge.tensor_views import View, ViewReader, identity_views
+from merge.tokenizer_merge import VOCAB_TENSORS, RowRemapper, check_token_sources, recipe_tokenizer, tokenizer_for
 from merge.writer import OutTensor
+
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+log = logging.getLogger(__name__)
 
 # A model that ties its output head to the input embedding stores only the embedding.
 TIED_HEADS = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight",
@@ -55,6 +68,10 @@ class TensorJob:
     t: float
     floating: bool
     slice_index: int | None = None  # `slices:` recipes: the slice whose settings apply
+    # Frankenmerges: per input slot, the model whose settings apply and the tensor's name there
+    # (parameter filters match it); None: plan.inputs[i].ref and sources[i].
+    refs: list[str] | None = None
+    input_names: list[str] | None = None
 
 
 @dataclass
@@ -65,6 +82,10 @@ class Plan:
     base_index: int | None  # index in inputs of the base handed to the method (requires_base)
     reference: Source
     jobs: list[TensorJob] = field(default_factory=list)
+    out_config: dict | None = None  # config.json to write (layer count, vocab size set)
+    models: dict[str, TensorReader] = field(default_factory=dict)  # model reference -> its reader
+    tokenizer: Any = None  # merge.tokenizer_merge.TokenizerInfo, when the recipe sets a tokenizer
+    stacked: bool = False  # a frankenmerge: inputs are slots over several models, not the models
 
     @property
     def merged(self) -> list[Source]:
@@ -75,7 +96,7 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
     return getattr(torch, name) if name else None
 
 
-def _source_name(reader: TensorReader, name: str) -> str | None:
+def source_name(reader: TensorReader, name: str) -> str | None:
     if name in reader.infos:
         return name
     for alt in TIED_HEADS.get(name, ()):
@@ -84,21 +105,65 @@ def _source_name(reader: TensorReader, name: str) -> str | None:
     return None
 
 
+def open_reader(ref: str, recipe: MergeRecipe, allow_pickle: bool) -> TensorReader:
+    try:
+        return TensorReader(Checkpoint(resolve_model(ref, recipe.source_dir), allow_pickle=allow_pickle))
+    except (CheckpointError, ValueError) as e:
+        raise MergeError(str(e)) from e
+
+
+def tensor_job(recipe: MergeRecipe, name: str, found: list[tuple[str, TensorReader, str]], t: float,
+               scope: int | None, vocab: bool) -> TensorJob:
+    """One output tensor from (model ref, reader, name there) per input: shapes and dtypes
+    checked, compute and output dtypes fixed. `vocab`: token rows are rebuilt, so only the
+    width must agree."""
+    dtypes, shape = [], None
+    for ref, reader, src in found:
+        info = reader.infos[src]
+        if shape is None:
+            shape = info.shape
+        elif (info.shape[1:] != shape[1:]) if vocab else (info.shape != shape):
+            hint = ""
+            if name in VOCAB_TENSORS and info.shape[1:] == shape[1:]:
+                hint = (": the vocabularies differ; set `tokenizer_source: union` (or base, or a model) to merge "
+                        "them token by token")
+            raise MergeError(f"tensor {name!r}: shape {list(info.shape)} in {ref!r} but {list(shape)} in "
+                             f"{found[0][0]!r}{hint}")
+        dtypes.append(DTYPES[info.dtype])
+    floating = all(d.is_floating_point for d in dtypes)
+    promoted = dtypes[0]
+    for d in dtypes[1:]:
+        promoted = torch.promote_types(promoted, d)
+    compute, out_dtype = torch_dtype(recipe.dtype), torch_dtype(recipe.out_dtype)
+    cdt = (compute or promoted) if floating else promoted
+    odt = (out_dtype or cdt) if floating else promoted
+    return TensorJob(name, [src for _, _, src in found], cdt, OutTensor(name, odt, tuple(shape)), t, floating, scope)
+
+
 def build_plan(recipe: MergeRecipe, allow_pickle: bool = False) -> Plan:
     """Resolve models and check every tensor's presence, shape and dtype from headers alone."""
     method = get_method_or_error(recipe.merge_method)
+    if recipe.slices and not is_aligned(recipe.slices, recipe.base_model):
+        from merge.frankenmerge import build_stacked  # builds on this module's types
+
+        plan = build_stacked(recipe, method, allow_pickle)
+    else:
+        plan = _build_aligned(recipe, method, allow_pickle)
+    _rebuild_vocabulary(plan)
+    return plan
+
+
+def _build_aligned(recipe: MergeRecipe, method, allow_pickle: bool) -> Plan:
+    """`models:` recipes and slices that keep every layer in place: output tensor = input tensor."""
     names = model_names(recipe)
     inputs: list[Source] = []
     for m in recipe.inputs():
-        try:
-            folder = resolve_model(m.model, recipe.source_dir)
-            reader = TensorReader(Checkpoint(folder, allow_pickle=allow_pickle))
-        except (CheckpointError, ValueError) as e:
-            raise MergeError(str(e)) from e
+        reader = open_reader(m.model, recipe, allow_pickle)
         inputs.append(Source(m.model, names[m.model], reader, m.parameters, m.model == recipe.base_model))
     base_index = next((i for i, s in enumerate(inputs) if s.is_base), None) if method.requires_base else None
     reference = next((s for s in inputs if s.ref == recipe.reference_model), inputs[0])
-    plan = Plan(recipe, method, inputs, base_index, reference)
+    plan = Plan(recipe, method, inputs, base_index, reference, out_config=reference.reader.ckpt.config,
+                models={s.ref: s.reader for s in inputs})
 
     ref_infos = reference.reader.infos
     out_names = list(ref_infos)
@@ -116,35 +181,90 @@ def build_plan(recipe: MergeRecipe, allow_pickle: bool = False) -> Plan:
     n_layers = num_layers(reference.reader.ckpt.config, out_names)
     if recipe.slices and layer_count(recipe.slices) != n_layers:
         raise MergeError(f"the slices cover layers [0, {layer_count(recipe.slices)}) but {reference.ref!r} has "
-                         f"{n_layers}: slices must keep every layer (dropping or stacking layers is not supported)")
-    out_dtype = torch_dtype(recipe.out_dtype)
-    compute = torch_dtype(recipe.dtype)
+                         f"{n_layers}: slices that keep layers in place must cover them all")
+    vocab = recipe_tokenizer(recipe) is not None
     for name in out_names:
-        srcs, dtypes, shape = [], [], None
+        found = []
         for s in inputs:
-            src = _source_name(s.reader, name)
+            src = source_name(s.reader, name)
             if src is None:
                 raise MergeError(f"model {s.ref!r} has no tensor {name!r} (found in {reference.ref!r})")
-            info = s.reader.infos[src]
-            if shape is None:
-                shape = info.shape
-            elif info.shape != shape:
-                raise MergeError(f"tensor {name!r}: shape {list(info.shape)} in {s.ref!r} but {list(shape)} in "
-                                 f"{inputs[0].ref!r}")
-            srcs.append(src)
-            dtypes.append(DTYPES[info.dtype])
-        floating = all(d.is_floating_point for d in dtypes)
-        promoted = dtypes[0]
-        for d in dtypes[1:]:
-            promoted = torch.promote_types(promoted, d)
-        cdt = (compute or promoted) if floating else promoted
-        odt = (out_dtype or cdt) if floating else promoted
+            found.append((s.ref, s.reader, src))
         t, scope = layer_t(name, n_layers), None
         if recipe.slices:
             sl, t = locate(recipe.slices, name)
             scope = recipe.slices.index(sl)
-        plan.jobs.append(TensorJob(name, srcs, cdt, OutTensor(name, odt, tuple(shape)), t, floating, scope))
+        plan.jobs.append(tensor_job(recipe, name, found, t, scope, vocab and name in VOCAB_TENSORS))
     return plan
+
+
+def _rebuild_vocabulary(plan: Plan) -> None:
+    """A recipe with a tokenizer: build the output tokenizer and have every input's embedding and
+    head rows rebuilt in its vocabulary as they are read (merge/tokenizer_merge.py)."""
+    spec = recipe_tokenizer(plan.recipe)
+    if spec is None:
+        return
+    r = plan.recipe
+    refs = [ref for ref in _referenced(r) if ref in plan.models]
+    try:
+        info = tokenizer_for(r, {ref: plan.models[ref].ckpt.folder for ref in refs},
+                             {ref: plan.models[ref].ckpt.config for ref in refs})
+    except Exception as e:  # transformers raises many kinds for a folder it cannot read
+        if spec[0] == "union" or spec[1] or spec[2]:
+            raise MergeError(f"tokenizer {spec[0]!r}: transformers cannot load a model's tokenizer "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        # `base` or a model, nothing added: copy that tokenizer's files and merge the rows by id
+        # (mergeline's behaviour before tokenizer merges), which needs equal vocabularies.
+        log.warning("tokenizer %r: transformers cannot load the tokenizers (%s); its files are copied and "
+                    "the embedding rows merged by id", spec[0], type(e).__name__)
+        _same_vocab_rows(plan)
+        return
+    try:
+        check_token_sources(info, spec[1], refs)
+    except ValueError as e:
+        raise MergeError(f"tokenizer: {e}") from e
+    plan.tokenizer = info
+    plan.out_config = {**plan.out_config, "vocab_size": info.vocab_size}
+    for job in plan.jobs:
+        if job.name not in VOCAB_TENSORS:
+            continue
+        job.input_names = job.input_names or list(job.sources)  # parameter filters see the real names
+        refs = job.refs or [s.ref for s in plan.inputs]
+        base = r.slices[job.slice_index].base_model if job.slice_index is not None else None
+        remap = RowRemapper(info, [(s.reader, src, ref) for s, src, ref in zip(plan.inputs, job.sources, refs)],
+                            base or r.base_model, spec[1])
+        shape = (info.vocab_size, *job.out.shape[1:])
+        dtypes = [DTYPES[s.reader.infos[src].dtype] for s, src in zip(plan.inputs, job.sources)]
+        promoted = dtypes[0]
+        for d in dtypes[1:]:
+            promoted = torch.promote_types(promoted, d)
+        key = f"vocab:{job.name}"
+        for i, s in enumerate(plan.inputs):
+            if not isinstance(s.reader, ViewReader):
+                s.reader = ViewReader(s.reader.ckpt, identity_views(s.reader))
+            under = s.reader.views[job.sources[i]]  # where the rows really lie (for position and close)
+            view = View(under.reader, under.name, TensorInfo(_DTYPE_NAMES[promoted], shape, under.info.file),
+                        load=lambda i=i, remap=remap: remap.load(i))
+            s.reader.views[key] = view
+            s.reader.infos[key] = view.info
+            job.sources[i] = key
+        job.out = OutTensor(job.name, job.out.dtype, shape)
+
+
+def _same_vocab_rows(plan: Plan) -> None:
+    """Without a rebuilt vocabulary, every input's token rows must line up: equal shapes."""
+    for job in plan.jobs:
+        if job.name in VOCAB_TENSORS:
+            shapes = {tuple(s.reader.infos[src].shape) for s, src in zip(plan.inputs, job.sources)}
+            if len(shapes) > 1:
+                raise MergeError(f"tensor {job.name!r}: shapes {sorted(map(list, shapes))} differ and the tokenizers "
+                                 "cannot be loaded to merge the rows token by token")
+
+
+def _referenced(recipe: MergeRecipe) -> list[str]:
+    from merge.tokenizer_merge import referenced_models
+
+    return referenced_models(recipe)
 
 
 # -- per-tensor parameters -------------------------------------------------------------
@@ -162,9 +282,9 @@ def tensor_params(plan: Plan, job: TensorJob) -> tuple[list, Any]:
     r, m = plan.recipe, plan.method
     scope = r.slices[job.slice_index] if job.slice_index is not None else None
 
-    def sources(s: Source | None) -> list:  # highest precedence first, as mergekit searches them
+    def sources(s: Source | None, ref: str | None = None) -> list:  # highest precedence first, as mergekit
         if scope is not None:
-            return parameter_sources(scope, s.ref if s else None, r.parameters)
+            return parameter_sources(scope, ref if s else None, r.parameters)
         return [s.parameters, r.parameters] if s else [r.parameters]
 
     global_keys = [f.alias or n for n, f in m.global_params.model_fields.items()]
@@ -174,10 +294,11 @@ def tensor_params(plan: Plan, job: TensorJob) -> tuple[list, Any]:
     for i, s in enumerate(plan.inputs):
         if i == plan.base_index:
             continue
-        src = job.sources[i]
-        vals = {k: v for k in model_keys if (v := resolve(k, sources(s), src, job.t)) is not MISSING}
-        per_model.append(_build(m.model_params, vals, f"model {s.ref!r}, tensor {job.name!r}"))
-        merged_sources.append(sources(s))
+        src = job.input_names[i] if job.input_names else job.sources[i]
+        ref = job.refs[i] if job.refs else s.ref
+        vals = {k: v for k in model_keys if (v := resolve(k, sources(s, ref), src, job.t)) is not MISSING}
+        per_model.append(_build(m.model_params, vals, f"model {ref!r}, tensor {job.name!r}"))
+        merged_sources.append(sources(s, ref))
     check_weight_sum(r, m, merged_sources, job.name, job.t)
     return per_model, _build(m.global_params, gvals, f"tensor {job.name!r}")
 

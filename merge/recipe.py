@@ -15,10 +15,13 @@ A recipe mergekit runs is read unchanged:
 
 Everything is checked when the recipe is read, before any tensor is touched (here and in
 `merge/recipe_checks.py`): unknown keys, unknown methods, parameters the method does not take,
-values out of range (each error names the key and what is allowed). `slices:` runs when the slices keep every layer in place
-(`merge/slices.py`); `BASE+ADAPTER` references merge a LoRA adapter into its base
-(`merge/lora.py`). Forms mergekit has and mergeline does not run yet (layer-stacking slices,
-`modules`, `tokenizer_source: union`) are refused, never misread.
+values out of range (each error names the key and what is allowed). `slices:` scope settings
+by layer or stack layers into a frankenmerge (`merge/slices.py`); `tokenizer_source` and
+`tokenizer:` build the output vocabulary (`merge/tokenizer_merge.py`); `modules:` runs for a
+one-module (text-only) model; `BASE+ADAPTER` references merge a LoRA adapter into its base
+(`merge/lora.py`). Several documents with `name:` are a multi-stage recipe
+(`merge/multistage.py`). Forms mergekit has and mergeline does not run (modules of a
+multimodal model) are refused, never misread.
 Differences from mergekit are deliberate: mergekit ignores unknown keys and parameters.
 
     python -m merge.recipe configs/recipes/ties.yaml
@@ -30,15 +33,14 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from merge.config_files import explain, read_yaml_mapping
 from merge.resolve import split_adapter
+from merge.tokenizer_merge import TokenSpec
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
-NOT_SUPPORTED = {
-    "modules": "`modules:` is not supported yet: write the recipe in the `models:` or `slices:` form",
-}
+NOT_SUPPORTED: dict[str, str] = {}
 
 
 class RecipeError(ValueError):
@@ -85,12 +87,13 @@ class OutputSlice(BaseModel):
 
 
 class TokenizerSpec(BaseModel):
-    """mergekit's `tokenizer:` block; only `source: base` or a model reference is honoured."""
+    """mergekit's `tokenizer:` block (merge/tokenizer_merge.py): the output vocabulary's source
+    ('union', 'base' or a model), tokens to add and where their rows come from, padding."""
 
     model_config = ConfigDict(extra="forbid")
     source: str = "union"
-    tokens: dict[str, Any] | None = None
-    pad_to_multiple_of: int | None = None
+    tokens: dict[str, TokenSpec] | None = None
+    pad_to_multiple_of: int | None = Field(None, ge=1)
 
 
 class MergeRecipe(BaseModel):
@@ -113,6 +116,9 @@ class MergeRecipe(BaseModel):
     modules: Any = None
     # Where relative model paths are also looked up (the recipe file's folder); not a YAML key.
     source_dir: str | None = None
+    # A multi-stage recipe's final stage: every stage (merge/multistage.py), for the lineage;
+    # written to mergeline_stages.json, not a YAML key.
+    stages: list[dict[str, Any]] | None = None
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -122,9 +128,10 @@ class MergeRecipe(BaseModel):
     # -- derived views ----------------------------------------------------------
     def inputs(self) -> list[InputModel]:
         """The models merged, in order; the base is appended when `models:` omits it (mergekit).
-        For `slices:`, the first slice's models, without parameters: those are per slice."""
+        For `slices:`, every model a slice names, in order, without parameters: those are per slice."""
         if self.slices:
-            models = [InputModel(model=s.model) for s in self.slices[0].sources]
+            refs = dict.fromkeys(s.model for sl in self.slices for s in sl.sources)
+            models = [InputModel(model=ref) for ref in refs]
         else:
             models = list(self.models or [])
         if self.base_model and all(m.model != self.base_model for m in models):
@@ -133,9 +140,10 @@ class MergeRecipe(BaseModel):
 
     @property
     def tokenizer_ref(self) -> str | None:
-        """Model whose tokenizer files are copied (None: the base, or the first model)."""
+        """Model whose tokenizer is the output's (None: the base, or the first model; or, for
+        'union', a vocabulary built from all of them: merge/tokenizer_merge.py)."""
         src = self.tokenizer.source if self.tokenizer else self.tokenizer_source
-        return None if src in (None, "base") else src
+        return None if src in (None, "base", "union") else src
 
     @property
     def reference_model(self) -> str:
@@ -143,7 +151,7 @@ class MergeRecipe(BaseModel):
         return self.base_model or self.inputs()[0].model
 
     def to_yaml(self) -> str:
-        data = self.model_dump(exclude_none=True, exclude={"source_dir", "modules"})
+        data = self.model_dump(exclude_none=True, exclude={"source_dir", "modules", "stages"})
         if self.trim_scope == "tensor":
             data.pop("trim_scope")
         return yaml.safe_dump(data, sort_keys=False)
@@ -156,7 +164,7 @@ def _allowed_keys(parent: tuple) -> list[str]:
     cls = classes.get(parent[0], MergeRecipe) if parent else MergeRecipe
     if parent[:1] == ("slices",) and len(parent) >= 4:  # slices[i].sources[j]
         cls = InputSlice
-    return [k for k in cls.model_fields if k not in ("source_dir", "modules")]
+    return [k for k in cls.model_fields if k not in ("source_dir", "modules", "stages")]
 
 
 def load_recipe(path_or_dict: str | Path | Mapping[str, Any], validate: bool = True) -> MergeRecipe:
@@ -166,13 +174,26 @@ def load_recipe(path_or_dict: str | Path | Mapping[str, Any], validate: bool = T
     else:
         path = Path(path_or_dict)
         where = str(path)
-        data = read_yaml_mapping(path, "recipe", RecipeError)
+        try:
+            data = read_yaml_mapping(path, "recipe", RecipeError)
+        except RecipeError:
+            from merge.multistage import is_multistage  # imports this module: not at the top
+
+            if is_multistage(path):
+                raise RecipeError(f"{where}: a multi-stage recipe (several documents separated by '---'): run it "
+                                  "with `mergeline merge`, or merge.multistage.run_stages") from None
+            raise
         source_dir = str(path.resolve().parent)
-    if "source_dir" in data:
-        raise RecipeError(f"{where}: unknown key 'source_dir'")
+    for key in ("source_dir", "stages"):
+        if key in data:
+            raise RecipeError(f"{where}: unknown key {key!r}")
+    if "name" in data:
+        raise RecipeError(f"{where}: 'name' belongs to a multi-stage recipe (several documents separated by "
+                          "'---'): run it with `mergeline merge` (merge/multistage.py)")
     for key, why in NOT_SUPPORTED.items():
         if data.get(key) is not None:
             raise RecipeError(f"{where}: {why}")
+    data = _single_module(data, where)
     try:
         recipe = MergeRecipe.model_validate({**data, "source_dir": source_dir})
     except ValidationError as e:
@@ -182,6 +203,46 @@ def load_recipe(path_or_dict: str | Path | Mapping[str, Any], validate: bool = T
 
         check_recipe_semantics(recipe, where)
     return recipe
+
+
+_MODULE_KEYS = ("models", "slices", "parameters")
+
+
+def _single_module(data: dict, where: str) -> dict:
+    """mergekit's `modules:` form for a model of one module (mergekit names it `default`: every
+    text-only architecture), rewritten as the `models:` or `slices:` form it means. The module's
+    `parameters` rank between the slice's and the recipe's, as in mergekit's ConfigReader; a key set
+    in both is refused (its fall-through between the two is not kept). Several modules (a vision
+    tower, a projector) need mergekit's architecture tables and are refused."""
+    modules = data.get("modules")
+    if modules is None:
+        return data
+    if not isinstance(modules, dict) or set(modules) != {"default"}:
+        shown = sorted(modules) if isinstance(modules, dict) else type(modules).__name__
+        raise RecipeError(f"{where}: modules {shown}: only the single module 'default' (a text-only model) is "
+                          "supported; models with several modules (vision tower, projector) are not")
+    module = modules["default"]
+    if not isinstance(module, dict):
+        raise RecipeError(f"{where}: modules.default must be a mapping with 'models' or 'slices'")
+    extra = sorted(set(module) - set(_MODULE_KEYS))
+    if extra:
+        raise RecipeError(f"{where}: modules.default.{extra[0]}: unknown key (allowed: {', '.join(_MODULE_KEYS)})")
+    if data.get("models") or data.get("slices"):
+        raise RecipeError(f"{where}: give either 'modules' or 'models'/'slices', not both (as in mergekit)")
+    if bool(module.get("models")) == bool(module.get("slices")):
+        raise RecipeError(f"{where}: modules.default must give either 'models' or 'slices' (as in mergekit)")
+    out = {k: v for k, v in data.items() if k != "modules"}
+    out.update({k: module[k] for k in ("models", "slices") if module.get(k)})
+    own, shared = module.get("parameters") or {}, data.get("parameters") or {}
+    if not isinstance(own, dict) or not isinstance(shared, dict):
+        raise RecipeError(f"{where}: 'parameters' must be a mapping")
+    both = sorted(set(own) & set(shared))
+    if both:
+        raise RecipeError(f"{where}: parameter {both[0]!r} is set both in modules.default.parameters and in "
+                          "parameters: set it in one of them")
+    if own:
+        out["parameters"] = {**shared, **own}
+    return out
 
 
 def model_names(recipe: MergeRecipe) -> dict[str, str]:

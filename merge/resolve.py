@@ -52,12 +52,19 @@ def resolve_model(ref: str, base_dir: str | Path | None = None) -> Path:
     if base_dir is not None and not Path(path).is_absolute():
         candidates.append(Path(base_dir) / path)
     for c in candidates:
-        if c.is_dir():
+        try:
+            found = c.is_dir()
+        except OSError as e:  # a name too long for the file system
+            shown = ref if len(ref) <= 120 else f"{ref[:120]}... ({len(ref)} characters)"
+            raise ModelNotFound(f"model reference {shown!r}: unusable path ({e.strerror})") from None
+        if found:
             if revision is not None:
                 raise ModelNotFound(f"model reference {ref!r}: a local folder cannot take an @revision")
             return c.resolve()
     if not _looks_like_repo_id(path):
         raise ModelNotFound(f"model reference {ref!r}: no such folder (looked in {', '.join(map(str, candidates))})")
+    if len(path) > 200:  # Hugging Face repo ids are at most 96 characters
+        raise ModelNotFound(f"model reference {ref[:120]!r}... ({len(ref)} characters): not a folder, too long for a repo id")
     from huggingface_hub import snapshot_download
 
     try:

@@ -1,6 +1,4 @@
-"""mergekit's `slices:` recipe form, for slices that keep every layer in place.
-
-The form most published SLERP and TIES recipes use (mergekit's README, the merge tutorials):
+"""mergekit's `slices:` recipe form: settings scoped by layer range, and frankenmerges.
 
     slices:
       - sources:
@@ -16,17 +14,25 @@ The form most published SLERP and TIES recipes use (mergekit's README, the merge
           - model: ./ft-a
             layer_range: [16, 32]
 
-mergeline runs slices that list the same models in every slice, with the same `layer_range`
-for every source of a slice, tiling the layers [0, N) in order. Output layer i is then input
-layer i of every model, and slices only scope the parameters, as in mergekit's planner
-(`mergekit/plan.py`): per tensor the sources are the model's own settings in the slice, then
-the slice's `parameters`, then the recipe's; a gradient's t runs from 0 to 1 over the slice's
-layers; the embeddings take the first slice's settings, the final norm and lm_head the last's,
-all at t = 0. Slices that drop, repeat or reorder layers (passthrough "frankenmerges") change
-the architecture and are refused. The typed slice entries are `merge.recipe.OutputSlice` and
-`InputSlice`; this file holds what they mean.
+Two shapes, both planned exactly as mergekit's planner does (`mergekit/plan.py`):
 
-    python -m merge.recipe configs/recipes/slerp_slices.yaml
+- **aligned** slices list the same models in every slice, with the same `layer_range` for every
+  source of a slice, tiling the layers [0, N) in order. Output layer i is input layer i of every
+  model and slices only scope the parameters (the usual SLERP and TIES recipes).
+- **stacked** slices (passthrough "frankenmerges", mergekit's orcamini-platy 44-layer example)
+  drop, repeat, reorder or interleave layer ranges, from one model or several. Output layers are
+  numbered in slice order: slice k's j-th layer reads layer `layer_range[0] + j` of each of its
+  sources and is written under its new index; the config's layer count becomes the sum of the
+  slice lengths. Every source of a slice spans the same number of layers, as mergekit requires;
+  mergeline also asks every slice to list the same number of models (the method sees the same
+  inputs throughout), with the slice's base among them when the method takes one.
+
+Per tensor the parameter sources are the model's own settings in the slice, then the slice's
+`parameters`, then the recipe's; a gradient's t runs from 0 to 1 over the slice's layers; the
+embeddings take the first slice's models and settings, the final norm and lm_head the last's,
+all at t = 0. The typed slice entries are `merge.recipe.OutputSlice` and `InputSlice`.
+
+    python -m merge.recipe configs/recipes/frankenmerge/orcamini-platy-44layer.yaml
 """
 from __future__ import annotations
 
@@ -37,48 +43,87 @@ from merge.parameters import layer_index
 _PRE_WEIGHT_MARKS = ("embed_tokens", "embed_in", "wte", "wpe", "word_embeddings")
 
 
-def check_aligned(slices: list, base_model: str | None) -> list[str]:
-    """The model references in order, if the slices keep every layer in place; else ValueError."""
+def is_pre_weight(name: str) -> bool:
+    """A non-layer tensor planned before the layers (from the first slice's models)."""
+    return any(mark in name for mark in _PRE_WEIGHT_MARKS)
+
+
+def check_slices(slices: list, base_model: str | None) -> None:
+    """What mergekit requires of any slices, plus mergeline's same-count rule; ValueError naming
+    the slice."""
     if not slices:
         raise ValueError("'slices' must list at least one slice")
-    models = [s.model for s in slices[0].sources]
-    end = 0
+    count = None
     for i, sl in enumerate(slices):
         where = f"slices[{i}]"
         if not sl.sources:
             raise ValueError(f"{where}: 'sources' must list at least one model")
         if sl.residual_weight is not None:
             raise ValueError(f"{where}: 'residual_weight' is not supported")
-        if sl.base_model is not None and sl.base_model != base_model:
-            raise ValueError(f"{where}: a per-slice 'base_model' ({sl.base_model!r}) is not supported; "
-                             "set the recipe's 'base_model'")
+        for j, s in enumerate(sl.sources):
+            start, stop = s.layer_range
+            if start < 0 or stop <= start:
+                raise ValueError(f"{where}.sources[{j}]: layer_range [{start}, {stop}] must be 0 <= start < end")
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
+        if len(lengths) > 1:
+            raise ValueError(f"{where}: sources span different numbers of layers {sorted(lengths)}: every source "
+                             "of a slice must contain the same number of layers (as in mergekit)")
         refs = [s.model for s in sl.sources]
-        if sorted(refs) != sorted(models) or len(set(refs)) != len(refs):
-            raise ValueError(f"{where}: lists models {refs}, but slices[0] lists {models}: every slice must "
-                             "list the same models, once each")
+        if len(set(refs)) != len(refs):
+            raise ValueError(f"{where}: lists a model twice ({refs})")
+        if count is not None and len(refs) != count:
+            raise ValueError(f"{where}: lists {len(refs)} models, but slices[0] lists {count}: every slice must "
+                             "list the same number of models (the same models, for slices that keep every layer)")
+        count = len(refs)
+
+
+def is_aligned(slices: list, base_model: str | None) -> bool:
+    """True if every slice lists the same models with one shared layer_range, tiling [0, N) in
+    order, under the recipe's base: output layer i is input layer i of every model."""
+    models = sorted(s.model for s in slices[0].sources)
+    end = 0
+    for sl in slices:
+        if sorted(s.model for s in sl.sources) != models:
+            return False
+        if sl.base_model is not None and sl.base_model != base_model:
+            return False
         ranges = {tuple(s.layer_range) for s in sl.sources}
-        if len(ranges) > 1:
-            raise ValueError(f"{where}: sources take different layer ranges {sorted(ranges)}: only slices that "
-                             "keep every layer in place are supported (not passthrough-style layer stacking)")
+        if len(ranges) != 1:
+            return False
         start, stop = next(iter(ranges))
-        if start != end or stop <= start:
-            raise ValueError(f"{where}: layer_range [{start}, {stop}] should start at layer {end} and end after "
-                             "it: slices must tile the layers in order, each layer once")
+        if start != end:
+            return False
         end = stop
-    return models
+    return True
+
+
+def moves_layers(recipe) -> bool:
+    """True for a frankenmerge: output layers are not input layer i of every model, so models may
+    differ in depth and per-layer comparisons between them (the compatibility gate's norms) do
+    not apply."""
+    return bool(recipe.slices) and not is_aligned(recipe.slices, recipe.base_model)
 
 
 def layer_count(slices: list) -> int:
-    """The layers the slices cover (all of the model's, once `build_plan` has checked)."""
-    return slices[-1].sources[0].layer_range[1]
+    """The layers of the output: the sum of the slice lengths (mergekit's num_hidden_layers)."""
+    return sum(sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0] for sl in slices)
+
+
+def output_layers(slices: list):
+    """(output layer index, slice index, offset in the slice, t) for every output layer, in order."""
+    out = 0
+    for k, sl in enumerate(slices):
+        n = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        for j in range(n):
+            yield out, k, j, (j / (n - 1) if n > 1 else 1.0)
+            out += 1
 
 
 def locate(slices: list, name: str) -> tuple:
-    """The slice whose settings apply to tensor `name`, and the tensor's t within it."""
+    """Aligned slices: the slice whose settings apply to tensor `name`, and its t within it."""
     idx = layer_index(name)
     if idx is None:  # embeddings before the layers: the first slice; final norm, lm_head: the last
-        first = any(mark in name for mark in _PRE_WEIGHT_MARKS)
-        return (slices[0] if first else slices[-1]), 0.0
+        return (slices[0] if is_pre_weight(name) else slices[-1]), 0.0
     for sl in slices:
         start, stop = sl.sources[0].layer_range
         if start <= idx < stop:

@@ -26,8 +26,11 @@ def merge_key(recipe: dict, seed: int) -> str:
       retries=1, retry_delay_seconds=5)  # a retry covers a transient OOM or full disk
 def merge_model(name: str, recipe: dict, models_dir: str, key: str, seed: int = 0,
                 device: str = "cpu", out_shard_size: str = "5GB", allow_pickle: bool = False,
-                mlflow_run_id: str | None = None, refresh: bool = False) -> dict:
-    """Merge `recipe` into models_dir/<name>-<key12>; return path, content hash, stats, seconds."""
+                compat_policy: dict | None = None, mlflow_run_id: str | None = None,
+                refresh: bool = False) -> dict:
+    """Merge `recipe` into models_dir/<name>-<key12>; return path, content hash, stats, seconds.
+    The merge runs the compatibility checks under `compat_policy` (the check stage's policy)."""
+    from merge.compat.gate import summary
     from merge.executor import run_merge
     from merge.recipe import load_recipe
 
@@ -39,14 +42,16 @@ def merge_model(name: str, recipe: dict, models_dir: str, key: str, seed: int = 
         return {"name": name, "path": str(out), "content_hash": done["content_hash"],
                 "stats": stats, "seconds": 0.0, "reused": True}
     result = run_merge(load_recipe(recipe), out, device=device, out_shard_size=out_shard_size,
-                       overwrite=out.exists(), seed=seed, allow_pickle=allow_pickle, progress=False)
+                       overwrite=out.exists(), seed=seed, allow_pickle=allow_pickle, progress=False,
+                       policy=compat_policy, lineage=False)
     folders = inputs(recipe)
     base = base_name(recipe)
     lineage = build_lineage(
         name=name, model_dir=result.path, recipe=recipe, method=recipe["merge_method"], seed=seed,
         base=describe_input(base, recipe["base_model"], folders[base]) if base else None,
         parents=[describe_input(n, str(p), p) for n, p in folders.items() if n != base],
-        mlflow_run_id=mlflow_run_id, extra={"cache_key": key})
+        mlflow_run_id=mlflow_run_id, extra={"cache_key": key},
+        checks=summary(result.checks) if result.checks is not None else None)
     write_lineage(result.path, lineage)
     return {"name": name, "path": str(result.path), "content_hash": lineage["content_hash"],
             "stats": result.stats, "seconds": result.seconds, "reused": False}

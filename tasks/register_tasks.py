@@ -1,7 +1,9 @@
 """Prefect task: register the merged folder in the MLflow model registry (no copy).
 
-Alias `candidate` moves to every new version; `champion` moves only on GO. Retries cover a
-registry server that is briefly unavailable.
+Alias `candidate` moves to every new version; `champion` moves only on GO. A rerun whose merge
+has the content hash of a version already registered registers nothing new: it re-uses that
+version and moves `champion` to it only if the decision is now GO. Retries cover a registry
+server that is briefly unavailable.
 
     from tasks.register_tasks import register_model
 """
@@ -13,13 +15,21 @@ from prefect import task
 @task(name="register", retries=3, retry_delay_seconds=[2, 5, 10])
 def register_model(tracking_uri: str, name: str, folder: str, run_id: str, content_hash: str,
                    decision: str, extra_tags: dict | None = None) -> dict:
+    """Register `folder` as a new version of `name`, or re-use the version already registered
+    with the same content hash (an unchanged rerun registers nothing). `candidate` moves to every
+    new version; `champion` moves only on GO (never on NO-GO or INCONCLUSIVE)."""
     from tasks import tracking
 
     c = tracking.client(tracking_uri)
     tags = {"mergeline.content_hash": content_hash, "mergeline.decision": decision, **(extra_tags or {})}
-    version = tracking.register_folder(c, name, folder, run_id, tags)
-    aliases = [tracking.CANDIDATE]
+    existing = tracking.version_with_hash(c, name, content_hash)
+    if existing is None:
+        version = tracking.register_folder(c, name, folder, run_id, tags)  # moves `candidate`
+    else:
+        version = str(existing.version)
+        if (existing.tags or {}).get("mergeline.decision") != decision:
+            c.set_model_version_tag(name, version, "mergeline.decision", decision)
     if decision == "GO":
         tracking.promote(c, name, version)
-        aliases.append(tracking.CHAMPION)
-    return {"name": name, "version": version, "aliases": aliases}
+    aliases = sorted(c.get_model_version(name, version).aliases or [])
+    return {"name": name, "version": version, "aliases": aliases, "reused": existing is not None}

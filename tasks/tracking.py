@@ -25,8 +25,46 @@ CANDIDATE, CHAMPION = "candidate", "champion"
 MAX_PARAM_CHARS = 6000  # MLflow 3's limit on one param value
 
 
+_READY: set[str] = set()
+
+
 def client(tracking_uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    """A client for `tracking_uri`. A new SQLite store is created (its tables migrated by alembic)
+    under a file lock beside it: two fresh runs setting up the same store at once otherwise race
+    on the migration ("table experiments already exists", "no such table")."""
+    if not tracking_uri.startswith("sqlite:///") or tracking_uri in _READY:
+        return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    db = Path(tracking_uri[len("sqlite:///"):])
+    with _file_lock(db.with_name(db.name + ".setup-lock")):
+        c = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)  # may open the store
+        c.search_experiments(max_results=1)  # creates and migrates the tracking tables
+        c.search_registered_models(max_results=1)  # and the registry's
+    _READY.add(tracking_uri)
+    return c
+
+
+def open_existing_store(tracking_uri: str) -> MlflowClient:
+    """A client for a store that must exist already: a SQLite URI naming a missing file is
+    refused (MLflow would create an empty database there)."""
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise FileNotFoundError(f"no MLflow store at {path} (from {tracking_uri})")
+    return client(tracking_uri)
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    import fcntl
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until the other set-up is done
+        yield
+    finally:
+        os.close(fd)
 
 
 def ensure_experiment(c: MlflowClient, name: str, artifact_location: str | None = None) -> str:
@@ -178,6 +216,19 @@ def _register_external(c: MlflowClient, name: str, folder: Path, run_id: str | N
     tags = {**tags, "mergeline.model_id": model.model_id}
     return c.create_model_version(name, source=f"models:/{model.model_id}", run_id=run_id,
                                   tags=tags, model_id=model.model_id)
+
+
+def version_with_hash(c: MlflowClient, name: str, content_hash: str):
+    """The newest version of `name` registered with this content hash whose folder still exists,
+    or None: an unchanged rerun re-uses it instead of registering a copy."""
+    quoted = name.replace("'", "\\'")
+    try:
+        versions = c.search_model_versions(f"name='{quoted}'")
+    except MlflowException:
+        return None
+    same = [v for v in versions if (v.tags or {}).get("mergeline.content_hash") == content_hash
+            and Path((v.tags or {}).get("mergeline.folder", "")).is_dir()]
+    return max(same, key=lambda v: int(v.version), default=None)
 
 
 def promote(c: MlflowClient, name: str, version: str) -> None:

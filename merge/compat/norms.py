@@ -6,6 +6,9 @@ norm; an unrelated initialisation of the same architecture sits near sqrt(2). St
 chunks of one tensor (all models together) from the memory-mapped files: per chunk, the Gram
 matrix of [tau_1 .. tau_k, theta_0] (`gram.py`) yields every squared norm (diagonal) and
 pairwise dot product (off-diagonal) at once, so cosine similarities cost no extra pass.
+`mergeline check` reads the files itself (`stream_norms`); `mergeline merge` feeds the tensors
+its own streaming read holds (merge/executor.py) to the same `NormAccumulator`: one
+implementation, the same figures.
 
 The flags use the relative delta over weight MATRICES only (`relative_delta_matrices`):
 norm weights initialised to ones are shared by any two models of an architecture and, in
@@ -27,7 +30,6 @@ import torch
 from merge.checkpoint import DTYPES, Checkpoint
 from merge.methods.common import cpu_workers, single_threaded_ops
 
-from .gram import slab_gram
 from .policy import NormsPolicy
 from .report import Check
 
@@ -91,6 +93,45 @@ def _num(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else x
 
 
+class NormAccumulator:
+    """Sums each tensor's Gram matrix into a `NormResult`: the one place the norm statistics are
+    added up, fed by `stream_norms` (`mergeline check`, its own read) and by the merge's own
+    streaming read (merge/executor.py), so both report the same figures.
+
+    A tensor is split into slabs of `chunk` elements (a LoRA-adapted tensor, in `whole`, is one
+    slab: it is built whole on each read); slab Gram matrices are summed in slab order, so the
+    same tensor gives the same bits whichever caller feeds it.
+    """
+
+    def __init__(self, models: list[str], chunk: int = 1 << 22, whole: set[str] | frozenset = frozenset()):
+        k = len(models)
+        self.result = NormResult(list(models), torch.zeros(k, k, dtype=torch.float64), 0.0,
+                                 gram_2d=torch.zeros(k + 1, k + 1, dtype=torch.float64))
+        self.chunk, self.whole = chunk, set(whole)
+
+    def spans(self, name: str, numel: int) -> list[tuple[int, int]]:
+        step = max(numel, 1) if name in self.whole else self.chunk
+        return [(s, min(s + step, numel)) for s in range(0, numel, step)]
+
+    def add(self, name: str, models: list[torch.Tensor], base: torch.Tensor) -> None:
+        """One tensor of every model (in `result.models` order) and of the base, as read."""
+        from .gram import slab_gram  # numba: imported by the first caller (the merge's norm thread)
+
+        flat = [t.reshape(-1) for t in (*models, base)]
+        g = np.zeros((len(flat), len(flat)))
+        for s, e in self.spans(name, base.numel()):
+            g += slab_gram([t[s:e] for t in flat])
+        self.add_gram(name, g, lambda: (base, dict(zip(self.result.models, models))), base.dim() >= 2, base.numel())
+
+    def add_gram(self, name: str, g: np.ndarray, tensors: Callable[[], tuple[torch.Tensor, dict]],
+                 is_matrix: bool, numel: int) -> None:
+        """A tensor's summed Gram matrix; `tensors()` gives (base, {model: tensor}) to name the
+        NaN/Inf when the sums are not finite (rare: only then are the tensors looked at again)."""
+        gt = torch.from_numpy(g)
+        bad = [] if torch.isfinite(gt).all() else _find_nonfinite(name, *tensors())
+        _accumulate(self.result, name, gt, bad, is_matrix, numel)
+
+
 def stream_norms(base: Checkpoint, models: dict[str, Checkpoint], names: list[str],
                  chunk: int = 1 << 22, threads: int | None = None,
                  on_progress: Callable[[int, int], None] | None = None) -> NormResult:
@@ -102,28 +143,23 @@ def stream_norms(base: Checkpoint, models: dict[str, Checkpoint], names: list[st
     Tensors are memory-mapped: only the chunk being read is touched. `on_progress(done, total)`
     is called (in this thread) with the base's elements compared so far, for a progress bar.
     """
+    from .gram import slab_gram  # numba, only where a norm pass runs
+
     keys = list(models)
-    k = len(keys)
-    res = NormResult(keys, torch.zeros(k, k, dtype=torch.float64), 0.0,
-                     gram_2d=torch.zeros(k + 1, k + 1, dtype=torch.float64))
     infos = base.infos()
     for m in models.values():
         m.infos()  # open every shard here, not concurrently in the workers
-    weights = [n for n in names if _is_float(infos[n].dtype)]  # integer buffers (position ids) are not weights
+    weights = norm_tensors(infos, names)
     adapted = set().union(*(c.adapter.names() for c in [base, *models.values()] if c.adapter is not None))
-    jobs = []
-    for n in weights:
-        numel = infos[n].numel
-        # A LoRA input (BASE+ADAPTER) builds the whole adapted tensor on each read: one job for it.
-        step = max(numel, 1) if n in adapted else chunk
-        jobs += [(n, s, min(s + step, numel)) for s in range(0, numel, step)]
+    acc = NormAccumulator(keys, chunk, adapted)
+    jobs = [(n, s, e) for n in weights for s, e in acc.spans(n, infos[n].numel)]
 
     def work(job: tuple[str, int, int]) -> np.ndarray:
         name, s, e = job
         rows = [models[m].get(name).reshape(-1)[s:e] for m in keys] + [base.get(name).reshape(-1)[s:e]]
         return slab_gram(rows)
 
-    grams = {n: np.zeros((k + 1, k + 1)) for n in weights}
+    grams = {n: np.zeros((len(keys) + 1, len(keys) + 1)) for n in weights}
     workers = threads or cpu_workers()
     # The kernel is numba's, but dtypes other than bf16/float32 are widened by torch: one torch
     # thread per worker (its own OpenMP setting, and the process-wide one while this runs), or
@@ -136,10 +172,15 @@ def stream_norms(base: Checkpoint, models: dict[str, Checkpoint], names: list[st
             if on_progress is not None:
                 on_progress(done, total)
     for name in weights:
-        g = torch.from_numpy(grams[name])
-        bad = [] if torch.isfinite(g).all() else _find_nonfinite(name, base.get(name), {m: models[m].get(name) for m in keys})
-        _accumulate(res, name, g, bad, len(infos[name].shape) >= 2, infos[name].numel)
-    return res
+        acc.add_gram(name, grams[name], lambda name=name: (base.get(name), {m: models[m].get(name) for m in keys}),
+                     len(infos[name].shape) >= 2, infos[name].numel)
+    return acc.result
+
+
+def norm_tensors(infos: dict, names: list[str]) -> list[str]:
+    """The tensors the norms cover among `names`: floating point in the base (integer buffers
+    such as position ids are not weights)."""
+    return [n for n in names if _is_float(infos[n].dtype)]
 
 
 def _is_float(dtype: str) -> bool:

@@ -3,13 +3,16 @@
 No tensor data is read (`Checkpoint.infos()` parses only the JSON headers), so this is
 instant even for a 70B checkpoint. Missing or extra tensors and shape mismatches fail, because
 a merge would have to skip or broadcast them; a dtype difference only warns, since the merge
-computes in one dtype anyway.
+computes in one dtype anyway. One name difference only warns: an output head stored by one
+model and tied to the input embedding in another (`merge.plan.TIED_HEADS`), which the merge
+reads from the embedding, as mergekit does.
 
     python -c "from merge.checkpoint import Checkpoint; print(len(Checkpoint('MODEL_DIR').infos()))"
 """
 from __future__ import annotations
 
 from merge.checkpoint import TensorInfo
+from merge.plan import TIED_HEADS
 
 from .report import Check
 
@@ -24,17 +27,30 @@ def check_tensors(infos: dict[str, dict[str, TensorInfo]], base: str) -> list[Ch
 
 
 def _names(ref, others) -> Check:
-    per_model = {}
+    per_model, tied = {}, {}
     for name, info in others.items():
         missing = sorted(set(ref) - set(info))
         extra = sorted(set(info) - set(ref))
+        heads = [t for t in missing if _tied(t, info)] + [t for t in extra if _tied(t, ref)]
+        missing, extra = [t for t in missing if t not in heads], [t for t in extra if t not in heads]
         if missing or extra:
             per_model[name] = {"missing": missing, "extra": extra}
+        if heads:
+            tied[name] = heads
+    if not per_model and tied:
+        ex = "; ".join(f"{n}: {', '.join(h)}" for n, h in tied.items())
+        return Check("tensors.names", "warn", f"an output head stored in one model is tied to the embedding in "
+                     f"the other (merged against the embedding): {ex}", {"tied_heads": tied})
     if not per_model:
         return Check("tensors.names", "pass", f"all models have the base's {len(ref)} tensors")
     parts = [f"{n}: {len(d['missing'])} missing {_ex(d['missing'])}, {len(d['extra'])} extra {_ex(d['extra'])}"
              for n, d in per_model.items()]
     return Check("tensors.names", "fail", "tensor names differ from the base: " + "; ".join(parts), per_model)
+
+
+def _tied(head: str, infos) -> bool:
+    """`head` is an output head that `infos` does not store but ties to its embedding."""
+    return any(alt in infos for alt in TIED_HEADS.get(head, ()))
 
 
 def _shapes(ref, others) -> Check:

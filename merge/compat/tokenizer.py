@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merge.checkpoint import CheckpointError
+from merge.checkpoint import JSON_ERRORS, CheckpointError, model_file
 
 from .report import Check
 
@@ -50,12 +50,36 @@ def _hash(obj: Any) -> str:
 
 def _json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable tokenizer file ({e})") from e
+        data = json.loads(_text(path))
+    except JSON_ERRORS as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise CheckpointError(f"{path}: unreadable tokenizer file ({why})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: unreadable tokenizer file (expected a JSON object)")
     return data
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: unreadable tokenizer file (not UTF-8: {e.reason} at byte {e.start})") from None
+
+
+def _token_id(value: Any, path: Path, at: str) -> int:
+    """A token id as written in a tokenizer file: an int (or its decimal string, as JSON keys are)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isdigit() and len(value) < 20:
+        return int(value)
+    raise CheckpointError(f"{path}: unreadable tokenizer file ({at}: id {str(value)[:40]!r} is not a token id)")
+
+
+def _added_entry(tok: Any, path: Path, at: str) -> dict:
+    """One added token ({content, special}) from tokenizer.json or tokenizer_config.json."""
+    if not isinstance(tok, dict) or not isinstance(tok.get("content"), str):
+        raise CheckpointError(f"{path}: unreadable tokenizer file ({at}: expected an object with a string 'content')")
+    return {"content": tok["content"], "special": bool(tok.get("special", False))}
 
 
 def _content(tok: Any) -> str | None:
@@ -65,9 +89,20 @@ def _content(tok: Any) -> str | None:
 def read_tokenizer(folder: str | Path) -> TokenizerInfo | None:
     """The comparable facts of a folder's tokenizer, or None if it has no tokenizer files."""
     folder = Path(folder)
-    files = [f for f in TOKENIZER_FILES if (folder / f).is_file()]
+    # model_file: a tokenizer file linked to a file outside the folder is refused by name
+    files = [f for f in TOKENIZER_FILES if model_file(folder, f, "tokenizer file") is not None]
     if not files:
         return None
+    try:
+        return _read_tokenizer(folder, files)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{folder}: unreadable tokenizer files ({', '.join(files)}: "
+                              f"{e.__class__.__name__}: {str(e)[:200]})") from None
+
+
+def _read_tokenizer(folder: Path, files: list[str]) -> TokenizerInfo:
     vocab, merges, parts, added = None, None, {}, {}
     sp_hash = ""
     if "tokenizer.json" in files:
@@ -84,21 +119,32 @@ def read_tokenizer(folder: str | Path) -> TokenizerInfo | None:
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
         parts.update({k: tj.get(k) for k in ("normalizer", "pre_tokenizer", "post_processor", "decoder")})
         parts["model_options"] = {k: v for k, v in model.items() if k not in ("vocab", "merges")}
-        for tok in tj.get("added_tokens") or []:
-            added[int(tok["id"])] = {"content": tok["content"], "special": tok.get("special", False)}
+        tj_path = folder / "tokenizer.json"
+        added_tokens = tj.get("added_tokens") or []
+        if not isinstance(added_tokens, list):
+            raise CheckpointError(f"{tj_path}: unreadable tokenizer file ('added_tokens' must be a list)")
+        for i, tok in enumerate(added_tokens):
+            entry = _added_entry(tok, tj_path, f"added_tokens[{i}]")
+            added[_token_id(tok.get("id"), tj_path, f"added_tokens[{i}]")] = entry
     elif "vocab.json" in files:
         vocab = _json(folder / "vocab.json")
         if "merges.txt" in files:
-            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+            lines = _text(folder / "merges.txt").splitlines()
             merges = [ln for ln in lines if ln and not ln.startswith("#version")]
     if "tokenizer.model" in files:
         sp_hash = _hash((folder / "tokenizer.model").read_bytes())
     config = _json(folder / "tokenizer_config.json") if "tokenizer_config.json" in files else {}
-    for i, tok in (config.get("added_tokens_decoder") or {}).items():
-        added.setdefault(int(i), {"content": _content(tok), "special": tok.get("special", False)})
+    cfg_path = folder / "tokenizer_config.json"
+    decoder = config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise CheckpointError(f"{cfg_path}: unreadable tokenizer file ('added_tokens_decoder' must be an object)")
+    for i, tok in decoder.items():
+        added.setdefault(_token_id(i, cfg_path, f"added_tokens_decoder[{i[:40]!r}]"),
+                         _added_entry(tok, cfg_path, f"added_tokens_decoder[{i[:40]!r}]"))
     if "added_tokens.json" in files:
-        for content, i in _json(folder / "added_tokens.json").items():
-            added.setdefault(int(i), {"content": content, "special": False})
+        at_path = folder / "added_tokens.json"
+        for content, i in _json(at_path).items():
+            added.setdefault(_token_id(i, at_path, repr(content[:40])), {"content": content, "special": False})
     if vocab is not None:
         vocab = {**vocab, **{a["content"]: i for i, a in added.items()}}
     special_map = _json(folder / "special_tokens_map.json") if "special_tokens_map.json" in files else {}
@@ -114,7 +160,7 @@ def read_tokenizer(folder: str | Path) -> TokenizerInfo | None:
             special[role] = [_content(value), ids.get(_content(value))]
     chat = config.get("chat_template")
     if "chat_template.jinja" in files:
-        chat = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        chat = _text(folder / "chat_template.jinja")
     elif "chat_template.json" in files:
         chat = _json(folder / "chat_template.json").get("chat_template")
     hashes = {

@@ -68,3 +68,24 @@ def test_a_lora_adapter_on_its_base_is_evaluated_through_peft(zoo, base_run, tmp
     assert run.score("zoo_general_mc") != base_run.score("zoo_general_mc")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         run_lm_eval(f"{zoo.base}+{tmp_path}", ["zoo_general_mc"], include_path=zoo.tasks_dir)
+
+
+def test_tasks_from_two_include_folders_run_together(zoo, tmp_path):
+    """A suite whose include_paths names two folders finds the tasks of both (issue #10, part 7):
+    lm-eval's TaskManager takes the list; a real run through evaluate_models."""
+    import shutil
+
+    from evaluation.evaluate import evaluate_models
+    from evaluation.suite import load_suite
+
+    skills, general = tmp_path / "skills", tmp_path / "general"
+    for folder, task in ((skills, "zoo_addition"), (general, "zoo_general_mc")):
+        folder.mkdir()
+        shutil.copy(zoo.tasks_dir / f"{task}.yaml", folder)   # its data file is named by absolute path
+    run = run_lm_eval(zoo.base, ["zoo_addition", "zoo_general_mc"], include_path=[skills, general], limit=4)
+    assert set(run.scores.task) == {"zoo_addition", "zoo_general_mc"}
+    suite = load_suite({"retention": {"addition": ["zoo_addition"]}, "general": ["zoo_general_mc"],
+                        "include_paths": [str(skills), str(general)], "limit": 4})
+    table = evaluate_models(suite, {"base": zoo.base}, None, log=None)
+    assert set(table.primary().task) == {"zoo_addition", "zoo_general_mc"}
+    assert table.task_types == {"zoo_addition": "generation", "zoo_general_mc": "multiple_choice"}

@@ -19,7 +19,7 @@ def report():
 
 def test_report_json_holds_every_axis_and_the_baselines(report):
     validate_report(report)
-    assert report["schema_version"] == 1
+    assert report["schema_version"] == 2 and report["confidence"] == 0.95
     assert set(report["candidates"]) == {"ties", "linear"}
     for c in report["candidates"].values():
         assert {"retention", "regression", "interference", "sign_conflict", "summary"} <= set(c)
@@ -46,6 +46,8 @@ def test_write_reports_renders_md_and_self_contained_html(report, tmp_path):
     html = paths["html"].read_text()
     imgs = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
     assert [a for a, _ in imgs] == ["Retention per task (primary vs baselines)", "Regression vs base",
+                                    "Primary against each baseline",
+                                    "Retention beside the fraction dropped by sign election, per fine-tune",
                                     "Dropped by sign election, per model by layer", "Delta norms (compatibility report)"]
     assert all(len(b) > 5000 for _, b in imgs)                      # real images, not placeholders
     assert not re.search(r'(src|href)="(?!data:)', html)            # nothing fetched from outside
@@ -58,6 +60,44 @@ def test_write_reports_renders_md_and_self_contained_html(report, tmp_path):
 def test_missing_plot_data_is_said_not_drawn(tmp_path):
     rep = build_report(syn.suite(), syn.table(), primary="ties", merge_stats={"ties": None, "linear": None})
     html = write_reports(rep, tmp_path)["html"].read_text()
-    assert html.count("<img") == 2
+    assert html.count("<img") == 3  # retention, regression, baseline
     assert "Delta norms (compatibility report): no data in this report." in html
     assert rep["candidates"]["ties"]["sign_conflict"]["available"] is False
+
+
+def test_every_score_has_an_interval_and_the_shape_agreed_with_the_renderers(report):
+    keys = {"estimate", "low", "high", "confidence", "method", "n"}
+    for sc in report["scores"]:
+        assert set(sc) == {"model", "role", "task", "value", "interval", "seed_spread"}
+        assert set(sc["interval"]) == keys and sc["interval"]["method"] == "wilson"
+        assert sc["interval"]["estimate"] == pytest.approx(sc["value"]) and sc["seed_spread"] is None
+    ties = report["candidates"]["ties"]
+    assert {"retention_interval", "difference_interval"} <= set(ties["retention"][0])
+    assert "delta_interval" in ties["regression"][0]
+    assert {"mean_retention_interval", "mean_regression_interval"} <= set(ties["summary"])
+    assert {"explanation", "per_model", "flag"} <= set(ties["interference"])
+    assert set(ties["interference"]["per_model"][0]) == {"finetune", "retention", "retention_interval",
+                                                          "dropped_fraction_of_kept"}
+    [cmp] = report["baselines"]["comparisons"]
+    assert set(cmp["difference_interval"]) == keys and set(cmp["regression_difference_interval"]) == keys
+    d = report["decision"]
+    assert {"verdict", "go", "exit_code", "candidate", "policy", "confidence", "checks", "reasons", "passed",
+            "inconclusive"} <= set(d)
+    assert {"rule", "status", "message", "interval", "threshold", "items_needed"} <= set(d["checks"][0])
+
+
+def test_the_example_report_is_built_by_the_code_of_today():
+    """tests/evaluation/example_report.json (for the renderers) has the shape build_report gives now;
+    regenerate it with `.venv/bin/python tests/evaluation/_eval_synthetic.py tests/evaluation/example_report.json`."""
+    def shape(x):
+        if isinstance(x, dict):
+            return {k: shape(v) for k, v in x.items() if k not in ("created",)}
+        if isinstance(x, list):
+            return [shape(v) for v in x[:1]]
+        return type(x).__name__ if x is not None else None
+
+    fresh = syn.example_report()
+    stored = json.loads((Path(__file__).parent / "example_report.json").read_text())
+    assert shape(stored) == shape(json.loads(json.dumps(fresh)))
+    assert fresh["decision"]["verdict"] in ("GO", "NO-GO", "INCONCLUSIVE")
+    assert any(s["seed_spread"] for s in fresh["scores"] if s["model"] == "dare_ties")

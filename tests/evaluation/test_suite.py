@@ -36,6 +36,8 @@ def test_bad_values_are_named(tmp_path):
         load_suite({"retention": {"a": ["t"]}, "general": ["t"]})
     with pytest.raises(SuiteError, match="not found"):
         load_suite(tmp_path / "missing.yaml")
+    with pytest.raises(SuiteError, match=r"key 'seeds'.*distinct"):
+        load_suite({"retention": {"a": ["t"]}, "seeds": [0, 0]})
 
 
 def test_relative_include_path_resolves_against_the_yaml(tmp_path):
@@ -124,3 +126,33 @@ def test_tables_evaluated_apart_concat_into_one(tmp_path):
     assert set(both.primary()["model"]) == {"base", "ft"}
     with pytest.raises(ValueError, match="more than one table"):
         ScoreTable.concat([a, a])
+
+
+def test_a_merge_made_once_per_seed_is_evaluated_with_its_own_seed(tmp_path):
+    """{seed: folder}: merge seed k is run with eval seed k, and the table's seed column names it."""
+    suite = load_suite({"retention": {"ft": ["t"]}, "seeds": [0, 1]})
+    runner = CountingRunner()
+    models = {"base": _model(tmp_path, "base", b"a"), "ft": _model(tmp_path, "ft", b"b"),
+              "dare_ties": {0: _model(tmp_path, "dare0", b"c"), 1: _model(tmp_path, "dare1", b"d")}}
+    table = evaluate_models(suite, models, None, runner=runner, log=None)
+    assert [c for c in runner.calls if c[0].startswith("dare")] == [("dare0", ("t",), 0), ("dare1", ("t",), 1)]
+    info = table.models["dare_ties"]
+    assert info["per_seed"][1]["path"].endswith("dare1") and info["path"].endswith("dare0")
+    assert info["per_seed"][0]["content_hash"] != info["per_seed"][1]["content_hash"]
+    assert sorted(table.scores[table.scores.model == "dare_ties"].seed.unique()) == [0, 1]
+    with pytest.raises(ValueError, match=r"'dare_ties'.*seeds \[0\].*seeds \[0, 1\]"):
+        evaluate_models(suite, {"dare_ties": {0: models["dare_ties"][0]}}, None, runner=runner, log=None)
+
+
+def test_every_include_path_reaches_the_runner(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    suite = load_suite({"retention": {"ft": ["t"]}, "include_paths": [str(a), str(b)]})
+    seen = []
+
+    def runner(model_dir, tasks, **kw):
+        seen.append(kw["include_path"])
+        return CountingRunner()(model_dir, tasks, **kw)
+
+    evaluate_models(suite, {"ft": _model(tmp_path, "ft", b"b")}, None, runner=runner, log=None)
+    assert seen == [[str(a), str(b)]]

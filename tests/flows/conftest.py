@@ -68,7 +68,8 @@ def go_pipeline_writer():
 
 def write_go_pipeline(root: Path, models: dict[str, Path], tasks: Path, runner: str = "threads") -> Path:
     """TIES of ft_a + ft_b with a linear baseline, judged by a policy that only asks for a
-    passing compatibility check: GO, so the registry path is exercised."""
+    passing compatibility check: GO, so the registry path is exercised. The fine-tunes' names in
+    the suite are their folders' names."""
     pipe = {
         "name": "go-tiny",
         "workdir": str(root / "work"),
@@ -77,7 +78,7 @@ def write_go_pipeline(root: Path, models: dict[str, Path], tasks: Path, runner: 
                    "models": [{"model": str(models["ft_a"]), "parameters": {"weight": 0.5}},
                               {"model": str(models["ft_b"]), "parameters": {"weight": 0.5}}]},
         "baselines": ["linear"],
-        "eval_suite": {"retention": {"ft_a": ["t_a"], "ft_b": ["t_b"]}, "general": ["t_gen"],
+        "eval_suite": {"retention": {models["ft_a"].name: ["t_a"], models["ft_b"].name: ["t_b"]}, "general": ["t_gen"],
                        "include_paths": [str(tasks)], "batch_size": 8},
         "gate_policy": {"candidate": "ties", "compatibility": {"must_pass": True}},
         "tracking": {"register_as": "go-tiny", "experiment": "go"},

@@ -17,7 +17,7 @@ def _merge(name, base, models, out):
     return merge_model.fn(name=name, recipe=recipe, models_dir=str(out), key=merge_key(recipe, 0))
 
 
-def test_two_generation_lineage(tiny_models, tmp_path):
+def test_two_generation_lineage(tiny_models, tmp_path, monkeypatch):
     m = tiny_models
     first = _merge("gen1", m["base"], [m["ft_a"], m["ft_b"]], tmp_path / "models")
     second = _merge("gen2", m["base"], [first["path"], m["ft_b"]], tmp_path / "models")
@@ -38,6 +38,12 @@ def test_two_generation_lineage(tiny_models, tmp_path):
     assert lin["content_hash"] == second["content_hash"]
     gen1 = next(p for p in lin["parents"] if p["name"].startswith("gen1"))
     assert gen1["lineage"]["content_hash"] == first["content_hash"]
+
+    # without --tracking-uri: the store in the current folder that registered the name
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["lineage", "gen2-model@candidate", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["content_hash"] == second["content_hash"], r.output
 
     r = runner.invoke(app, ["lineage", "gen2-model@champion", "--tracking-uri", uri])
     assert r.exit_code == 2 and "champion" in r.output

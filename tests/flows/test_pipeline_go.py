@@ -19,10 +19,15 @@ from flows.pipeline_config import load_pipeline
 from tasks import tracking
 
 
+# A folder name matplotlib's math-text parser chokes on ('$^$' is math with nothing to raise):
+# the report stage must not die of it, and must name it if a plot cannot be drawn.
+ODD = "ft$^$b"
+
+
 def _copy_models(tiny_models, root: Path) -> dict[str, Path]:
     out = {}
-    for k in ("base", "ft_a", "ft_b"):
-        out[k] = root / "models_in" / k
+    for k, folder in (("base", "base"), ("ft_a", "ft_a"), ("ft_b", ODD)):
+        out[k] = root / "models_in" / folder
         shutil.copytree(tiny_models[k], out[k])
     return out
 
@@ -50,15 +55,17 @@ def test_go_pipeline_tracking_registry_and_caching(tiny_models, tiny_tasks, pref
     for name in ("ties", "linear"):
         assert s1["states"][f"merge:{name}"] == "Cached" or name in s1["reused_merges"], s1
     assert s1["mlflow_uri"] == f"sqlite:///{work / 'mlflow.db'}"
-    for kind in ("json", "md", "html"):
-        assert Path(s1["reports"][kind]).is_file()
+    # the report stage survives the odd name: either the plots cope, or it says which name broke them
+    assert Path(s1["reports"]["md"]).is_file()
+    assert Path(s1["reports"].get("html", "")).is_file() or any(ODD in p for p in s1["problems"]), s1["problems"]
 
     c = tracking.client(s1["mlflow_uri"])
     exp = c.get_experiment_by_name("go")
     runs = c.search_runs([exp.experiment_id])
     parent = c.get_run(s1["mlflow_run_id"])
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"check", "merge:ties", "merge:linear", "evaluate", "gate", "register"}
+    assert set(children) == {"check", "merge:ties", "merge:linear", "smoke:ties", "smoke:linear", "evaluate", "gate",
+                             "register"}
     assert parent.data.tags["mergeline.decision"] == "GO" and parent.data.metrics["go"] == 1.0
     assert parent.data.params["recipe.merge_method"] == "ties"
     assert {"ties.mean_retention", "linear.mean_retention"} <= set(parent.data.metrics)
@@ -70,7 +77,8 @@ def test_go_pipeline_tracking_registry_and_caching(tiny_models, tiny_tasks, pref
     rows = list(csv.DictReader(open(Path(s1["models"]["ties"]) / "merge_stats_tensors.csv")))
     assert table["columns"][:3] == ["tensor", "layer", "model"] and len(table["data"]) == len(rows) > 0
     gate_arts = {a.path for a in c.list_artifacts(children["gate"].info.run_id, "report")}
-    assert any(p.endswith(".html") for p in gate_arts)
+    report_kinds = {".md", ".json"} | ({".html"} if "html" in s1["reports"] else set())
+    assert {Path(p).suffix for p in gate_arts} >= report_kinds
     assert Path(exp.artifact_location.removeprefix("file://")) == work / "mlartifacts"
 
     mv = c.get_model_version_by_alias("go-tiny", "champion")
@@ -79,6 +87,14 @@ def test_go_pipeline_tracking_registry_and_caching(tiny_models, tiny_tasks, pref
     assert Path(tracking.folder_of(c, "go-tiny@candidate")) == Path(s1["models"]["ties"])
     lineage = (Path(s1["models"]["ties"]) / "lineage.json").read_text()
     assert s1["mlflow_run_id"] in lineage
+
+    # an unchanged rerun on the same store: nothing registered again, and the summary says what it reused
+    s1b = run_pipeline(path)
+    assert s1b["decision"] == "GO" and set(s1b["states"].values()) == {"Cached"}, s1b["states"]
+    assert s1b["registered"] == {**s1["registered"], "reused": True}, s1b["registered"]
+    assert s1b["reused"] == {"merges": ["linear", "ties"], "evaluations": sorted(["base", "ft_a", ODD, "linear", "ties"])}
+    assert s1b["reused_merges"] == ["linear", "ties"]
+    assert len(c.search_model_versions("name='go-tiny'")) == 1
 
     # Prefect artifacts of the flow run: the markdown report and the score table
     import asyncio
@@ -100,7 +116,7 @@ def test_go_pipeline_tracking_registry_and_caching(tiny_models, tiny_tasks, pref
     server_runs = cs.search_runs([cs.get_experiment_by_name("go").experiment_id])
     assert {r.info.run_name for r in server_runs} >= {"go-tiny", "check", "merge:ties", "gate", "register"}
     gate_run = next(r for r in server_runs if r.info.run_name == "gate")
-    assert any(a.path.endswith(".html") for a in cs.list_artifacts(gate_run.info.run_id, "report"))
+    assert {Path(a.path).suffix for a in cs.list_artifacts(gate_run.info.run_id, "report")} >= report_kinds
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
 
     # one fine-tune changed: only what reads it is redone
@@ -114,8 +130,9 @@ def test_go_pipeline_tracking_registry_and_caching(tiny_models, tiny_tasks, pref
     s3 = run_pipeline(path)
     assert s3["lm_eval_runs"] == 3  # ft_b, ties, linear; base and ft_a reused
     assert s3["states"] == {"merge:ties": "Completed", "merge:linear": "Completed",
+                            "smoke:ties": "Completed", "smoke:linear": "Completed",
                             "evaluate:base": "Cached", "evaluate:ft_a": "Cached",
-                            "evaluate:ft_b": "Completed", "evaluate:ties": "Completed",
+                            f"evaluate:{ODD}": "Completed", "evaluate:ties": "Completed",
                             "evaluate:linear": "Completed"}
     assert s3["models"]["ties"] != s1["models"]["ties"]
     assert str(c.get_model_version_by_alias("go-tiny", "candidate").version) == "2"

@@ -115,9 +115,9 @@ def test_unknown_method_lists_allowed_names():
 
 def test_parameter_the_method_does_not_take():
     r = ties()
-    r["models"][1]["parameters"]["t"] = 0.5
+    r["models"][1]["parameters"]["tt"] = 0.5  # no method takes it; `t` (slerp's) only warns
     msg = error(r)
-    assert "models[1].parameters.t" in msg and "weight" in msg and "density" in msg
+    assert "models[1].parameters.tt" in msg and "weight" in msg and "density" in msg
 
 
 def test_global_parameter_under_a_model_is_refused():
@@ -155,9 +155,8 @@ def test_bad_dtype_lists_allowed():
 
 @pytest.mark.parametrize("over, words", [
     ({"slices": [{"sources": []}], "models": None}, ["slices[0]", "at least one model"]),
-    ({"modules": {"text": {}}}, ["modules", "not supported yet"]),
-    ({"tokenizer_source": "union"}, ["union", "not supported yet"]),
-    ({"tokenizer": {"source": "union"}}, ["union", "not supported yet"]),
+    ({"modules": {"text": {}}}, ["modules ['text']", "only the single module 'default'"]),
+    ({"tokenizer": {"source": "union", "tokens": {"<x>": {"force": "maybe"}}}}, ["tokenizer", "force"]),
     ({"tokenizer_source": "org/zzz"}, ["tokenizer_source", "org/zzz"]),
 ])
 def test_unsupported_forms_are_refused_clearly(over, words):
@@ -181,8 +180,10 @@ def test_base_required_and_slerp_takes_t():
     r = {"merge_method": "slerp", "base_model": "a", "models": [{"model": "a"}, {"model": "b"}],
          "parameters": {"t": [0, 0.5, 1]}}
     load_recipe(r)
-    r["parameters"]["weight"] = 1  # slerp has no weight
-    assert "weight" in error(r)
+    r["parameters"]["weight"] = 1  # slerp has no weight: ignored with a warning, as mergekit
+    load_recipe(r)
+    r["parameters"]["wieght"] = 1  # a typo no method takes
+    assert "wieght" in error(r)
 
 
 def test_filter_entry_with_unknown_key():

@@ -1,5 +1,6 @@
 """mergekit's `slices:` form (merge/slices.py): what is accepted, how settings are scoped, and
-the clear refusal of slices that move layers. Parity with mergekit: test_parity_mergekit.py.
+the clear refusal of slices mergekit cannot plan either. Parity with mergekit:
+test_parity_mergekit.py; slices that move layers (frankenmerges): test_frankenmerge.py.
 
     pytest tests/merge/test_slices.py -q
 """
@@ -70,16 +71,16 @@ def test_settings_are_scoped_by_slice_and_t_runs_over_the_slice():
 
 
 @pytest.mark.parametrize("change, words", [
-    (lambda r: r["slices"][1]["sources"][1].update(layer_range=[0, 2]),
-     ["slices[1]", "different layer ranges", "passthrough"]),
-    (lambda r: r["slices"].reverse(), ["slices[0]", "should start at layer 0"]),
+    (lambda r: r["slices"][1]["sources"][1].update(layer_range=[0, 3]),
+     ["slices[1]", "same number of layers"]),
+    (lambda r: r["slices"][0]["sources"][0].update(layer_range=[4, 0]), ["slices[0].sources[0]", "start < end"]),
     (lambda r: r["slices"][1]["sources"].pop(2), ["slices[1]", "same models"]),
-    (lambda r: r["slices"][0].update(base_model="a"), ["slices[0]", "per-slice 'base_model'"]),
+    (lambda r: r["slices"][0]["sources"][2].update(model="a"), ["slices[0]", "lists a model twice"]),
     (lambda r: r["slices"][0].update(residual_weight=0.5), ["slices[0]", "residual_weight"]),
     (lambda r: r.update(models=[{"model": "a"}]), ["either 'models' or 'slices'"]),
     (lambda r: r["slices"][0]["sources"][1].update(colour=1), ["slices.0.sources.1.colour", "layer_range"]),
     (lambda r: r["slices"][1].update(colour=1), ["slices.1.colour", "sources"]),
-    (lambda r: r["slices"][1]["parameters"].update(gamma=1), ["slices[1].parameters.gamma", "takes no parameter"]),
+    (lambda r: r["slices"][1]["parameters"].update(gama=1), ["slices[1].parameters.gama", "takes no parameter"]),
     (lambda r: r["slices"][0]["sources"][1]["parameters"].update(normalize=True),
      ["slices[0].sources[1].parameters.normalize", "whole merge"]),
     (lambda r: r["slices"][0]["sources"][2].pop("parameters"), ["model 'b' has no 'weight'"]),

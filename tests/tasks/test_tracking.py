@@ -64,3 +64,53 @@ def test_sqlite_store_runs_registry_no_copy(tmp_path):
 
 def test_real_mlflow_server(mlflow_server, tmp_path):
     _runs_and_registry(mlflow_server, tmp_path, None)
+
+
+_SETUP = """
+import sys, time
+from tasks import tracking
+start = float(sys.argv[2])
+while time.time() < start:  # all processes open the fresh store at the same moment
+    pass
+c = tracking.client(sys.argv[1])
+tracking.ensure_experiment(c, "race", None)
+print("ok")
+"""
+
+
+def test_fresh_sqlite_store_set_up_by_racing_processes(tmp_path):
+    """Four fresh runs creating the same SQLite store at once: alembic's migrations race (table
+    already exists / no such table) unless the set-up takes turns under a lock."""
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[2]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    start = str(time.time() + 8)  # imports take a few seconds on a busy machine
+    procs = [subprocess.Popen([sys.executable, "-c", _SETUP, uri, start], cwd=repo, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+    for p in procs:  # without the lock: "duplicate column name: step", "table ... already exists"
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and out.strip() == "ok", err[-2000:]
+    c = tracking.client(uri)
+    assert c.get_experiment_by_name("race") is not None
+
+
+def test_rerun_with_same_content_registers_nothing_new(tmp_path):
+    """register_model re-uses the version with the same content hash; champion moves only on GO."""
+    from tasks.register_tasks import register_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    folder = _folder(tmp_path, "merged")
+    other = _folder(tmp_path, "other")
+    first = register_model.fn(uri, "m", str(folder), None, "sha256:aaa", "NO-GO")
+    assert first == {"name": "m", "version": "1", "aliases": ["candidate"], "reused": False}
+    again = register_model.fn(uri, "m", str(folder), None, "sha256:aaa", "GO")  # same content, now GO
+    assert again == {"name": "m", "version": "1", "aliases": ["candidate", "champion"], "reused": True}
+    changed = register_model.fn(uri, "m", str(other), None, "sha256:bbb", "INCONCLUSIVE")
+    assert changed["version"] == "2" and changed["aliases"] == ["candidate"]
+    c = tracking.client(uri)
+    assert str(c.get_model_version_by_alias("m", "champion").version) == "1"  # INCONCLUSIVE: not moved
+    assert c.get_model_version("m", "1").tags["mergeline.decision"] == "GO"
+    assert len(c.search_model_versions("name='m'")) == 2

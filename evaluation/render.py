@@ -1,0 +1,85 @@
+"""report.md from a report dict, and the writer of report.json + report.md + report.html.
+
+Both renderers walk the same document (`evaluation.tables.document`). Every value from the
+report is escaped for Markdown: `<` and `&` become entities (no HTML tag), and the characters
+that would end a table cell or start markup (| \\ ` * a link's ]( and a word-edge _) get a
+backslash, so a crafted model or task name cannot inject markup or break a table.
+
+    render_markdown(report: dict) -> str
+    write_reports(report: dict, out_dir: Path, *, overwrite=False) -> {"json": Path, "md": Path, "html": Path}
+
+    python -m evaluation.render report.json OUT_DIR     # re-render md + html from a report.json
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from evaluation.tables import Plots, Section, Table, cell_text, document
+
+# `](` is what every Markdown link and image needs; a bracket alone ("[0.80, 0.97]") is plain text.
+_MD_SPECIAL = re.compile(r"[\\|`*]|\](?=\()|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+
+
+def md_escape(text, paragraph: bool = False) -> str:
+    """Text safe inside a Markdown table cell (or, with paragraph=True, a paragraph)."""
+    # `<` starts every HTML tag and `&` every entity; `>` alone is plain text ("lower bound >= 0.8").
+    text = str(text).replace("&", "&amp;").replace("<", "&lt;")
+    text = _MD_SPECIAL.sub(lambda m: "\\" + m.group(0), text)
+    text = re.sub(r"\s*[\r\n]+\s*", " ", text)  # a newline would end the table row
+    # A paragraph must not turn into a heading, quote or list through its first character.
+    return re.sub(r"^([#>+-])", r"\\\1", text) if paragraph else text
+
+
+def md_table(table: Table) -> str:
+    lines = ["| " + " | ".join(md_escape(h) for h in table.headers) + " |", "|" + "---|" * len(table.headers)]
+    lines += ["| " + " | ".join(md_escape(cell_text(x)) for x in row) + " |" for row in table.rows]
+    return "\n".join(lines)
+
+
+def _section(sec: Section) -> list[str]:
+    title = md_escape(sec.title) + (f": **{md_escape(sec.badge.word)}**" if sec.badge is not None else "")
+    out = [f"## {title}\n"]
+    if any(isinstance(b, Plots) for b in sec.blocks):
+        out.append("The plots are in report.html and plots/*.png.\n")
+    for b in sec.blocks:
+        if isinstance(b, Table):
+            out.append(md_table(b) + "\n")
+        elif isinstance(b, str):
+            out.append(md_escape(b, paragraph=True) + "\n")
+    return out
+
+
+def render_markdown(report: dict) -> str:
+    meta, sections = document(report)
+    out = ["# mergeline evaluation report\n", " · ".join(md_escape(m) for m in meta) + "\n"]
+    for sec in sections:
+        out += _section(sec)
+    return "\n".join(out)
+
+
+def write_reports(report: dict, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Path]:
+    """Write report.json, report.md and report.html; each to a temp name, then renamed."""
+    from evaluation.html_report import render_html  # matplotlib: only when writing
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = {"json": out_dir / "report.json", "md": out_dir / "report.md", "html": out_dir / "report.html"}
+    existing = [str(p) for p in targets.values() if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"report(s) already exist: {existing} (pass overwrite=True to replace)")
+    texts = {"json": json.dumps(report, indent=2, default=str), "md": render_markdown(report),
+             "html": render_html(report)}
+    for kind, path in targets.items():
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(texts[kind], encoding="utf-8")
+        os.replace(tmp, path)
+    return targets
+
+
+if __name__ == "__main__":
+    rep = json.loads(Path(sys.argv[1]).read_text())
+    for k, v in write_reports(rep, sys.argv[2], overwrite=True).items():
+        print(k, v)
