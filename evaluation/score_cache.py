@@ -115,13 +115,27 @@ class ScoreCache:
 
 
 def _records(df: pd.DataFrame | None) -> list[dict]:
+    # Not DataFrame.to_json: it rounds floats to 10 significant digits (at most 15), so a
+    # cached score would differ from the fresh one (0.1666666667 vs 1/6). json writes every
+    # float with repr, which reads back bit for bit.
     if df is None or len(df) == 0:
         return []
-    return json.loads(df.to_json(orient="records", default_handler=str))
+    return df.to_dict(orient="records")
+
+
+def _plain(obj):
+    """json's fallback: numpy values as Python ones, anything else (timestamps) as text."""
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
 
 
 def _dump(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=1, default=str, sort_keys=True))
+    path.write_text(json.dumps(obj, indent=1, default=_plain, sort_keys=True))
 
 
 def model_hash(model_dir: str | Path) -> str:
