@@ -30,7 +30,14 @@ import numpy as np
 from . import data
 
 # The demo recipe's TIES parameters: configs/pipeline_demo.yaml must say the same (a test checks).
-DEMO = {"density": 0.2, "weight": 0.5}
+# Tuned on this zoo as a practitioner tunes a merge (README "The demo zoo"; seed 0, scanned
+# over density x lambda x per-model density without rebuilding): density 0.2 kept too little of
+# the addition skill (retention 0.41) and lost 0.14 of zoo_general_gen; density 0.5 keeps the
+# general skill (-0.04) but keeps too little of every skill (addition 0.40), since each kept
+# delta is averaged over the models that agree; `lambda` 1.15 scales the kept deltas back up
+# (addition 0.62, general_gen -0.05: its interval reached -0.105); addition, the most fragile
+# skill, keeps 0.6 of its deltas (addition 0.61, general_gen -0.03 [-0.08]).
+DEMO = {"density": 0.5, "weight": 0.5, "lambda": 1.15, "density_per_model": {"addition": 0.6}}
 METHODS = ("ties", "task_arithmetic", "linear")
 # The build's promises about the demo merge.
 MIN_SIGN_CONFLICT = 0.05  # at least this share of kept positions has conflicting signs
@@ -44,13 +51,17 @@ def demo_recipe(method: str, base: Path, finetunes: dict[str, Path]) -> dict:
     """The demo's recipe for `method`: TIES as configs/pipeline_demo.yaml, the baselines as
     the pipeline builds them (tasks.recipes.baseline_recipe: same models and weights, no
     density; linear without a base)."""
-    params = {"weight": DEMO["weight"], **({"density": DEMO["density"]} if method == "ties" else {})}
+    def params(name: str) -> dict:
+        if method != "ties":
+            return {"weight": DEMO["weight"]}
+        return {"weight": DEMO["weight"], "density": DEMO["density_per_model"].get(name, DEMO["density"])}
+
     recipe = {"merge_method": method, "dtype": "float32",
-              "models": [{"model": str(f), "parameters": dict(params)} for f in finetunes.values()]}
+              "models": [{"model": str(f), "parameters": params(n)} for n, f in finetunes.items()]}
     if method != "linear":
         recipe["base_model"] = str(base)
     if method == "ties":
-        recipe["parameters"] = {"normalize": True}
+        recipe["parameters"] = {"normalize": True, "lambda": DEMO["lambda"]}
     return recipe
 
 

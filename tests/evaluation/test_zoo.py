@@ -164,7 +164,10 @@ def test_demo_pipeline_uses_the_measured_recipe():
     recipe = pipe["recipe"]
     assert recipe["merge_method"] == "ties"
     assert recipe["parameters"]["density"] == DEMO["density"]
+    assert recipe["parameters"]["lambda"] == DEMO["lambda"]
     assert [mm["parameters"]["weight"] for mm in recipe["models"]] == [DEMO["weight"]] * 3
+    per_model = {mm["model"].strip("${}"): mm["parameters"].get("density") for mm in recipe["models"]}
+    assert per_model == {s: DEMO["density_per_model"].get(s) for s in ["addition", "reverse", "facts"]}
     assert set(pipe["baselines"]) == {"linear", "task_arithmetic"}
 
 
