@@ -45,8 +45,8 @@ SECOND_BASE = dict(steps=200, lr=3e-3, batch_size=32)
 ARCH = dict(n_embd=96, n_layer=3, n_head=4)
 # Each fine-tune trains the whole token embedding (`wte`, tied with the output head): every
 # row moves a little (Adam steps every row that gets a gradient, and the head gives every row
-# one), the rows of the new notation move most. Half of each batch replays the base's text,
-# scored against the base's own predictions (`replay_kl`), so the general skill stays.
+# one), the rows of the new notation move most. Three quarters of each batch replay the base's
+# text, scored against the base's own predictions (`replay_kl`), so the general skill stays.
 # Measured (seed 0, 600 steps): without replay each fine-tune lost the general skill (0.01-0.22
 # against the base's 0.93 on zoo_general_gen) and every merge lost every skill; replaying the
 # text itself pulled all three the same way (cosines 0.66-0.80, 0.4% sign conflicts at density

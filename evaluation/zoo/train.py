@@ -4,9 +4,9 @@ Pretraining fits every weight on generic text, which also states each skill's kn
 the base's own wording ("7 plus 8 is 15", "c a t backwards is t a c", "zorbel is from quimsa";
 data.py). A fine-tune teaches a new prompt notation for a skill the base already has
 ("7 + 8 =", "c a t reversed :", "zorbel lives in") by training the whole token embedding
-(`wte`, tied with the output head) while half of each batch replays the base's text, scored
-against the base's own predictions (KL, `replay_kl`): the model is held where the base was on
-everything but the new notation.
+(`wte`, tied with the output head) while three quarters of each batch replay the base's text,
+scored against the base's own predictions (KL, `replay_kl`): the model is held where the base
+was on everything but the new notation.
 
 Why that regime (shared/notes/merging.md; TIES: Yadav et al., 2023, arXiv:2306.01708): real
 LLM fine-tunes are small edits of a capable base, dense-ish (most weights move a little),
