@@ -274,11 +274,14 @@ def run_merge(recipe: MergeRecipe | str | Path | Mapping, out_dir: str | Path, *
                        report.to_dict() if report is not None else None, waived)
 
 
-def _open_gate(recipe: MergeRecipe, policy: Any, allow_pickle: bool) -> CompatGate:
+def _open_gate(recipe: MergeRecipe, policy: Any, allow_pickle: bool) -> CompatGate | None:
     """The gate of the recipe's models: the same model twice is refused, then every input is
-    opened and the header checks run. An unusable input is a MergeError naming the file."""
+    opened and the header checks run. An unusable input is a MergeError naming the file.
+    None for a recipe of one model (a passthrough copy): there is nothing to compare."""
     from merge.compat.gate import CompatInputError, recipe_gate
 
+    if len({m.model for m in recipe.inputs()}) == 1:
+        return None
     try:
         return recipe_gate(recipe, policy, allow_pickle=allow_pickle)
     except (CheckpointError, CompatInputError, ModelNotFound) as e:
