@@ -313,7 +313,17 @@ def _merge_one(plan: Plan, job: TensorJob, tensors: list[torch.Tensor], dev: tor
     kwargs = {"generator": gen}
     if thresholds is not None:
         kwargs["thresholds"] = thresholds
-    return plan.method.fn(base, models, per_model, gparams, **kwargs)
+    try:
+        return plan.method.fn(base, models, per_model, gparams, **kwargs)
+    except (ValueError, RuntimeError):
+        # A method that selects or elects (TIES' counts) cannot work on NaN/Inf: name the input.
+        # Checked only on failure, so finite merges pay nothing; methods that merely propagate
+        # NaN are stopped by the norm checks when the merge ends.
+        for slot, t in zip(plan.inputs, tensors):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise MergeError(f"{slot.ref}: tensor {job.name!r} holds NaN or Inf values; "
+                                 f"{plan.method.name} cannot merge non-finite weights") from None
+        raise
 
 
 @dataclass

@@ -137,6 +137,22 @@ def test_inf_weights_are_refused_naming_the_tensor(tiny_models, tmp_path):
     assert_nothing_written(out)
 
 
+def test_nan_weights_in_a_ties_merge_are_one_line_naming_the_tensor(tiny_models, tmp_path):
+    """TIES counts and elects: NaN input stops it mid-merge (it used to crash with a traceback)."""
+    ft = copy_model(tiny_models["ft_a"], tmp_path / "ft_nan")
+    weights = load_file(ft / "model.safetensors")
+    name = "transformer.h.0.mlp.c_fc.weight"
+    weights[name][0, 0] = math.nan
+    save_file(weights, ft / "model.safetensors", metadata={"format": "pt"})
+    recipe = write_recipe(tmp_path, tiny_models["base"], [ft, tiny_models["ft_b"]])  # a TIES recipe
+    out = tmp_path / "out"
+    res = merge_cli(recipe, out)
+    assert res.exit_code == 2, res.output
+    (line,) = error_lines(res)
+    assert name in line and "ft_nan" in line and "NaN" in line, line
+    assert_nothing_written(out)
+
+
 @pytest.mark.parametrize("spelling", ["trailing_slash", "symlink"])
 def test_same_model_twice_is_refused_before_any_read(tiny_models, tmp_path, reads, spelling):
     ft = copy_model(tiny_models["ft_a"], tmp_path / "ft1")
