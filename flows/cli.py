@@ -438,7 +438,7 @@ def schedule(
 def tune(
     pipeline: Path = typer.Argument(..., help="A pipeline YAML whose eval suite declares validation/test splits."),
     trials: int = typer.Option(20, "--trials", help="Finished trials the study should hold (a rerun resumes it)."),
-    minutes: Optional[float] = typer.Option(None, "--minutes", help="Stop starting trials after this many minutes."),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Start no new trial once this many minutes have passed since the command started."),
     sampler: str = typer.Option("tpe", "--sampler", help="tpe (default) or cmaes."),
     seed: int = typer.Option(0, "--seed", help="The sampler's seed."),
     storage: str = typer.Option("sqlite", "--storage", help="sqlite (WORKDIR/tune/optuna.db, resumable) or memory."),

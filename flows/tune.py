@@ -91,8 +91,11 @@ def study_name(pipe: Pipeline, main: dict, val_suite, policy, kind: str, seed: i
 
 @flow(name="mergeline-tune", log_prints=True)
 def tune_flow(pipeline: str, trials: int, minutes: float | None = None, sampler: str = "tpe",
-              seed: int = 0, storage: str = "sqlite", allow_no_split: bool = False) -> dict:
-    """Run the search; returns the study's trials, the best recipe and the tuned pipeline file."""
+              seed: int = 0, storage: str = "sqlite", allow_no_split: bool = False,
+              started: float | None = None) -> dict:
+    """Run the search; returns the study's trials, the best recipe and the tuned pipeline file.
+    The time budget runs from `started` (epoch seconds; default: now)."""
+    started = started or time.time()
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own progress lines instead
@@ -121,7 +124,8 @@ def tune_flow(pipeline: str, trials: int, minutes: float | None = None, sampler:
                                     "storage": url or "memory", "space": {k: list(v) for k, v in dims.items()},
                                     "step": STEP, "recipe": main})
     try:
-        search = _search(pipe, study, main, primary, dims, val, policy, trials, minutes, c, parent)
+        deadline = started + minutes * 60 if minutes else None
+        search = _search(pipe, study, main, primary, dims, val, policy, trials, deadline, c, parent)
     except BaseException:
         c.set_terminated(parent, "FAILED")
         raise
@@ -142,9 +146,9 @@ def tune_flow(pipeline: str, trials: int, minutes: float | None = None, sampler:
 
 
 def _search(pipe: Pipeline, study, main: dict, primary: str, dims: dict, val, policy: dict,
-            trials: int, minutes: float | None, c, parent: str) -> dict:
+            trials: int, deadline: float | None, c, parent: str) -> dict:
     """Ask/tell in batches of `runner.max_workers` trials until `trials` are finished or the
-    time budget is spent (a batch in flight finishes)."""
+    `deadline` (epoch seconds) has passed (a batch in flight finishes)."""
     from optuna.trial import TrialState
 
     from evaluation.objective import objective
@@ -171,11 +175,10 @@ def _search(pipe: Pipeline, study, main: dict, primary: str, dims: dict, val, po
     def finished() -> int:
         return sum(t.state == TrialState.COMPLETE for t in study.trials)
 
-    deadline = time.monotonic() + minutes * 60 if minutes else None
     start_done, new, cached_trials, failed = finished(), [], 0, 0
     if start_done >= trials:
         say(f"tune: the study already has {start_done} finished trials (--trials {trials}); nothing to run")
-    while finished() < trials and (deadline is None or time.monotonic() < deadline):
+    while finished() < trials and (deadline is None or time.time() < deadline):
         batch = []
         for _ in range(min(pipe.runner.max_workers, trials - finished())):
             t = study.ask()
@@ -228,7 +231,7 @@ def _search(pipe: Pipeline, study, main: dict, primary: str, dims: dict, val, po
     if finished() == 0:
         raise TuneError("tune: no trial finished within the budget (raise --minutes or --trials)")
     return {"trials_run": new, "trials_cached": cached_trials, "trials_failed": failed,
-            "trials_finished": finished(), "budget_spent": deadline is not None and time.monotonic() >= deadline,
+            "trials_finished": finished(), "budget_spent": deadline is not None and time.time() >= deadline,
             "all_trials": [{"trial": t.number, "state": t.state.name, "objective": t.value, "values": t.params}
                            for t in study.trials]}
 
@@ -275,6 +278,7 @@ def run_tune(path: str | Path, trials: int = 20, minutes: float | None = None, s
         raise TuneError(f"--storage {storage!r}: choose one of {', '.join(STORAGES)}")
     if trials < 1 or (minutes is not None and minutes <= 0):
         raise TuneError("--trials must be >= 1 and --minutes > 0")
+    started = time.time()  # --minutes counts from here
     default_environment()
     pipe = load_pipeline(path)
     with workdir_lock(pipe.workdir_path):
@@ -293,7 +297,8 @@ def run_tune(path: str | Path, trials: int = 20, minutes: float | None = None, s
                     if track.prefect_api_url and track.prefect_api_url != api else nullcontext())
         with settings:
             search = flow_fn(pipeline=str(Path(path).resolve()), trials=trials, minutes=minutes,
-                             sampler=sampler, seed=seed, storage=storage, allow_no_split=allow_no_split)
+                             sampler=sampler, seed=seed, storage=storage, allow_no_split=allow_no_split,
+                             started=started)
             say(f"tune: best trial {search['best']['trial']} (objective {search['best']['objective']:.3f}); "
                 f"judging it on the test items: {search['pipeline']}")
             final = run_pipeline(search["pipeline"])

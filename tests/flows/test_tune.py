@@ -78,9 +78,16 @@ def test_tune_searches_on_validation_and_judges_on_test(zoo, prefect_server, tmp
     again = json.loads((Path(search["out_dir"]).parent / search["study"] / "tune_report.json").read_text())
     assert again["search"]["trials_cached"] == 3, again["search"]["trials_run"]
     assert again["search"]["best"]["values"] == search["best"]["values"]
-    # the sqlite study resumes: it already holds 3 finished trials, so nothing new runs
-    resumed = run_tune(path, trials=3, seed=0)
-    assert resumed["search"]["trials_run"] == [] and resumed["final"]["lm_eval_runs"] == 0
+    assert "trial 2 (3/3): objective" in r.stderr and "best" in r.stderr  # plain progress lines
+    # the sqlite study resumes with its 3 finished trials; a spent time budget starts no new one
+    resumed = run_tune(path, trials=10, minutes=0.001, seed=0)
+    s = resumed["search"]
+    assert s["trials_finished"] == 3 and s["trials_run"] == [] and s["budget_spent"]
+    assert resumed["final"]["lm_eval_runs"] == 0
+    # lm-eval only ever ran the validation items (first 12) or, for the gate, the first 36
+    work = Path(search["out_dir"]).parents[1]
+    limits = {json.loads(m.read_text())["limit"] for m in (work / "score-cache").rglob("meta.json")}
+    assert limits == {12, 36}, limits
 
 
 def test_tune_refuses_a_suite_without_splits(zoo, tmp_path, monkeypatch):
