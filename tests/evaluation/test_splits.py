@@ -72,7 +72,8 @@ def test_restrict_keeps_the_parts_items_and_rescores_them():
 def test_objective_penalises_what_the_gate_would_refuse():
     rows = ([("base", "t_a", d, 0.0) for d in range(10)] + [("base", "t_gen", d, 1.0) for d in range(10)]
             + [("ft_a", "t_a", d, 1.0) for d in range(10)] + [("ft_a", "t_gen", d, 1.0) for d in range(10)]
-            + [("ties", "t_a", d, float(d < 8)) for d in range(10)] + [("ties", "t_gen", d, float(d < 7)) for d in range(10)])
+            + [("ties", "t_a", d, float(d < 8)) for d in range(10)]
+            + [("ties", "t_gen", d, float(d < 7)) for d in range(10)])
     s = load_suite(SUITE)
     free = objective(_table(rows), s, {}, "ties")
     assert free["value"] == pytest.approx(0.8) and free["feasible"]

@@ -96,3 +96,26 @@ def test_tune_refuses_a_suite_without_splits(zoo, tmp_path, monkeypatch):
     r = subprocess.run([MERGELINE, "tune", str(path), "--trials", "2"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "declares no splits" in r.stderr + r.stdout and "--allow-no-split" in r.stderr + r.stdout
+
+
+def test_search_space_and_trial_recipes(tiny_models):
+    from tasks.tune_tasks import apply, space
+
+    m = tiny_models
+    ties = {"merge_method": "ties", "base_model": str(m["base"]), "parameters": {"density": 0.5, "normalize": True},
+            "models": [{"model": str(m["base"])}, {"model": str(m["ft_a"]), "parameters": {"weight": 0.5}},
+                       {"model": str(m["ft_b"]), "parameters": {"weight": 0.5}}]}
+    assert set(space(ties)) == {"weight.ft_a", "density.ft_a", "weight.ft_b", "density.ft_b"}
+    values = {"weight.ft_a": 0.30000000000000004, "density.ft_a": 0.25, "weight.ft_b": 0.9, "density.ft_b": 1.0}
+    recipe = apply(ties, values)
+    params = {Path(x["model"]).name: x.get("parameters") for x in recipe["models"]}
+    assert params["ft_a"] == {"weight": 0.3, "density": 0.25} and params["ft_b"] == {"weight": 0.9, "density": 1.0}
+    assert recipe["parameters"] == {"normalize": True}  # the recipe-wide density gave way
+    load_recipe(recipe)
+    assert apply(ties, values) == recipe  # same point, same recipe: the same merge key
+    linear = {"merge_method": "linear", "models": [{"model": str(m["ft_a"]), "parameters": {"weight": 1.0}},
+                                                   {"model": str(m["ft_b"]), "parameters": {"weight": 1.0}}]}
+    assert set(space(linear)) == {"weight.ft_a", "weight.ft_b"}
+    with pytest.raises(ValueError, match="only recipes with a `models:` list"):
+        space({"merge_method": "passthrough", "slices": [{"sources": [{"model": str(m["ft_a"]),
+                                                                       "layer_range": [0, 2]}]}]})
