@@ -434,5 +434,35 @@ def schedule(
     serve(pipeline, cron, name)
 
 
+@app.command()
+def tune(
+    pipeline: Path = typer.Argument(..., help="A pipeline YAML whose eval suite declares validation/test splits."),
+    trials: int = typer.Option(20, "--trials", help="Finished trials the study should hold (a rerun resumes it)."),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Start no new trial once this many minutes have passed since the command started."),
+    sampler: str = typer.Option("tpe", "--sampler", help="tpe (default) or cmaes."),
+    seed: int = typer.Option(0, "--seed", help="The sampler's seed."),
+    storage: str = typer.Option("sqlite", "--storage", help="sqlite (WORKDIR/tune/optuna.db, resumable) or memory."),
+    allow_no_split: bool = typer.Option(False, "--allow-no-split",
+                                        help="Tune on the gate's own items when the suite has no splits (recorded)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show lm-eval's, Prefect's and MLflow's own output."),
+):
+    """Search the recipe's weights and densities on validation items (Optuna), then run the
+    pipeline on the best recipe, judged on test items, with the untuned recipe as a baseline.
+
+    Exit 0 GO, 1 NO-GO, 3 INCONCLUSIVE (the tuned recipe's gate), 2 unusable input."""
+    from flows.progress import quiet
+    from flows.tune import run_tune
+
+    quiet(verbose)
+    out = run_tune(pipeline, trials=trials, minutes=minutes, sampler=sampler, seed=seed, storage=storage,
+                   allow_no_split=allow_no_split)
+    _print_summary(out["final"])
+    best = out["search"]["best"]
+    Console(soft_wrap=True).print(f"best trial {best['trial']}: objective {best['objective']:.3f} on validation; "
+                                  f"recipe {out['search']['best_recipe']}\ntune report: {out['report']}",
+                                  highlight=False, markup=False)
+    raise typer.Exit(exit_code_for(out["final"]["decision"]))
+
+
 if __name__ == "__main__":
     app()
