@@ -36,6 +36,9 @@ SKIP = {
     "mergeline lineage mergeline-demo@champion --tracking-uri sqlite:///mergeline-runs/demo/mlflow.db":
         "needs a demo's store; test_lineage_cli",
     "mergeline lineage MODEL_DIR --json": "placeholder",
+    "mergeline tune WORKDIR/pipeline.yaml --trials 20": "WORKDIR is a placeholder; tests/flows/test_tune.py",
+    "mergeline tune WORKDIR/pipeline.yaml --minutes 30 --sampler cmaes":
+        "WORKDIR is a placeholder; tests/flows/test_tune.py",
     'mergeline schedule configs/pipeline_demo.yaml --cron "0 3 * * *" --name nightly':
         "needs a Prefect server and serves until stopped; tests/flows/test_schedule.py",
 }
