@@ -15,10 +15,12 @@ The model (merge/executor.py streams one tensor name at a time; see its docstrin
 
 The window maxima are taken over the jobs in merge order, so a model whose large tensors sit
 side by side (70B's MLP) counts them together, while Llama's embedding, flanked by small norms,
-counts alone. OVERHEAD was calibrated against benchmarks/bench_sizes.py's measured peaks at
-0.3B, 1B and 3B (bf16 TIES of four models on CPU; table in README "Benchmarks"); the estimate
-is within 25% of each. CUDA merges hold the workspace on the device, not in RSS: the estimate
-is then an upper bound.
+counts alone. Calibration: benchmarks/bench_sizes.py measured the peak RSS of a bf16 TIES merge
+of four models on CPU at 0.3B, 1B and 3B (two runs, 2026-11-28: 1.00-1.07, 1.77-1.89 and
+2.16-2.29 GB); the three variable terms come from the code's buffers, and OVERHEAD is the mean of
+what is left (0.39-0.67 GB). The estimate was then 0.98-1.12x the measured peak at every size
+(README "Benchmarks"). Runs vary by about 10% with thread timing (how far the norm thread lags).
+CUDA merges hold the workspace on the device, not in RSS: the estimate is then an upper bound.
 
     python -c "from merge.estimate import estimate; print(estimate('RECIPE.yaml').text())"
     python -c "from merge.estimate import estimate_shapes, llama_shapes; \
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
     from merge.plan import Plan
     from merge.recipe import MergeRecipe
 
-OVERHEAD = 600 * 2**20  # bytes; calibrated (see the module docstring)
+OVERHEAD = 500 * 2**20  # bytes: measured peak minus the other three terms, 0.39-0.67 GB at 0.3B/1B/3B
 IN_FLIGHT = 3  # jobs whose inputs are alive: computing, queued (maxsize 1), being read
 OUT_FLIGHT = 3  # results alive: computing, queued for the writer (maxsize 2 shared with), being written
 HIST_BYTES_PER_ELEMENT = 0.25  # merge/methods/select.py: one 2^15-bin int32 row per 2^19 elements
