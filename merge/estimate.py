@@ -175,8 +175,7 @@ def estimate(source: MergeRecipe | Plan | str | Path | Mapping, out_shard_size: 
 
 
 def _from_plan(plan: Plan, shard: int) -> Estimate:
-    histograms = plan.recipe.merge_method in {"ties", "dare_ties", "breadcrumbs_ties", "della", "magnitude"} or \
-        "ties" in plan.recipe.merge_method
+    histograms = plan.recipe.merge_method == "ties"  # the only method that trims by magnitude (select.py)
     merged = len(plan.merged) if plan.base_index is not None else len(plan.inputs)
     return estimate_shapes(plan_sizes(plan), len(plan.inputs), merged, shard, histograms)
 
