@@ -224,7 +224,7 @@ def merge(
 
     need = _estimate(recipe, allow_pickle, out_shard_size)
     if need is not None:
-        err.print(f"this merge needs {escape(need.text())}", highlight=False, soft_wrap=True)
+        err.print(f"estimate: this merge needs {escape(need.summary())}", highlight=False, soft_wrap=True)
     try:
         out = merge_file(recipe, output_dir, intermediate_dir, device=device, out_shard_size=out_shard_size, overwrite=overwrite,
                         seed=seed, allow_pickle=allow_pickle, progress=True, policy=policy, allow_crimes=allow_crimes)

@@ -76,6 +76,11 @@ class Estimate(BaseModel):
     shards: int
     largest_shard_bytes: int
 
+    def summary(self) -> str:
+        """One line: what `mergeline merge` prints before it starts."""
+        return (f"~{self.peak_rss_bytes / 1e9:.2f} GB of memory (peak RSS), {self.disk_bytes / 1e9:.2f} GB of disk "
+                f"({self.shards} shard{'s' if self.shards != 1 else ''})")
+
     def text(self) -> str:
         g = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
         return (f"memory: peak RSS ~{g(self.peak_rss_bytes)} = overhead {g(self.overhead_bytes)} + input buffers "

@@ -111,4 +111,6 @@ def test_merge_prints_the_estimate_first(tmp_path, models):
     recipe = ties_recipe(tmp_path, models)
     r = CliRunner().invoke(app, ["merge", str(recipe), str(tmp_path / "merged"), "--device", "cpu"])
     assert r.exit_code == 0, r.output
-    assert r.output.index("this merge needs memory") < r.output.index("merged ties")
+    expected = estimate(recipe)
+    assert r.output.index("estimate: this merge needs") < r.output.index("merged ties")
+    assert f"~{expected.peak_rss_bytes / 1e9:.2f} GB of memory" in r.output

@@ -56,7 +56,8 @@ def merge_cli(*args: str):
 
 
 def error_lines(res) -> list[str]:
-    return [line for line in res.output.splitlines() if line.strip()]
+    """The output's lines but the one-line estimate a merge prints before it starts."""
+    return [line for line in res.output.splitlines() if line.strip() and not line.startswith("estimate: ")]
 
 
 def assert_nothing_written(out: Path) -> None:
