@@ -52,7 +52,8 @@ def threaded_read(folders: list[Path], threads: int) -> None:
     ckpts = [Checkpoint(f) for f in folders]
     jobs = [(c, n) for c in ckpts for n in c.names()]
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda job: job[0].get(job[1]).clone(), jobs))
+        # keep only a count: holding the copies would hold every input in memory at once (3B: 25 GB)
+        sum(pool.map(lambda job: job[0].get(job[1]).clone().numel(), jobs))
 
 
 def norm_pass(base: Path, models: dict[str, Path], chunk: int) -> None:

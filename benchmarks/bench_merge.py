@@ -20,6 +20,7 @@ row times that, what `mergeline merge` does by default).
     python benchmarks/bench_merge.py --only mergeline
     python benchmarks/bench_merge.py --only checks --repeat 5   # merge with vs without the checks
     python benchmarks/bench_merge.py --cache /data/bench --device cuda
+    python benchmarks/bench_merge.py --sizes 0.3B,1B,3B    # time per GB and peak RSS across sizes
 
 Hooks for other timings on the same models: `build_models(cache) -> BenchModels` returns the
 paths; `timed_subprocess(code)` runs a Python snippet in a fresh process and returns
@@ -248,7 +249,15 @@ def main(argv: list[str] | None = None) -> None:
                     help="checks: only the merge with vs without its compatibility checks")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each for the checks comparison")
     ap.add_argument("--layers", type=int, default=LAYERS, help="fewer layers for a quick check (the target is 20)")
+    ap.add_argument("--sizes", default=None, metavar="0.3B,1B,3B",
+                    help="the merge at several model sizes instead: floor, wall, peak RSS, s/GB, the estimate "
+                         "(benchmarks/bench_sizes.py; models under CACHE/sizes)")
     args = ap.parse_args(argv)
+    if args.sizes:
+        sys.path.insert(0, str(ROOT))
+        from benchmarks.bench_sizes import main as sizes_main
+
+        return sizes_main(["--sizes", args.sizes, "--cache", str(Path(args.cache) / "sizes")])
     LAYERS = args.layers
 
     t = time.perf_counter()

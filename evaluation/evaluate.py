@@ -33,6 +33,7 @@ from typing import Callable
 import pandas as pd
 
 from evaluation.score_cache import ScoreCache, cache_key, lm_eval_version, model_hash, task_fingerprint
+from evaluation.splits import restrict
 from evaluation.suite import EvalSuite, check_ready
 from merge.resolve import split_adapter
 
@@ -122,6 +123,7 @@ def evaluate_models(suite: EvalSuite, models: dict[str, str | Path | dict[int, s
     version = lm_eval_version()
     # Every folder of the suite (lm-eval's TaskManager takes a list of include paths).
     include = list(suite.include_paths) or None
+    limit = suite.run_limit()  # `limit`, or the end of the scored part's ranges (evaluation/splits.py)
 
     score_frames, sample_frames, info, task_types, runs = [], [], {}, dict(suite.task_types), 0
     for name, per_seed in folders.items():
@@ -134,19 +136,19 @@ def evaluate_models(suite: EvalSuite, models: dict[str, str | Path | dict[int, s
                                       for seed, p in per_seed.items()}
         for seed, path in per_seed.items():
             mhash = hashes[seed]
-            key = cache_key(mhash, task_fp, limit=suite.limit, seed=seed, device=suite.device, version=version)
+            key = cache_key(mhash, task_fp, limit=limit, seed=seed, device=suite.device, version=version)
             run = cache.get(key) if cache else None
             if run is not None:
                 info[name]["cache"].append("hit")
             else:
                 t0 = time.time()
                 run = runner(Path(path), tasks, include_path=include, device=suite.device,
-                             batch_size=suite.batch_size, limit=suite.limit, seed=seed, log_samples=True)
+                             batch_size=suite.batch_size, limit=limit, seed=seed, log_samples=True)
                 runs += 1
                 info[name]["cache"].append("miss")
                 if cache:
                     cache.put(key, run, {"model": mhash, "model_name": name, "tasks": tasks,
-                                         "task_fingerprint": task_fp, "lm_eval": version, "limit": suite.limit,
+                                         "task_fingerprint": task_fp, "lm_eval": version, "limit": limit,
                                          "seed": seed, "device": suite.device, "seconds": round(time.time() - t0, 2),
                                          "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
             if log:
@@ -161,8 +163,9 @@ def evaluate_models(suite: EvalSuite, models: dict[str, str | Path | dict[int, s
     missing = sorted(set(tasks) - set(scores.loc[scores["primary"].astype(bool), "task"])) if len(scores) else tasks
     if missing:
         raise RuntimeError(f"lm-eval returned no primary score for task(s) {missing}")
-    return ScoreTable(scores=scores, samples=samples, models=info, runs=runs, lm_eval_version=version,
-                      task_types={t: task_types.get(t, "unknown") for t in tasks})
+    table = ScoreTable(scores=scores, samples=samples, models=info, runs=runs, lm_eval_version=version,
+                       task_types={t: task_types.get(t, "unknown") for t in tasks})
+    return restrict(table, suite)  # only the scored part's items when the suite has splits
 
 
 def task_types_from_config(config: dict) -> dict[str, str]:

@@ -11,6 +11,12 @@ do?), plus how to run them (limit, seeds, batch size, device) and where local ta
     limit: 50
     seeds: [0]                  # several: each score's spread across seeds is reported
 
+Optional `splits:` (evaluation/splits.py) give every task a validation and a test range of items
+(`mergeline tune` searches on validation, the gate judges test); `part:` says which one this
+suite's evaluations score (default test). Without `splits` nothing changes.
+
+    splits: {validation: [0, 24], test: [24, 48]}   # or per task: {tasks: {zoo_addition: {...}}}
+
 Placeholders: an include path may contain `${NAME}`; `resolve(suite, {"zoo": zoo.tasks_dir})`
 replaces it. `${zoo}` is the convention for the demo zoo's task folder. An environment variable
 of the same name is used when the caller gives none. Relative paths resolve against the YAML's
@@ -28,6 +34,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evaluation.splits import Part, Splits, check as check_splits
 from merge.config_files import explain, read_yaml_mapping
 
 TaskType = Literal["generation", "multiple_choice", "loglikelihood", "unknown"]
@@ -53,6 +60,9 @@ class EvalSuite(BaseModel):
     # Optional override of the task type used by the interference breakdown; otherwise it is
     # read from the lm-eval task config (output_type) that the runner returns.
     task_types: dict[str, TaskType] = Field(default_factory=dict)
+    # Validation/test item ranges per task; None: every item is used for everything.
+    splits: Optional[Splits] = None
+    part: Optional[Part] = Field(None, description="the part evaluations score (default with splits: test)")
 
     @field_validator("retention")
     @classmethod
@@ -78,7 +88,34 @@ class EvalSuite(BaseModel):
         overlap = set(self.general) & set(self.retention_task_names())
         if overlap:
             raise ValueError(f"tasks both in 'general' and 'retention': {sorted(overlap)}")
+        if self.splits is None:
+            if self.part is not None:
+                raise ValueError(f"part: {self.part!r} needs 'splits' (the item ranges of each part)")
+        else:
+            if self.limit is not None:
+                # One source of truth for which items run: the ranges.
+                raise ValueError("give 'splits' or 'limit', not both: the ranges say which items run")
+            check_splits(self.splits, self.all_tasks())
         return self
+
+    def scored_part(self) -> str | None:
+        """The part this suite's evaluations score: `part`, else test when splits are declared."""
+        return (self.part or "test") if self.splits is not None else None
+
+    def for_part(self, part: str) -> "EvalSuite":
+        """This suite scoring `part` ("validation" or "test") of its splits."""
+        if self.splits is None:
+            raise SuiteError(f"suite {self.name!r} declares no splits: add e.g. "
+                             "`splits: {validation: [0, 20], test: [20, 40]}`")
+        return self.model_copy(update={"part": part})
+
+    def run_limit(self) -> int | None:
+        """How many items of each task lm-eval runs: `limit`, or with splits the largest end of
+        the scored part (lm-eval's limit takes the first items, in doc_id order)."""
+        if self.splits is None:
+            return self.limit
+        part = self.scored_part()
+        return max(self.splits.ranges(t).of(part)[1] for t in self.all_tasks())
 
     def retention_task_names(self) -> list[str]:
         return [t for tasks in self.retention.values() for t in tasks]

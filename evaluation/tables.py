@@ -168,6 +168,12 @@ def document(report: dict) -> tuple[list[str], list[Section]]:
             f"lm-eval {report.get('lm_eval_version', '–')}", f"schema v{report.get('schema_version', '–')}"]
     if report.get("confidence") is not None:
         meta.append(f"intervals at {report['confidence']:.0%} confidence")
+    suite = (report.get("inputs") or {}).get("suite") or {}
+    if suite.get("splits"):  # tuned on one part of the items, judged on another: say which
+        from evaluation.splits import describe
+        from evaluation.suite import EvalSuite
+
+        meta.append("scored on " + describe(EvalSuite.model_validate(suite)))
     return meta, [decision_section(report), baseline_section(report), plots_section(),
                   scores_section(report), retention_section(report), regression_section(report),
                   interference_section(report), sign_conflict_section(report), compat_section(report),

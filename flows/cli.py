@@ -137,8 +137,9 @@ def check(
                                   on_progress=lambda done, total: bar.update(task, completed=done, total=total))
     except INPUT_ERRORS as e:
         fail(str(e) + _example_hint(recipe, e))
+    need = _estimate(recipe, allow_pickle)  # memory and disk the merge will need, from the headers
     if json_out:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        typer.echo(json.dumps({**report.to_dict(), "estimate": need.model_dump() if need else None}, indent=2))
     else:
         from rich.table import Table
 
@@ -162,8 +163,21 @@ def check(
                 norms.add_row(name, fmt(v["delta_norm"]), fmt(v.get("relative_delta_matrices")),
                               fmt(v.get("weight_cosine")), fmt(max(others) if others else None))
             out.print(norms)
+        if need is not None:
+            out.print(f"merge needs {need.text()}", highlight=False)
         out.print(f"status: [{colour[report.status]}]{report.status}[/]")
     raise typer.Exit(EXIT_FAILED if report.status == "fail" else EXIT_OK)
+
+
+def _estimate(recipe: Path, allow_pickle: bool, out_shard_size: str = "5GB"):
+    """merge/estimate.py's Estimate of a one-stage recipe, or None where no plan can be built from
+    the headers (a multi-stage file, an input the checks already refused): it informs, never blocks."""
+    from merge.estimate import estimate
+
+    try:
+        return estimate(recipe, out_shard_size, allow_pickle=allow_pickle)
+    except Exception:  # the checks and the merge report what is wrong with the inputs
+        return None
 
 
 def _example_hint(recipe: Path, e: Exception) -> str:
@@ -208,6 +222,9 @@ def merge(
     from merge.plan import MergeError
     from merge.writer import OutputError
 
+    need = _estimate(recipe, allow_pickle, out_shard_size)
+    if need is not None:
+        err.print(f"estimate: this merge needs {escape(need.summary())}", highlight=False, soft_wrap=True)
     try:
         out = merge_file(recipe, output_dir, intermediate_dir, device=device, out_shard_size=out_shard_size, overwrite=overwrite,
                         seed=seed, allow_pickle=allow_pickle, progress=True, policy=policy, allow_crimes=allow_crimes)
@@ -432,6 +449,36 @@ def schedule(
     from flows.schedule import serve
 
     serve(pipeline, cron, name)
+
+
+@app.command()
+def tune(
+    pipeline: Path = typer.Argument(..., help="A pipeline YAML whose eval suite declares validation/test splits."),
+    trials: int = typer.Option(20, "--trials", help="Finished trials the study should hold (a rerun resumes it)."),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Start no new trial once this many minutes have passed since the command started."),
+    sampler: str = typer.Option("tpe", "--sampler", help="tpe (default) or cmaes."),
+    seed: int = typer.Option(0, "--seed", help="The sampler's seed."),
+    storage: str = typer.Option("sqlite", "--storage", help="sqlite (WORKDIR/tune/optuna.db, resumable) or memory."),
+    allow_no_split: bool = typer.Option(False, "--allow-no-split",
+                                        help="Tune on the gate's own items when the suite has no splits (recorded)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show lm-eval's, Prefect's and MLflow's own output."),
+):
+    """Search the recipe's weights and densities on validation items (Optuna), then run the
+    pipeline on the best recipe, judged on test items, with the untuned recipe as a baseline.
+
+    Exit 0 GO, 1 NO-GO, 3 INCONCLUSIVE (the tuned recipe's gate), 2 unusable input."""
+    from flows.progress import quiet
+    from flows.tune import run_tune
+
+    quiet(verbose)
+    out = run_tune(pipeline, trials=trials, minutes=minutes, sampler=sampler, seed=seed, storage=storage,
+                   allow_no_split=allow_no_split)
+    _print_summary(out["final"])
+    best = out["search"]["best"]
+    Console(soft_wrap=True).print(f"best trial {best['trial']}: objective {best['objective']:.3f} on validation; "
+                                  f"recipe {out['search']['best_recipe']}\ntune report: {out['report']}",
+                                  highlight=False, markup=False)
+    raise typer.Exit(exit_code_for(out["final"]["decision"]))
 
 
 if __name__ == "__main__":

@@ -83,24 +83,31 @@ def read_text(path: str | Path, kind: str = "config") -> str:
 
 
 def yaml_error_line(e: Exception, where: str) -> str:
-    """A YAML syntax error as one line: 'FILE:LINE:COL: not valid YAML: problem (context)'."""
-    mark = getattr(e, "problem_mark", None)
-    place = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark is not None else where
-    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-    context = getattr(e, "context", None)
-    return f"{place}: not valid YAML: {problem}" + (f" ({context})" if context else "")
+    """A YAML syntax error as one line: 'FILE: not valid YAML (problem at line L, column C)'."""
+    from merge.config_files import yaml_problem
+
+    return f"{where}: not valid YAML ({yaml_problem(e)})"
 
 
 def check_yaml_file(path: str | Path, kind: str = "config") -> None:
-    """Refuse, in one line naming the file, a YAML file that is not UTF-8 or not YAML at all.
-    Keys and values are left to the loader of that kind of file."""
+    """Refuse, in one line naming the file, a YAML file that cannot be read, is not UTF-8 or is not
+    YAML at all (one document or several, as a multi-stage recipe). Keys and values are left to
+    the loader of that kind of file."""
     import yaml
 
-    text = read_text(path, kind)
+    from merge.config_files import Loader, short
+
     try:
-        yaml.safe_load(text)
+        text = read_text(path, kind)
+    except OSError as e:  # a name too long for the file system, no permission
+        raise InputError(f"{short(str(path))}: cannot read the {kind} file ({e.strerror or e})") from None
+    try:
+        for _ in yaml.load_all(text, Loader=Loader):
+            pass
     except yaml.YAMLError as e:
         raise InputError(yaml_error_line(e, str(path))) from None
+    except RecursionError:
+        raise InputError(f"{path}: not valid YAML (nested too deeply)") from None
 
 
 def one_line(message: str) -> str:

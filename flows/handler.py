@@ -84,10 +84,18 @@ def _interrupted(e: KeyboardInterrupt) -> None:
 def _check_file_params(params: dict) -> None:
     """Refuse a YAML file argument that is not UTF-8 or not YAML, in one line naming the file,
     before any command reads it (recipes, pipelines, suites, policies alike)."""
-    from flows.errors import check_yaml_file, read_text
+    from flows.errors import InputError, check_yaml_file, read_text
+
+    from merge.config_files import short
 
     for name, value in params.items():
-        if isinstance(value, Path) and value.is_file():
+        if not isinstance(value, Path):
+            continue
+        try:
+            is_file = value.is_file()
+        except OSError as e:  # e.g. a name longer than the file system allows
+            raise InputError(f"{short(str(value))}: {name.replace('_', ' ')}: {e.strerror or e}") from None
+        if is_file:
             if value.suffix in (".yaml", ".yml"):
                 check_yaml_file(value, name.replace("_", " "))
             elif value.suffix == ".json":

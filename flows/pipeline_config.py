@@ -155,10 +155,6 @@ def load_pipeline(path: str | Path, values: dict[str, str] | None = None) -> Pip
     if missing := sorted(set(_PLACEHOLDER.findall(text))):
         raise PipelineError(f"{path}: placeholder(s) {missing} not set; set them as environment "
                             f"variables (`mergeline demo` writes a filled-in copy for the zoo)")
-    try:
-        yaml.safe_load(text)
-    except yaml.YAMLError as e:  # one line with the place, not YAML's multi-line snippet
-        raise PipelineError(yaml_error_line(e, str(path))) from None
     data = parse_yaml_mapping(text, str(path), "pipeline", PipelineError)
     if "source_dir" in data:
         raise PipelineError(f"{path}: unknown key 'source_dir'")

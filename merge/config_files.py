@@ -12,11 +12,11 @@ import yaml
 from pydantic import ValidationError
 
 
-def _short(text: str, limit: int = 120) -> str:
+def short(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def _yaml_problem(e: yaml.YAMLError) -> str:
+def yaml_problem(e: yaml.YAMLError) -> str:
     """A YAML error in one line: what and where (PyYAML's own text spans several, with a snippet)."""
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
     problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e).splitlines()[0]
@@ -24,7 +24,7 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{problem}{at}"
 
 
-class _Loader(yaml.SafeLoader):
+class Loader(yaml.SafeLoader):
     """yaml.safe_load's loader, except that an integer too long for Python (over
     sys.get_int_max_str_digits() digits) is a YAML error with its line, not a bare ValueError."""
 
@@ -37,15 +37,15 @@ def _construct_int(loader: yaml.SafeLoader, node: yaml.Node):
                                                 node.start_mark) from None
 
 
-_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 def parse_yaml_mapping(text: str, where: str, kind: str, error: type[Exception]) -> dict:
     """YAML text -> a mapping; `error(...)` naming `where` if it is not valid YAML or not a mapping."""
     try:
-        data = yaml.load(text, Loader=_Loader)
+        data = yaml.load(text, Loader=Loader)
     except yaml.YAMLError as e:
-        raise error(f"{where}: not valid YAML ({_yaml_problem(e)})") from None
+        raise error(f"{where}: not valid YAML ({yaml_problem(e)})") from None
     except RecursionError:
         raise error(f"{where}: not valid YAML (nested too deeply)") from None
     except ValueError as e:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
@@ -62,10 +62,10 @@ def read_yaml_mapping(path: str | Path, kind: str, error: type[Exception]) -> di
     path = Path(path)
     try:
         if not path.is_file():
-            raise error(f"{_short(str(path))}: {kind} file not found")
+            raise error(f"{short(str(path))}: {kind} file not found")
         raw = path.read_bytes()
     except OSError as e:  # a name too long for the file system, a folder, no permission
-        raise error(f"{_short(str(path))}: cannot read the {kind} file ({e.strerror or e})") from None
+        raise error(f"{short(str(path))}: cannot read the {kind} file ({e.strerror or e})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

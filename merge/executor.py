@@ -274,11 +274,14 @@ def run_merge(recipe: MergeRecipe | str | Path | Mapping, out_dir: str | Path, *
                        report.to_dict() if report is not None else None, waived)
 
 
-def _open_gate(recipe: MergeRecipe, policy: Any, allow_pickle: bool) -> CompatGate:
+def _open_gate(recipe: MergeRecipe, policy: Any, allow_pickle: bool) -> CompatGate | None:
     """The gate of the recipe's models: the same model twice is refused, then every input is
-    opened and the header checks run. An unusable input is a MergeError naming the file."""
+    opened and the header checks run. An unusable input is a MergeError naming the file.
+    None for a recipe of one model (a passthrough copy): there is nothing to compare."""
     from merge.compat.gate import CompatInputError, recipe_gate
 
+    if len({m.model for m in recipe.inputs()}) == 1:
+        return None
     try:
         return recipe_gate(recipe, policy, allow_pickle=allow_pickle)
     except (CheckpointError, CompatInputError, ModelNotFound) as e:
@@ -310,7 +313,17 @@ def _merge_one(plan: Plan, job: TensorJob, tensors: list[torch.Tensor], dev: tor
     kwargs = {"generator": gen}
     if thresholds is not None:
         kwargs["thresholds"] = thresholds
-    return plan.method.fn(base, models, per_model, gparams, **kwargs)
+    try:
+        return plan.method.fn(base, models, per_model, gparams, **kwargs)
+    except (ValueError, RuntimeError):
+        # A method that selects or elects (TIES' counts) cannot work on NaN/Inf: name the input.
+        # Checked only on failure, so finite merges pay nothing; methods that merely propagate
+        # NaN are stopped by the norm checks when the merge ends.
+        for slot, t in zip(plan.inputs, tensors):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise MergeError(f"{slot.ref}: tensor {job.name!r} holds NaN or Inf values; "
+                                 f"{plan.method.name} cannot merge non-finite weights") from None
+        raise
 
 
 @dataclass

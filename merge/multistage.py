@@ -35,7 +35,7 @@ from typing import Any, Callable
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from merge.config_files import _Loader, _yaml_problem
+from merge.config_files import Loader, yaml_problem
 from merge.recipe import MergeRecipe, RecipeError, load_recipe
 
 STAGES_FILE = "mergeline_stages.json"
@@ -58,13 +58,13 @@ def read_documents(path: str | Path) -> list[dict]:
     """Every YAML document of the file, each a mapping; RecipeError naming the file otherwise."""
     path = Path(path)
     try:
-        docs = [d for d in yaml.load_all(path.read_text(), Loader=_Loader) if d is not None]
+        docs = [d for d in yaml.load_all(path.read_text(), Loader=Loader) if d is not None]
     except OSError as e:
         raise RecipeError(f"{path}: cannot read the recipe ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise RecipeError(f"{path}: a recipe file must be UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
+        raise RecipeError(f"{path}: not valid YAML ({yaml_problem(e)})") from None
     except (RecursionError, ValueError) as e:  # nested too deeply; an integer too long to convert
         raise RecipeError(f"{path}: not valid YAML ({type(e).__name__})") from None
     for i, d in enumerate(docs):

@@ -10,9 +10,7 @@ print(TensorReader(Checkpoint('MODEL_DIR')).read('model.norm.weight'))"
 """
 from __future__ import annotations
 
-import json
 import os
-import struct
 
 import torch
 
@@ -27,17 +25,8 @@ class TensorReader:
         self.ckpt = ckpt
         self.infos = ckpt.infos()
         self._fds: dict[str, int] = {}
-        self._spans: dict[str, tuple[str, int, int]] = {}
-        if ckpt._pickled is None:
-            for shard in sorted(set(ckpt.weight_map.values())):
-                path = ckpt.folder / shard
-                with open(path, "rb") as fh:
-                    (n,) = struct.unpack("<Q", fh.read(8))
-                    header = json.loads(fh.read(n))
-                for name, meta in header.items():
-                    if name != "__metadata__":
-                        start, end = meta["data_offsets"]
-                        self._spans[name] = (shard, 8 + n + start, end - start)
+        # The checkpoint's one tensor -> (shard, offset, length) map, shared with the checks.
+        self._spans: dict[str, tuple[str, int, int]] = ckpt.spans()
 
     def position(self, name: str) -> tuple[str, int]:
         span = self._spans.get(name)

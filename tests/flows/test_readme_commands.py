@@ -26,8 +26,9 @@ SKIP = {
     "mergeline run configs/pipeline_demo.yaml": "needs the zoo's folders in ${...} and real servers "
                                                 "(the block above it); the demo writes a filled-in copy",
     "mergeline check RECIPE --json --policy my_policy.yaml": "placeholders",
-    "mergeline merge configs/recipes/ties.yaml out/merged [--device auto|cpu|cuda:0] [--out-shard-size 5GB] "
-    "[--seed 0] [--overwrite]": "a synopsis with [options]; the zoo recipes above run the same merge",
+    "mergeline merge RECIPE OUT_DIR [--device auto|cpu|cuda:0] [--out-shard-size 5GB] [--seed 0] [--overwrite] "
+    "[--policy compat_policy.yaml] [--allow-crimes] [--intermediate-dir DIR]":
+        "a synopsis with [options]; the zoo recipes above run the same merge",
     "mergeline evaluate MODEL_DIR --suite configs/eval_suite.yaml --zoo ZOO_DIR": "placeholders",
     "mergeline gate REPORT.json --policy configs/gate_policy.yaml": "REPORT.json is a placeholder",
     "mergeline lineage mergeline-runs/demo/models/ties-1a2b3c4d5e6f": "an example hash; test_lineage_cli",
@@ -35,6 +36,9 @@ SKIP = {
     "mergeline lineage mergeline-demo@champion --tracking-uri sqlite:///mergeline-runs/demo/mlflow.db":
         "needs a demo's store; test_lineage_cli",
     "mergeline lineage MODEL_DIR --json": "placeholder",
+    "mergeline tune WORKDIR/pipeline.yaml --trials 20": "WORKDIR is a placeholder; tests/flows/test_tune.py",
+    "mergeline tune WORKDIR/pipeline.yaml --minutes 30 --sampler cmaes":
+        "WORKDIR is a placeholder; tests/flows/test_tune.py",
     'mergeline schedule configs/pipeline_demo.yaml --cron "0 3 * * *" --name nightly':
         "needs a Prefect server and serves until stopped; tests/flows/test_schedule.py",
 }

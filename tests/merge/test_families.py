@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from tests.merge._llama import read_all
 
 LAYERS = 2
 COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
@@ -87,13 +87,6 @@ def build_family(name: str, root: Path, tokenizer) -> dict[str, Path]:
         tokenizer.save_pretrained(folder)
         out[tag] = folder
     return out
-
-
-def read_all(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    return tensors
 
 
 def recipes(m: dict[str, Path]) -> dict[str, dict]:

@@ -56,7 +56,8 @@ def merge_cli(*args: str):
 
 
 def error_lines(res) -> list[str]:
-    return [line for line in res.output.splitlines() if line.strip()]
+    """The output's lines but the one-line estimate a merge prints before it starts."""
+    return [line for line in res.output.splitlines() if line.strip() and not line.startswith("estimate: ")]
 
 
 def assert_nothing_written(out: Path) -> None:
@@ -134,6 +135,22 @@ def test_inf_weights_are_refused_naming_the_tensor(tiny_models, tmp_path):
     assert res.exit_code == 1, res.output
     (line,) = error_lines(res)
     assert "check failed: norms.finite" in line and name in line and "ft_inf" in line and "1 Inf" in line, line
+    assert_nothing_written(out)
+
+
+def test_nan_weights_in_a_ties_merge_are_one_line_naming_the_tensor(tiny_models, tmp_path):
+    """TIES counts and elects: NaN input stops it mid-merge (it used to crash with a traceback)."""
+    ft = copy_model(tiny_models["ft_a"], tmp_path / "ft_nan")
+    weights = load_file(ft / "model.safetensors")
+    name = "transformer.h.0.mlp.c_fc.weight"
+    weights[name][0, 0] = math.nan
+    save_file(weights, ft / "model.safetensors", metadata={"format": "pt"})
+    recipe = write_recipe(tmp_path, tiny_models["base"], [ft, tiny_models["ft_b"]])  # a TIES recipe
+    out = tmp_path / "out"
+    res = merge_cli(recipe, out)
+    assert res.exit_code == 2, res.output
+    (line,) = error_lines(res)
+    assert name in line and "ft_nan" in line and "NaN" in line, line
     assert_nothing_written(out)
 
 

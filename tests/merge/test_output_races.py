@@ -59,11 +59,14 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture
 def setup(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    base = {k: torch.randn(*s, generator=g) for k, s in SHAPES.items()}
     for i, name in enumerate(("base", "ft_a", "ft_b")):
-        g = torch.Generator().manual_seed(i)
         f = tmp_path / name
         f.mkdir()
-        save_file({k: torch.randn(*s, generator=g) for k, s in SHAPES.items()}, str(f / "model.safetensors"))
+        # fine-tunes: the base plus a small delta (the merge's own checks refuse unrelated weights)
+        ts = {k: v + 0.05 * i * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        save_file(ts, str(f / "model.safetensors"))
         (f / "config.json").write_text(json.dumps(CONFIG))
     r = {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"),
          "models": [{"model": str(tmp_path / m), "parameters": {"weight": 0.5}} for m in ("ft_a", "ft_b")]}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from merge.methods import get_method
 
@@ -104,26 +104,7 @@ def test_statistics_of_methods_that_trim_or_elect():
 
 
 # -- whole models ------------------------------------------------------------------------
-HIDDEN, INTER, LAYERS, VOCAB = 16, 40, 3, 48
-CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-    "intermediate_size": INTER, "num_hidden_layers": LAYERS, "num_attention_heads": 2,
-    "num_key_value_heads": 2, "vocab_size": VOCAB, "rms_norm_eps": 1e-6, "max_position_embeddings": 64,
-    "tie_word_embeddings": False, "torch_dtype": "float32",
-}
-
-
-def llama_shapes() -> dict[str, tuple[int, ...]]:
-    s = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        s.update({p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,),
-                  p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": (HIDDEN, HIDDEN),
-                  p + "self_attn.v_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-                  p + "mlp.gate_proj.weight": (INTER, HIDDEN), p + "mlp.up_proj.weight": (INTER, HIDDEN),
-                  p + "mlp.down_proj.weight": (HIDDEN, INTER)})
-    s.update({"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)})
-    return s
+from tests.merge._llama import CONFIG, LAYERS, llama_shapes, read_all  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -191,13 +172,6 @@ def mergekit_outputs(models, tmp_path_factory) -> dict[str, Path]:
         run_merge(MergeConfiguration.model_validate(recipe), str(root / name), opts)
         out[name] = root / name
     return out
-
-
-def read_all(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    return tensors
 
 
 @pytest.mark.parametrize("name", list(recipes({k: Path(k) for k in ("base", "ft_a", "ft_b", "ft_c")})))

@@ -1,0 +1,379 @@
+"""`mergeline tune PIPELINE`: search a recipe's weights and densities on validation items, then
+send the best recipe through the normal pipeline, judged on test items, beside the untuned one.
+
+1. Search (the Prefect flow `mergeline-tune`). Optuna (Akiba et al. 2019; TPE by default,
+   Bergstra et al. 2011; CMA-ES with `--sampler cmaes`, Hansen 2016) proposes per-model weights
+   and densities (tasks/tune_tasks.py). Each trial is the pipeline's own tasks: `merge_model`
+   then `evaluate_model` on the suite's validation part (evaluation/splits.py), both cached by
+   content, so a point seen before costs nothing. A batch of `runner.max_workers` trials runs at
+   once on the pipeline's task runner. The objective is the gate's rules as one number
+   (evaluation/objective.py). Each trial is an MLflow child run of a `tune:NAME` parent run.
+   The study lives in WORKDIR/tune/optuna.db (SQLite; `--storage memory` for none), never in the
+   MLflow or Prefect database; a rerun resumes it up to `--trials` finished trials.
+2. The best recipe is written as a plain mergekit recipe, WORKDIR/tune/STUDY/best_recipe.yaml,
+   with a pipeline file beside it: the same pipeline with that recipe, the suite scoring its test
+   part, and the original recipe as the baseline `untuned`.
+3. That pipeline runs (flows/pipeline.py `run_pipeline`): check, merges, evaluation on test
+   items, gate, registry. WORKDIR/tune/STUDY/tune_report.md says which items did what.
+
+Tuning on the items that then judge the result would let the search fit the gate's own
+evidence, so a suite without `splits:` is refused unless `--allow-no-split` (recorded).
+
+    mergeline tune configs/pipeline_demo.yaml --trials 20
+    mergeline tune WORKDIR/pipeline.yaml --minutes 30 --sampler cmaes
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import yaml
+from prefect import flow
+
+from flows.pipeline import candidates, run_pipeline, task_runner, validate
+from flows.pipeline_config import Pipeline, PipelineError, load_pipeline
+from flows.progress import say
+from flows.servers import check_servers, default_environment, resolve_tracking
+from flows.workdir import workdir_lock
+from tasks import tracking
+from tasks.caching import key_of
+from tasks.eval_tasks import combine, evaluate_model
+from tasks.merge_tasks import merge_key, merge_model
+from tasks.recipes import base_name, inputs
+from tasks.tune_tasks import STEP, apply, log_trial, space
+
+SAMPLERS = ("tpe", "cmaes")
+STORAGES = ("sqlite", "memory")
+UNTUNED = "untuned"
+
+
+class TuneError(PipelineError):
+    """A tuning request that cannot be run (exit 2); the message names the option or key."""
+
+
+def _sampler(kind: str, seed: int):
+    import optuna
+
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.CmaEsSampler(seed=seed)
+
+
+def _suites(pipe: Pipeline, allow_no_split: bool):
+    """(validation suite, test suite, split note) for the pipeline's suite."""
+    from evaluation.splits import describe
+    from evaluation.suite import check_ready, load_suite
+
+    suite = load_suite(pipe.path(pipe.eval_suite) if isinstance(pipe.eval_suite, str) else pipe.eval_suite,
+                       pipe.placeholders)
+    check_ready(suite)
+    if suite.splits is None:
+        if not allow_no_split:
+            raise TuneError(f"{pipe.eval_suite if isinstance(pipe.eval_suite, str) else 'eval_suite'}: "
+                            "declares no splits, so tuning would fit the items the gate then judges; add "
+                            "e.g. `splits: {validation: [0, 20], test: [20, 40]}` (and drop `limit`), "
+                            "or pass --allow-no-split to tune on the gate's items anyway (recorded)")
+        note = ("NO SPLIT (--allow-no-split): the same items were used to tune and to judge; "
+                "the gate's evidence is not independent of the search")
+        return suite, suite, {"tuning": describe(suite), "gate": describe(suite), "warning": note}
+    val, test = suite.for_part("validation"), suite.for_part("test")
+    return val, test, {"tuning": describe(val), "gate": describe(test)}
+
+
+def study_name(pipe: Pipeline, main: dict, val_suite, policy, kind: str, seed: int) -> str:
+    """Same recipe, suite, policy, space and sampler -> same study (resumed); else a new one."""
+    h = key_of("tune", main, val_suite.model_dump(mode="json"), policy, space(main), STEP, kind, seed)
+    return f"{pipe.name}-{kind}-{h[:10]}"
+
+
+@flow(name="mergeline-tune", log_prints=True)
+def tune_flow(pipeline: str, trials: int, minutes: float | None = None, sampler: str = "tpe",
+              seed: int = 0, storage: str = "sqlite", allow_no_split: bool = False,
+              started: float | None = None) -> dict:
+    """Run the search; returns the study's trials, the best recipe and the tuned pipeline file.
+    The time budget runs from `started` (epoch seconds; default: now)."""
+    started = started or time.time()
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own progress lines instead
+    pipe = load_pipeline(pipeline)
+    work = pipe.workdir_path
+    track = resolve_tracking(work, pipe.tracking.mlflow_tracking_uri, pipe.tracking.prefect_api_url)
+    primary, recipes = candidates(pipe)
+    main = recipes[primary]
+    policy = pipe.load(pipe.gate_policy)[0] or {}
+    val, test, splits_note = _suites(pipe, allow_no_split)
+    dims = space(main)
+    name = study_name(pipe, main, val, policy, sampler, seed)
+    out_dir = work / "tune" / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{work / 'tune' / 'optuna.db'}" if storage == "sqlite" else None
+    study = optuna.create_study(study_name=name, storage=url, sampler=_sampler(sampler, seed),
+                                direction="maximize", load_if_exists=True)
+
+    c = tracking.client(track.mlflow_uri)
+    exp = tracking.ensure_experiment(c, pipe.tracking.experiment, track.artifact_location)
+    parent = tracking.start_run(c, exp, f"tune:{pipe.name}", tags={
+        "mergeline.pipeline": str(Path(pipeline).resolve()), "mergeline.study": name,
+        "mergeline.split.tuning": splits_note["tuning"], "mergeline.split.gate": splits_note["gate"],
+        **({"mergeline.override": "--allow-no-split"} if "warning" in splits_note else {})})
+    tracking.log_params(c, parent, {"sampler": sampler, "seed": seed, "trials": trials, "minutes": minutes,
+                                    "storage": url or "memory", "space": {k: list(v) for k, v in dims.items()},
+                                    "step": STEP, "recipe": main})
+    try:
+        deadline = started + minutes * 60 if minutes else None
+        search = _search(pipe, study, main, primary, dims, val, policy, trials, deadline, c, parent)
+    except BaseException:
+        c.set_terminated(parent, "FAILED")
+        raise
+    best = study.best_trial
+    best_recipe = apply(main, best.params)
+    best_path = _write(out_dir / "best_recipe.yaml", yaml.safe_dump(best_recipe, sort_keys=False))
+    tuned = _write(out_dir / "pipeline.yaml", yaml.safe_dump(
+        tuned_pipeline(pipe, best_path, main, primary, test), sort_keys=False))
+    tracking.log_metrics(c, parent, {"best_objective": best.value, "best_trial": best.number,
+                                     **{f"best.{k}": v for k, v in best.params.items()}})
+    tracking.log_artifact(c, parent, best_path, "tune")
+    c.set_terminated(parent, "FINISHED")
+    return {"study": name, "storage": url or "memory", "sampler": sampler, "seed": seed,
+            "mlflow_run_id": parent, "mlflow_uri": track.mlflow_uri, "splits": splits_note,
+            "best": {"trial": best.number, "objective": best.value, "values": best.params,
+                     **(best.user_attrs or {})},
+            "best_recipe": str(best_path), "pipeline": str(tuned), "out_dir": str(out_dir), **search}
+
+
+def _search(pipe: Pipeline, study, main: dict, primary: str, dims: dict, val, policy: dict,
+            trials: int, deadline: float | None, c, parent: str) -> dict:
+    """Ask/tell in batches of `runner.max_workers` trials until `trials` are finished or the
+    `deadline` (epoch seconds) has passed (a batch in flight finishes)."""
+    from optuna.trial import TrialState
+
+    from evaluation.objective import objective
+
+    work = pipe.workdir_path
+    opts = dict(result_storage=work / "prefect-results")
+    val_dict = val.model_dump(mode="json")
+    cache = str(work / "score-cache")
+
+    def evaluate(name, path, role):
+        return evaluate_model.with_options(**opts).submit(name=name, path=str(path), role=role,
+                                                          suite=val_dict, cache_dir=cache)
+
+    folders = inputs(main)
+    base = base_name(main)
+    unknown = sorted(set(val.retention) - set(folders))
+    if unknown:
+        raise TuneError(f"eval suite: retention names {unknown} are not models of the recipe "
+                        f"(models: {sorted(n for n in folders if n != base)})")
+    say(f"tune: study {study.study_name}, {len(dims)} parameters, validation part of the suite")
+    t0 = time.time()
+    refs = [evaluate("base", folders[base], "base")] + [evaluate(n, folders[n], "finetune") for n in val.retention]
+    ref_tables = [f.result() for f in refs]
+
+    def finished() -> int:
+        return sum(t.state == TrialState.COMPLETE for t in study.trials)
+
+    start_done, new, cached_trials, failed = finished(), [], 0, 0
+    t1 = time.time()  # the references are evaluated: from here on, trials only
+    if start_done >= trials:
+        say(f"tune: the study already has {start_done} finished trials (--trials {trials}); nothing to run")
+    while finished() < trials and (deadline is None or time.time() < deadline):
+        batch = []
+        for _ in range(min(pipe.runner.max_workers, trials - finished())):
+            t = study.ask()
+            values = {k: t.suggest_float(k, lo, hi, step=STEP) for k, (lo, hi) in dims.items()}
+            recipe = apply(main, values)
+            fut = merge_model.with_options(**opts).submit(
+                name=primary, recipe=recipe, models_dir=str(work / "models"), key=merge_key(recipe, pipe.merge.seed),
+                seed=pipe.merge.seed, device=pipe.merge.device, out_shard_size=pipe.merge.out_shard_size,
+                allow_pickle=pipe.merge.allow_pickle, mlflow_run_id=parent)
+            batch.append((t, values, recipe, fut))
+        running = []
+        for t, values, recipe, fut in batch:  # each evaluation starts as soon as its merge is done
+            try:
+                m = fut.result()
+            except Exception as e:  # noqa: BLE001 - one failed point must not end the search
+                running.append((t, values, recipe, None, None, f"merge: {type(e).__name__}: {e}"))
+                continue
+            reused = bool(m.get("reused")) or fut.state.name == "Cached"
+            running.append((t, values, recipe, evaluate(primary, m["path"], "candidate"), reused, None))
+        for t, values, recipe, ev, reused, error in running:
+            result = None
+            if ev is not None:
+                try:
+                    table = combine(ref_tables + [ev.result()])
+                    result = objective(table, val, policy, primary)
+                except Exception as e:  # noqa: BLE001
+                    error = f"evaluate: {type(e).__name__}: {e}"
+            cached = bool(reused) and ev is not None and ev.state.name == "Cached"
+            if result is None:
+                study.tell(t, state=TrialState.FAIL)
+                failed += 1
+                say(f"trial {t.number}: FAILED ({error})")
+            else:
+                for k in ("mean_retention", "worst_regression", "feasible"):
+                    t.set_user_attr(k, result[k])
+                study.tell(t, result["value"])
+                cached_trials += cached
+                say(_progress(t.number, finished(), trials, result, cached, study.best_trial))
+            log_trial(c, parent, t.number, values, recipe, result, cached, error)
+            new.append({"trial": t.number, "values": values, "cached": cached, "error": error,
+                        **({"objective": result["value"], "mean_retention": result["mean_retention"],
+                            "worst_regression": result["worst_regression"], "feasible": result["feasible"]}
+                           if result else {})})
+        if failed and failed >= max(3, len(new)):
+            raise RuntimeError(f"tune: every trial so far failed; last: {new[-1]['error']}")
+    if finished() == 0:
+        raise TuneError("tune: no trial finished within the budget (raise --minutes or --trials)")
+    return {"trials_run": new, "trials_cached": cached_trials, "trials_failed": failed,
+            "trials_finished": finished(), "seconds": {"references": round(t1 - t0, 2),
+                                                       "trials": round(time.time() - t1, 2)},
+            "budget_spent": deadline is not None and time.time() >= deadline,
+            "all_trials": [{"trial": t.number, "state": t.state.name, "objective": t.value, "values": t.params}
+                           for t in study.trials]}
+
+
+def _progress(number: int, done: int, trials: int, result: dict, cached: bool, best) -> str:
+    """trial 3 (4/20): objective 0.912 (mean retention 0.912, worst regression -0.020); best 0.950 at trial 1"""
+    worst = result["worst_regression"]
+    details = [f"mean retention {result['mean_retention']:.3f}"]
+    details += [f"worst regression {worst:+.3f}"] if worst is not None else []
+    details += ["cached"] if cached else []
+    return (f"trial {number} ({done}/{trials}): objective {result['value']:.3f} ({', '.join(details)}); "
+            f"best {best.value:.3f} at trial {best.number}")
+
+
+def tuned_pipeline(pipe: Pipeline, best_path: Path, main: dict, primary: str, test_suite) -> dict:
+    """The pipeline file for the final run: the tuned recipe, the suite scoring its test part
+    (inline, so nothing can make it score validation), the untuned recipe as a baseline, and
+    every path absolute."""
+    data = pipe.model_dump(mode="json", exclude={"source_dir"}, exclude_none=True)
+    data["name"] = f"{pipe.name}-tuned"
+    data["workdir"] = str(pipe.workdir_path)
+    data["recipe"] = str(best_path)
+    data["primary"] = primary
+    data["eval_suite"] = test_suite.model_dump(mode="json", exclude_none=True)
+    for key in ("gate_policy", "compat_policy"):
+        if isinstance(data.get(key), str):
+            data[key] = str(pipe.path(data[key]).resolve())
+    baselines = []
+    for b in data.get("baselines", []):
+        if isinstance(b, dict) and isinstance(b.get("recipe"), str):
+            b = {**b, "recipe": str(pipe.path(b["recipe"]).resolve())}
+        if (b if isinstance(b, str) else b["name"]) != UNTUNED:
+            baselines.append(b)
+    data["baselines"] = baselines + [{"name": UNTUNED, "recipe": main}]
+    return data
+
+
+def _write(path: Path, text: str) -> Path:
+    """Write whole or not at all (staged, then renamed into place)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def run_tune(path: str | Path, trials: int = 20, minutes: float | None = None, sampler: str = "tpe",
+             seed: int = 0, storage: str = "sqlite", allow_no_split: bool = False) -> dict:
+    """Hold the workdir's lock, search, then run the tuned pipeline; returns {search, final, report}."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if sampler not in SAMPLERS:
+        raise TuneError(f"--sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if storage not in STORAGES:
+        raise TuneError(f"--storage {storage!r}: choose one of {', '.join(STORAGES)}")
+    if trials < 1 or (minutes is not None and minutes <= 0):
+        raise TuneError("--trials must be >= 1 and --minutes > 0")
+    started = time.time()  # --minutes counts from here
+    default_environment()
+    pipe = load_pipeline(path)
+    with workdir_lock(pipe.workdir_path):
+        api = PREFECT_API_URL.value() or None
+        track = resolve_tracking(pipe.workdir_path, pipe.tracking.mlflow_tracking_uri,
+                                 pipe.tracking.prefect_api_url or api)
+        check_servers(track)
+        validate(pipe)
+        primary, recipes = candidates(pipe)
+        space(recipes[primary])  # a recipe that cannot be tuned fails here, before any server starts
+        _suites(pipe, allow_no_split)
+        say(f"tune {pipe.name}: workdir {pipe.workdir_path}, {sampler}, "
+            f"budget {trials} trials" + (f" or {minutes:g} min" if minutes else ""))
+        flow_fn = tune_flow.with_options(task_runner=task_runner(pipe))
+        settings = (temporary_settings({PREFECT_API_URL: track.prefect_api_url})
+                    if track.prefect_api_url and track.prefect_api_url != api else nullcontext())
+        with settings:
+            search = flow_fn(pipeline=str(Path(path).resolve()), trials=trials, minutes=minutes,
+                             sampler=sampler, seed=seed, storage=storage, allow_no_split=allow_no_split,
+                             started=started)
+            say(f"tune: best trial {search['best']['trial']} (objective {search['best']['objective']:.3f}); "
+                f"judging it on the test items: {search['pipeline']}")
+            final = run_pipeline(search["pipeline"])
+    c = tracking.client(search["mlflow_uri"])
+    tracking.set_tags(c, search["mlflow_run_id"], {"mergeline.final_run_id": final["mlflow_run_id"],
+                                                   "mergeline.decision": final["decision"]})
+    report = write_report(search, final)
+    return {"search": search, "final": final, "report": str(report)}
+
+
+def comparison(final: dict) -> dict:
+    """Tuned vs untuned on the test items, from the final pipeline's report.json (none when the
+    compatibility gate stopped the run before any merge)."""
+    if not (final.get("reports") or {}).get("json"):
+        return {"primary": None, "tuned": {}, "untuned": {}, "difference": None, "difference_interval": None,
+                "suite_part": None, "splits": None}
+    rep = json.loads(Path(final["reports"]["json"]).read_text())
+    primary = rep["primary"]
+    row = next((r for r in rep["baselines"]["comparisons"] if r["baseline"] == UNTUNED), None)
+    summaries = {n: c.get("summary", {}) for n, c in rep["candidates"].items()}
+    return {"primary": primary, "tuned": summaries.get(primary, {}), "untuned": summaries.get(UNTUNED, {}),
+            "difference": row and row.get("difference"), "difference_interval": row and row.get("difference_interval"),
+            "suite_part": (rep["inputs"]["suite"] or {}).get("part"),
+            "splits": (rep["inputs"]["suite"] or {}).get("splits")}
+
+
+def write_report(search: dict, final: dict) -> Path:
+    """tune_report.json and tune_report.md in the study's folder."""
+    from evaluation.stats import Interval
+
+    cmp = comparison(final)
+    data = {"search": search, "final": {k: final.get(k) for k in ("decision", "reasons", "report", "mlflow_run_id",
+                                                                  "run_dir")}, "test": cmp}
+    out = Path(search["out_dir"])
+    _write(out / "tune_report.json", json.dumps(data, indent=2, default=str))
+    iv = cmp["difference_interval"]
+    diff = (Interval(**iv).text() if iv and iv.get("low") is not None
+            else f"{cmp['difference']:+.3f}" if cmp["difference"] is not None else "n/a")
+    t, u = cmp["tuned"], cmp["untuned"]
+
+    def f(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    lines = [f"# Tuning: {search['study']}", "",
+             "## Which items did what", "",
+             f"- tuning (objective, {search['trials_finished']} trials): {search['splits']['tuning']}",
+             f"- gate (the final run below): {search['splits']['gate']}"]
+    if "warning" in search["splits"]:
+        lines.append(f"- WARNING: {search['splits']['warning']}")
+    lines += ["", "## Search", "",
+              f"- sampler {search['sampler']} (seed {search['seed']}), study storage {search['storage']}",
+              f"- this run: {len(search['trials_run'])} trials ({search['trials_cached']} served from the caches, "
+              f"{search['trials_failed']} failed) in {search['seconds']['trials']:.0f} s, after "
+              f"{search['seconds']['references']:.0f} s for the base's and fine-tunes' validation scores"
+              + ("; stopped by --minutes" if search["budget_spent"] else ""),
+              f"- best: trial {search['best']['trial']}, objective {search['best']['objective']:.3f} on validation",
+              f"- best recipe: {search['best_recipe']}", "",
+              "| parameter | best |", "|---|---|"]
+    lines += [f"| {k} | {v:g} |" for k, v in search["best"]["values"].items()]
+    lines += ["", "## Test items: tuned vs untuned", "",
+              f"- decision: **{final['decision']}** (report: {final.get('report')})",
+              f"- mean retention: tuned ({cmp['primary']}) {f(t.get('mean_retention'))}, "
+              f"untuned {f(u.get('mean_retention'))}; difference {diff}",
+              f"- worst regression: tuned {f(t.get('worst_regression'))}, untuned {f(u.get('worst_regression'))}"]
+    lines += [f"  - {r}" for r in final.get("reasons") or []]
+    path = _write(out / "tune_report.md", "\n".join(lines) + "\n")
+    say(f"tune report: {path}")
+    return path

@@ -1,0 +1,92 @@
+"""What one tuning trial is: the search space a recipe opens, the recipe a trial's values make,
+and the trial's MLflow child run.
+
+The space is the recipe's own knobs, per model: `weight` always, `density` when the recipe sets a
+density anywhere (TIES, DARE, ...: Yadav et al. 2023 trim each task vector to its top `density`
+fraction). Values move on a grid (`STEP`): two trials that land on the same point build the same
+recipe, so `merge_model` and `evaluate_model` (keyed by content, tasks/caching.py) serve the
+second from the cache at no cost.
+
+    python -m tasks.tune_tasks RECIPE.yaml      # print the search space of a recipe
+"""
+from __future__ import annotations
+
+import copy
+import sys
+
+import yaml
+
+from tasks import tracking
+from tasks.recipes import inputs, resolved_recipe
+
+STEP = 0.05
+WEIGHT_RANGE = (0.1, 1.0)
+DENSITY_RANGE = (0.1, 1.0)
+
+
+def _tuned_models(recipe: dict) -> list[dict]:
+    if recipe.get("slices") or not recipe.get("models"):
+        raise ValueError("tune: only recipes with a `models:` list can be tuned (not `slices:`)")
+    return [m for m in recipe["models"] if m["model"] != recipe.get("base_model")]
+
+
+def _names(recipe: dict) -> dict[str, str]:
+    """model folder -> short name (as the pipeline and the suite name them)."""
+    return {str(path): name for name, path in inputs(recipe).items()}
+
+
+def uses_density(recipe: dict) -> bool:
+    return "density" in (recipe.get("parameters") or {}) or any(
+        "density" in (m.get("parameters") or {}) for m in recipe.get("models") or [])
+
+
+def space(recipe: dict) -> dict[str, tuple[float, float]]:
+    """Parameter name ("weight.addition", "density.addition", ...) -> (low, high)."""
+    names = _names(recipe)
+    out = {}
+    for m in _tuned_models(recipe):
+        name = names[m["model"]]
+        out[f"weight.{name}"] = WEIGHT_RANGE
+        if uses_density(recipe):
+            out[f"density.{name}"] = DENSITY_RANGE
+    return out
+
+
+def apply(recipe: dict, values: dict[str, float]) -> dict:
+    """The recipe with the trial's weights and densities, one per model; a recipe-wide density
+    gives way to the per-model ones. Normalised through `resolved_recipe`, as the pipeline reads
+    a recipe file, so the best trial's merge key is the one the pipeline computes for it."""
+    out = copy.deepcopy(recipe)
+    names = _names(recipe)
+    for m in _tuned_models(out):
+        params = m.setdefault("parameters", {}) or {}
+        m["parameters"] = params
+        name = names[m["model"]]
+        params["weight"] = round(float(values[f"weight.{name}"]), 4)
+        if f"density.{name}" in values:
+            params["density"] = round(float(values[f"density.{name}"]), 4)
+    if any(k.startswith("density.") for k in values) and out.get("parameters"):
+        out["parameters"].pop("density", None)
+        if not out["parameters"]:
+            out.pop("parameters")
+    return resolved_recipe(out)
+
+
+def log_trial(c, parent: str, number: int, values: dict, recipe: dict, result: dict | None,
+              cached: bool, error: str | None = None) -> str:
+    """One MLflow child run per trial: its values and recipe, the objective and its parts."""
+    with tracking.child_run(c, parent, f"trial:{number}") as run:
+        tracking.log_params(c, run, {**values, "recipe": recipe})
+        tracking.log_text(c, run, yaml.safe_dump(recipe, sort_keys=False), "recipe.yaml")
+        tags = {"mergeline.trial": number, "mergeline.cached": cached}
+        if error:
+            tags["mergeline.error"] = error[:5000]
+        tracking.set_tags(c, run, tags)
+        if result is not None:
+            tracking.log_metrics(c, run, {k: v for k, v in result.items() if k != "penalty"})
+    return run
+
+
+if __name__ == "__main__":
+    for k, (lo, hi) in space(resolved_recipe(sys.argv[1])).items():
+        print(f"{k}: [{lo}, {hi}] step {STEP}")

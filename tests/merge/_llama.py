@@ -1,0 +1,40 @@
+"""The tiny float32 Llama the parity tests merge with mergekit and mergeline, and a reader.
+
+    from tests.merge._llama import CONFIG, LAYERS, llama_shapes, read_all
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+HIDDEN, INTER, LAYERS, VOCAB = 16, 40, 3, 48
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+    "intermediate_size": INTER, "num_hidden_layers": LAYERS, "num_attention_heads": 2,
+    "num_key_value_heads": 2, "vocab_size": VOCAB, "rms_norm_eps": 1e-6, "max_position_embeddings": 64,
+    "tie_word_embeddings": False, "torch_dtype": "float32",
+}
+
+
+def llama_shapes() -> dict[str, tuple[int, ...]]:
+    s = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        s.update({
+            p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,),
+            p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": (HIDDEN, HIDDEN),
+            p + "self_attn.v_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+            p + "mlp.gate_proj.weight": (INTER, HIDDEN), p + "mlp.up_proj.weight": (INTER, HIDDEN),
+            p + "mlp.down_proj.weight": (HIDDEN, INTER),
+        })
+    s.update({"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)})
+    return s
+
+
+def read_all(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
