@@ -1,7 +1,7 @@
 """The demo pipeline with its fine-tunes given as LoRA adapters (`BASE+ADAPTER`).
 
-Each zoo fine-tune moves only embedding rows, so it is exactly a low-rank update: its SVD gives a
-rank-r PEFT embedding adapter that reproduces it to float32 rounding. The pipeline then checks,
+Each zoo fine-tune moves only the token embedding, so its SVD gives a PEFT embedding adapter
+(at the delta's full rank) that reproduces it to float32 rounding. The pipeline then checks,
 merges and evaluates the adapters (lm-eval runs them through `peft=`), and must reach the same
 decision as the demo, with a merged model equal to the merge of the full fine-tunes.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from flows.demo import CONFIGS, write_pipeline, zoo_values
+from evaluation.zoo.merges import demo_recipe
 from flows.pipeline import run_pipeline
 from merge.checkpoint import Checkpoint
 from merge.executor import run_merge
@@ -50,9 +51,7 @@ def test_demo_pipeline_on_lora_adapters(zoo, prefect_server, tmp_path, monkeypat
     assert report["inputs"]["models"]["addition"]["path"] == values["addition"]
 
     # the merged model is the merge of the full fine-tunes (the adapters reproduce them)
-    recipe = {"merge_method": "ties", "base_model": str(zoo.base), "dtype": "float32",
-              "parameters": {"density": 0.5, "normalize": True},
-              "models": [{"model": str(f), "parameters": {"weight": 0.5}} for f in zoo.finetunes.values()]}
+    recipe = demo_recipe("ties", zoo.base, zoo.finetunes)  # the demo pipeline's own TIES recipe
     full = Checkpoint(run_merge(recipe, tmp_path / "full", device="cpu", progress=False).path)
     ours = Checkpoint(summary["models"]["ties"])
     for name in full.names():
