@@ -1,13 +1,14 @@
 """The tiny float32 Llama the parity tests merge with mergekit and mergeline, and a reader.
 
-    from tests.merge._llama import CONFIG, LAYERS, llama_shapes, read_all
+    from tests.merge._llama import LAYERS, build_llamas, read_all
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 HIDDEN, INTER, LAYERS, VOCAB = 16, 40, 3, 48
 CONFIG = {
@@ -38,3 +39,19 @@ def read_all(folder: Path) -> dict[str, torch.Tensor]:
     for f in sorted(folder.glob("*.safetensors")):
         tensors.update(load_file(f))
     return tensors
+
+
+def build_llamas(root: Path, seed: int) -> dict[str, Path]:
+    """A base and three fine-tunes (base + 0.05, 0.10, 0.15 x noise) under `root`, float32."""
+    g = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(*v, generator=g) for k, v in llama_shapes().items()}
+    out = {}
+    for i, name in enumerate(["base", "ft_a", "ft_b", "ft_c"]):
+        folder = root / name
+        folder.mkdir()
+        scale = 0.0 if i == 0 else 0.05 * i
+        tensors = {k: (v + scale * torch.randn(*v.shape, generator=g)).contiguous() for k, v in base.items()}
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(CONFIG))
+        out[name] = folder
+    return out

@@ -18,16 +18,8 @@ from typer.testing import CliRunner
 from flows.cli import app
 from merge.estimate import OVERHEAD, TensorSize, estimate, estimate_shapes, llama_shapes
 from merge.executor import run_merge
-from tests.merge.test_executor import CONFIG, save_model
+from tests.merge.test_executor import CONFIG, SHAPES, save_model  # merge order: the embedding (largest) first
 
-SHAPES = {  # merge order: the embedding (largest) first, as a Llama stores it
-    "model.embed_tokens.weight": (40, 8),
-    "model.layers.0.self_attn.q_proj.weight": (8, 8),
-    "model.layers.0.mlp.up_proj.weight": (16, 8),
-    "model.layers.1.self_attn.q_proj.weight": (8, 8),
-    "model.layers.1.mlp.up_proj.weight": (16, 8),
-    "model.norm.weight": (8,),
-}
 
 
 @pytest.fixture

@@ -16,28 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 pytest.importorskip("mergekit", reason="mergekit (the test extra) is the yardstick for parity")
 
-from tests.merge._llama import CONFIG, LAYERS, llama_shapes, read_all  # noqa: E402
+from tests.merge._llama import LAYERS, build_llamas, read_all  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("parity_models")
-    g = torch.Generator().manual_seed(1234)
-    base = {k: torch.randn(*v, generator=g) for k, v in llama_shapes().items()}
-    out = {}
-    for i, name in enumerate(["base", "ft_a", "ft_b", "ft_c"]):
-        folder = root / name
-        folder.mkdir()
-        scale = 0.0 if i == 0 else 0.05 * i
-        tensors = {k: (v + scale * torch.randn(*v.shape, generator=g)).contiguous() for k, v in base.items()}
-        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-        (folder / "config.json").write_text(json.dumps(CONFIG))
-        out[name] = folder
-    return out
+    return build_llamas(tmp_path_factory.mktemp("parity_models"), seed=1234)
 
 
 def recipes(m: dict[str, Path]) -> dict[str, dict]:
