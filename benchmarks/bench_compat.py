@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from merge.checkpoint import Checkpoint  # noqa: E402
-from merge.compat import check_models  # noqa: E402
-from merge.compat.norms import stream_norms  # noqa: E402
+from mergeline.merge.checkpoint import Checkpoint  # noqa: E402
+from mergeline.merge.compat import check_models  # noqa: E402
+from mergeline.merge.compat.norms import stream_norms  # noqa: E402
 
 def best(fn, repeat: int) -> float:
     times = []

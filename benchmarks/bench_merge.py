@@ -153,7 +153,7 @@ def timed_run(code: str, env: dict | None = None) -> tuple[float, int, float]:
 def run_mergeline(m: BenchModels, out: Path, device: str = "cpu", checks: bool = True,
                   lineage: bool = False) -> tuple[float, int, float]:
     return timed_run(textwrap.dedent(f"""\
-        from merge.executor import run_merge
+        from mergeline.merge.executor import run_merge
         out = run_merge({str(m.recipe)!r}, {str(out)!r}, device={device!r}, overwrite=True, progress=False,
                         checks={checks!r}, lineage={lineage!r})
         assert (out.checks is not None) == {checks!r} and not out.waived
@@ -198,9 +198,9 @@ def run_floor(m: BenchModels, out: Path) -> tuple[float, int, float]:
     folders = [str(m.base)] + [str(f) for f in m.finetunes]
     return timed_run(textwrap.dedent(f"""\
         from pathlib import Path
-        from merge.checkpoint import DTYPES, Checkpoint
-        from merge.reader import TensorReader
-        from merge.writer import OutTensor, ShardWriter
+        from mergeline.merge.checkpoint import DTYPES, Checkpoint
+        from mergeline.merge.reader import TensorReader
+        from mergeline.merge.writer import OutTensor, ShardWriter
         readers = [TensorReader(Checkpoint(f)) for f in {folders!r}]
         out = Path({str(out)!r}); out.mkdir(parents=True, exist_ok=True)
         infos = readers[0].infos

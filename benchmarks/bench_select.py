@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from merge.methods.select import topk
+from mergeline.merge.methods.select import topk
 
 
 def clock(fn, n: int, repeat: int) -> tuple[float, float]:

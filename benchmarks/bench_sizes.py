@@ -89,7 +89,7 @@ def build_size(size: str, cache: Path, seed: int = 0) -> BenchModels:
     """Base + three fine-tunes at `size`, one tensor at a time (each seeded from its name)."""
     import torch
 
-    from merge.writer import OutTensor, ShardWriter, parse_size
+    from mergeline.merge.writer import OutTensor, ShardWriter, parse_size
 
     hidden, layers, inter = {**SIZES, **STARTUP}[size]
     folder = cache / size
@@ -150,7 +150,7 @@ def gate_times(m: BenchModels, repeat: int = 1) -> tuple[float, float, float]:
     import torch
 
     from benchmarks.bench_compat import best, norm_pass, threaded_read
-    from merge.compat import check_models
+    from mergeline.merge.compat import check_models
 
     models = {p.name: p for p in m.finetunes}
     inputs = [m.base, *m.finetunes]
@@ -163,8 +163,8 @@ def gate_times(m: BenchModels, repeat: int = 1) -> tuple[float, float, float]:
 
 
 def measure(size: str, cache: Path, gate: bool = True) -> dict:
-    from merge.checkpoint import Checkpoint
-    from merge.estimate import estimate
+    from mergeline.merge.checkpoint import Checkpoint
+    from mergeline.merge.estimate import estimate
 
     t = time.perf_counter()
     m = build_size(size, cache)

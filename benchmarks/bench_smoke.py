@@ -1,6 +1,6 @@
 """What the smoke stage costs against the full evaluation it guards, and what the statistics cost.
 
-On the demo zoo (evaluation/zoo), for the base and two merges (TIES, and task arithmetic with a
+On the demo zoo (zoo), for the base and two merges (TIES, and task arithmetic with a
 runaway lambda that the smoke test fails), in one run:
 
 - the smoke test (evaluation/smoke.py) of each model: cold (the references' perplexities are
@@ -26,12 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from mergeline.configs import DIR
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's progress bars
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = DIR
 PROMPTS = ["the red cat", "a dog is", "3 plus 4 is", "there are 12", "c a b backwards is"]
 
 
@@ -42,7 +44,7 @@ def timed(fn):
 
 
 def merges(zoo, out: Path) -> dict[str, Path]:
-    from merge.executor import run_merge
+    from mergeline.merge.executor import run_merge
 
     models = [{"model": str(f), "parameters": {"weight": 0.5}} for f in zoo.finetunes.values()]
     recipes = {"ties": {"merge_method": "ties", "parameters": {"density": 0.5, "normalize": True}},
@@ -53,7 +55,7 @@ def merges(zoo, out: Path) -> dict[str, Path]:
 
 def statistics(table, suite, name: str) -> int:
     """The gate's intervals for candidate `name` over its items; returns how many were made."""
-    from evaluation import stats
+    from mergeline.evaluation import stats
 
     s = table.samples
     owner = suite.task_owner()
@@ -84,12 +86,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from evaluation.evaluate import ScoreTable, evaluate_models
-    from evaluation.smoke import SmokeRule, smoke_test
-    from evaluation.suite import load_suite
-    from evaluation.zoo import build_zoo, load_zoo
-    from evaluation.zoo.build import N_GENERIC
-    from evaluation.zoo.data import generic_lines
+    from mergeline.evaluation.evaluate import ScoreTable, evaluate_models
+    from mergeline.evaluation.smoke import SmokeRule, smoke_test
+    from mergeline.evaluation.suite import load_suite
+    from mergeline.zoo import build_zoo, load_zoo
+    from mergeline.zoo.build import N_GENERIC
+    from mergeline.zoo.data import generic_lines
 
     zoo = load_zoo(args.zoo) if args.zoo else build_zoo()
     text = "".join(generic_lines(N_GENERIC + args.text_lines, zoo.manifest["seed"])[N_GENERIC:])
@@ -112,7 +114,7 @@ def main() -> None:
     print(head)
     print("-" * len(head))
     for name, path in models.items():
-        from evaluation import smoke as smoke_module
+        from mergeline.evaluation import smoke as smoke_module
 
         smoke_module._REFERENCE_PPL.clear()  # cold: the references' perplexities are computed
         cold, cold_wall = timed(lambda: smoke_test(path, refs, text, PROMPTS, SmokeRule()))

@@ -19,8 +19,8 @@ import yaml
 
 
 def pipeline(root: Path, workers: int, validation: int) -> Path:
-    from evaluation.zoo import build_zoo
-    from flows.demo import CONFIGS, write_pipeline, zoo_values
+    from mergeline.zoo import build_zoo
+    from mergeline.flows.demo import CONFIGS, write_pipeline, zoo_values
 
     path = write_pipeline(CONFIGS / "pipeline_demo.yaml", root, zoo_values(build_zoo()))
     data = yaml.safe_load(path.read_text())
@@ -37,9 +37,9 @@ def pipeline(root: Path, workers: int, validation: int) -> Path:
 def search(path: Path, trials: int, storage: str) -> tuple[float, int]:
     """(seconds per trial of the trial loop, trials served from the caches); the references'
     evaluations before the loop are not counted."""
-    from flows.pipeline import task_runner
-    from flows.pipeline_config import load_pipeline
-    from flows.tune import tune_flow
+    from mergeline.flows.pipeline import task_runner
+    from mergeline.flows.pipeline_config import load_pipeline
+    from mergeline.flows.tune import tune_flow
 
     flow_fn = tune_flow.with_options(task_runner=task_runner(load_pipeline(path)))
     out = flow_fn(pipeline=str(path), trials=trials, storage=storage)
@@ -52,8 +52,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=4)
     ap.add_argument("--validation", type=int, default=12, help="validation items per task")
     args = ap.parse_args()
-    from flows.progress import quiet
-    from flows.servers import default_environment
+    from mergeline.flows.progress import quiet
+    from mergeline.flows.servers import default_environment
 
     quiet()
     default_environment()

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from merge.tokenizer_merge import TokenizerInfo, remap_rows  # noqa: E402
+from mergeline.merge.tokenizer_merge import TokenizerInfo, remap_rows  # noqa: E402
 
 
 class _Vocab:

@@ -20,7 +20,7 @@ cache first (`evaluation.score_cache`); `ScoreTable.runs` counts the lm-eval run
 `ScoreTable.models`:  name -> role, path, content_hash, cache (per seed); a per-seed model also
                       has per_seed {seed: {path, content_hash}} (path/content_hash: the first seed's)
 
-    python -m evaluation.evaluate SUITE.yaml NAME=MODEL_DIR [NAME=MODEL_DIR ...]
+    python -m mergeline.evaluation.evaluate SUITE.yaml NAME=MODEL_DIR [NAME=MODEL_DIR ...]
 """
 from __future__ import annotations
 
@@ -32,10 +32,10 @@ from typing import Callable
 
 import pandas as pd
 
-from evaluation.score_cache import ScoreCache, cache_key, lm_eval_version, model_hash, task_fingerprint
-from evaluation.splits import restrict
-from evaluation.suite import EvalSuite, check_ready
-from merge.resolve import split_adapter
+from mergeline.evaluation.score_cache import ScoreCache, cache_key, lm_eval_version, model_hash, task_fingerprint
+from mergeline.evaluation.splits import restrict
+from mergeline.evaluation.suite import EvalSuite, check_ready
+from mergeline.merge.resolve import split_adapter
 
 ROLES = ("base", "finetune", "candidate")
 SCORE_COLUMNS = ["model", "role", "task", "metric", "value", "primary", "seed"]
@@ -115,7 +115,7 @@ def evaluate_models(suite: EvalSuite, models: dict[str, str | Path | dict[int, s
                 if folder is not None and not Path(folder).is_dir():
                     raise FileNotFoundError(f"model {name!r}: folder {folder} does not exist")
     if runner is None:
-        from evaluation.lm_eval_runner import run_lm_eval as runner  # heavy: imports lm_eval
+        from mergeline.evaluation.lm_eval_runner import run_lm_eval as runner  # heavy: imports lm_eval
     roles = infer_roles(suite, list(models), roles)
     cache = ScoreCache(cache_dir) if cache_dir is not None else None
     tasks = suite.all_tasks()
@@ -194,7 +194,7 @@ def _tag(df: pd.DataFrame, name: str, role: str, seed: int) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    from evaluation.suite import load_suite
+    from mergeline.evaluation.suite import load_suite
     s = load_suite(sys.argv[1])
     table = evaluate_models(s, dict(a.split("=", 1) for a in sys.argv[2:]), cache_dir=None)
     print(table.primary().pivot(index="task", columns="model", values="value").round(3).to_string())

@@ -17,7 +17,7 @@ A report missing the evidence a rule needs fails that rule.
 
     mergeline gate runs/report.json --policy configs/gate_policy.yaml
     # exit 0 GO, 1 NO-GO, 3 INCONCLUSIVE, 2 unusable input
-    python -m evaluation.gate runs/report.json configs/gate_policy.yaml
+    python -m mergeline.evaluation.gate runs/report.json configs/gate_policy.yaml
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from evaluation import stats
-from evaluation.metrics import interference_pattern
-from evaluation.policy import GatePolicy, load_policy
+from mergeline.evaluation import stats
+from mergeline.evaluation.metrics import interference_pattern
+from mergeline.evaluation.policy import GatePolicy, load_policy
 
 REPORT_SCHEMA_VERSION = 2
 PASS, FAIL, INCONCLUSIVE, NOT_APPLICABLE = "pass", "fail", "inconclusive", "not_applicable"

@@ -9,7 +9,7 @@ page fits a 1400-pixel window.
 
     render_html(report: dict) -> str
 
-    python -m evaluation.html_report report.json > report.html
+    python -m mergeline.evaluation.html_report report.json > report.html
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import re
 import sys
 from pathlib import Path
 
-from evaluation.plots import PLOTS, draw
-from evaluation.tables import Code, Ival, Plots, Section, Status, Table, cell_text, document
+from mergeline.evaluation.plots import PLOTS, draw
+from mergeline.evaluation.tables import Code, Ival, Plots, Section, Status, Table, cell_text, document
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1320px;

@@ -4,7 +4,7 @@ Scores and per-sample rows come back as tidy frames so metrics, caches and repor
 touch lm-eval's nested result dicts. Local task YAMLs are found through `include_path` (one
 folder or a list of folders); built-in task names work too (then lm-eval indexes its own tasks, about 12 s more).
 
-    python -m evaluation.lm_eval_runner MODEL_DIR TASK [TASK ...] --include-path DIR
+    python -m mergeline.evaluation.lm_eval_runner MODEL_DIR TASK [TASK ...] --include-path DIR
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from merge.resolve import split_adapter
+from mergeline.merge.resolve import split_adapter
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 SCORE_COLUMNS = ["task", "metric", "value", "primary"]

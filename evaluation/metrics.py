@@ -28,7 +28,7 @@ DELLA, seed k is merge seed k).
 
 All functions are pure: frames and dicts in, frames and dicts out.
 
-    python -m evaluation.metrics MERGE_STATS.json     # print the sign-conflict proxy
+    python -m mergeline.evaluation.metrics MERGE_STATS.json     # print the sign-conflict proxy
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from evaluation import stats
-from evaluation.suite import EvalSuite
+from mergeline.evaluation import stats
+from mergeline.evaluation.suite import EvalSuite
 
 INTERFERENCE_GAP = 0.5
 # Methods whose merge elects a sign per coordinate; only they have a sign-conflict proxy.

@@ -15,7 +15,7 @@ gate, on the test items the search never saw.
 
 Pure: a ScoreTable, a suite and a gate policy in, a dict out.
 
-    python -m evaluation.objective      # the objective of a made-up table, as a worked example
+    python -m mergeline.evaluation.objective      # the objective of a made-up table, as a worked example
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ import math
 
 import pandas as pd
 
-from evaluation import metrics
-from evaluation.policy import GatePolicy, load_policy
-from evaluation.suite import EvalSuite
+from mergeline.evaluation import metrics
+from mergeline.evaluation.policy import GatePolicy, load_policy
+from mergeline.evaluation.suite import EvalSuite
 
 DEFAULT_PENALTY = 2.0  # per unit of drop beyond a limit: a 0.05 excess costs 0.10 of mean retention
 
@@ -70,7 +70,7 @@ def objective(table, suite: EvalSuite, policy: GatePolicy | dict | None, candida
 
 
 if __name__ == "__main__":
-    from evaluation.evaluate import ScoreTable
+    from mergeline.evaluation.evaluate import ScoreTable
 
     rows = [("base", "t_a", 0.2), ("base", "t_gen", 0.9), ("ft_a", "t_a", 0.8), ("ft_a", "t_gen", 0.9),
             ("ties", "t_a", 0.6), ("ties", "t_gen", 0.7)]

@@ -17,7 +17,7 @@ legible, and every estimate with an interval carries it as an error bar.
 The two sign-election plots cover only merges whose method elects signs
 (`evaluation.tables.SIGN_ELECTING_METHODS`).
 
-    python -m evaluation.plots report.json OUT_DIR     # write the PNGs
+    python -m mergeline.evaluation.plots report.json OUT_DIR     # write the PNGs
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from matplotlib.text import Text
 
-from evaluation.tables import Ival, candidate_order, elects_signs, ival, per_model
+from mergeline.evaluation.tables import Ival, candidate_order, elects_signs, ival, per_model
 
 COLORS = ["#1f6fb4", "#e8862a", "#2e9e57", "#c4393b", "#8c62b8", "#8a5a4d", "#d36fb9", "#7b7b7b"]
 ERRORBAR = {"ecolor": "#1d2330", "elinewidth": 1.0, "capsize": 3, "capthick": 1.0}

@@ -43,7 +43,7 @@ reported "not applicable".
 A rule whose evidence is missing from the report (no baseline run, no merge stats, no
 compatibility report) FAILS: a release gate must not pass on absent evidence.
 
-    python -m evaluation.policy configs/gate_policy.yaml
+    python -m mergeline.evaluation.policy configs/gate_policy.yaml
 """
 from __future__ import annotations
 
@@ -53,10 +53,10 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from evaluation.metrics import INTERFERENCE_GAP
-from evaluation.smoke import SmokeRule
-from evaluation.stats import DEFAULT_CONFIDENCE
-from merge.config_files import explain, read_yaml_mapping
+from mergeline.evaluation.metrics import INTERFERENCE_GAP
+from mergeline.evaluation.smoke import SmokeRule
+from mergeline.evaluation.stats import DEFAULT_CONFIDENCE
+from mergeline.merge.config_files import explain, read_yaml_mapping
 
 
 class PolicyError(ValueError):

@@ -8,7 +8,7 @@ backslash, so a crafted model or task name cannot inject markup or break a table
     render_markdown(report: dict) -> str
     write_reports(report: dict, out_dir: Path, *, overwrite=False) -> {"json": Path, "md": Path, "html": Path}
 
-    python -m evaluation.render report.json OUT_DIR     # re-render md + html from a report.json
+    python -m mergeline.evaluation.render report.json OUT_DIR     # re-render md + html from a report.json
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-from evaluation.tables import Plots, Section, Table, cell_text, document
+from mergeline.evaluation.tables import Plots, Section, Table, cell_text, document
 
 # `](` is what every Markdown link and image needs; a bracket alone ("[0.80, 0.97]") is plain text.
 _MD_SPECIAL = re.compile(r"[\\|`*]|\](?=\()|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
@@ -63,7 +63,7 @@ def render_markdown(report: dict) -> str:
 
 def write_reports(report: dict, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Path]:
     """Write report.json, report.md and report.html; each to a temp name, then renamed."""
-    from evaluation.html_report import render_html  # matplotlib: only when writing
+    from mergeline.evaluation.html_report import render_html  # matplotlib: only when writing
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = {"json": out_dir / "report.json", "md": out_dir / "report.md", "html": out_dir / "report.html"}

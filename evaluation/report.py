@@ -43,7 +43,7 @@ baseline comparisons), seed spreads, top-level `confidence`; interference read f
 (retention beside the share dropped by sign election); `sign_conflict.elects_signs`; the decision
 has three verdicts and per-check status (pass/fail/inconclusive/not_applicable).
 
-    python -m evaluation.report report.json OUT_DIR     # re-render md + html from a report.json
+    python -m mergeline.evaluation.report report.json OUT_DIR     # re-render md + html from a report.json
 """
 from __future__ import annotations
 
@@ -52,13 +52,13 @@ import sys
 import time
 from pathlib import Path
 
-from evaluation import metrics
-from evaluation.evaluate import ScoreTable
-from evaluation.gate import REPORT_SCHEMA_VERSION, decide
-from evaluation.policy import GatePolicy, load_policy
-from evaluation.render import render_markdown, write_reports  # noqa: F401  (callers import them from here)
-from evaluation.stats import DEFAULT_CONFIDENCE, Interval
-from evaluation.suite import EvalSuite
+from mergeline.evaluation import metrics
+from mergeline.evaluation.evaluate import ScoreTable
+from mergeline.evaluation.gate import REPORT_SCHEMA_VERSION, decide
+from mergeline.evaluation.policy import GatePolicy, load_policy
+from mergeline.evaluation.render import render_markdown, write_reports  # noqa: F401  (callers import them from here)
+from mergeline.evaluation.stats import DEFAULT_CONFIDENCE, Interval
+from mergeline.evaluation.suite import EvalSuite
 
 AVERAGING_BASELINE = "linear"
 

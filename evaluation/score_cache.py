@@ -10,7 +10,7 @@ Batch size is left out on purpose: it changes speed, not which answers a model g
 Layout: `<cache_dir>/<key>/{scores.json, samples.json, config.json, meta.json}`, written to a
 temporary folder beside it and renamed into place, so a killed run never leaves half an entry.
 
-    python -m evaluation.score_cache CACHE_DIR      # list entries
+    python -m mergeline.evaluation.score_cache CACHE_DIR      # list entries
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from merge.hashing import content_hash, text_hash
+from mergeline.merge.hashing import content_hash, text_hash
 
 CACHE_FORMAT = 1
 

@@ -20,7 +20,7 @@ Thresholds are the gate policy's `smoke:` section (`SmokeRule`); the text and th
 from the pipeline. Pure transformers + torch: no Prefect, no MLflow.
 
     smoke_test(model_dir, {"base": BASE, "addition": FT}, text, prompts, SmokeRule()) -> SmokeResult
-    python -m evaluation.smoke MODEL_DIR --ref base=BASE --text held_out.txt --prompt "the cat"
+    python -m mergeline.evaluation.smoke MODEL_DIR --ref base=BASE --text held_out.txt --prompt "the cat"
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from merge.resolve import split_adapter
+from mergeline.merge.resolve import split_adapter
 
 CHECKS = ("finite_logits", "perplexity", "eos", "repetition", "chat_template")
 
@@ -256,7 +256,7 @@ _REFERENCE_PPL: dict[tuple[str, str, str], float] = {}
 def reference_perplexity(model_dir: str | Path, text: str, device: str = "cpu") -> float:
     """perplexity() of a reference model, remembered per process by the folder's content hash:
     every candidate of a pipeline run compares with the same base and fine-tunes."""
-    from merge.hashing import content_hash, text_hash
+    from mergeline.merge.hashing import content_hash, text_hash
 
     key = (content_hash(model_dir), text_hash(text), device)
     if key not in _REFERENCE_PPL:

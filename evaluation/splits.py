@@ -24,7 +24,7 @@ per-item values (exact_match, acc, acc_norm) can be restricted this way; others 
 A suite without `splits` is unchanged: `run_limit()` is its `limit` and `restrict` returns the
 table as it is.
 
-    python -m evaluation.splits configs/eval_suite.yaml     # print each task's ranges
+    python -m mergeline.evaluation.splits configs/eval_suite.yaml     # print each task's ranges
 """
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def item_counts(table) -> dict[str, int]:
 
 
 if __name__ == "__main__":
-    from evaluation.suite import load_suite
+    from mergeline.evaluation.suite import load_suite
 
     s = load_suite(sys.argv[1])
     for p in PARTS:

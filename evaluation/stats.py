@@ -21,7 +21,7 @@ interval, computed by a kept library:
 
 The bootstrap draws from a fixed seed, so a report is reproducible bit for bit.
 
-    python -m evaluation.stats 37 40          # Wilson interval of 37 right out of 40
+    python -m mergeline.evaluation.stats 37 40          # Wilson interval of 37 right out of 40
 """
 from __future__ import annotations
 

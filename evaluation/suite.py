@@ -22,7 +22,7 @@ replaces it. `${zoo}` is the convention for the demo zoo's task folder. An envir
 of the same name is used when the caller gives none. Relative paths resolve against the YAML's
 folder (not the current folder), so a suite file can be moved with its tasks.
 
-    python -m evaluation.suite configs/eval_suite.yaml
+    python -m mergeline.evaluation.suite configs/eval_suite.yaml
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from evaluation.splits import Part, Splits, check as check_splits
-from merge.config_files import explain, read_yaml_mapping
+from mergeline.evaluation.splits import Part, Splits, check as check_splits
+from mergeline.merge.config_files import explain, read_yaml_mapping
 
 TaskType = Literal["generation", "multiple_choice", "loglikelihood", "unknown"]
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -10,7 +10,7 @@ A table cell is a plain value (None, bool, int, float, str) or one of:
 Renderers escape every cell; nothing here is markup. Reports of schema v1 (no intervals, checks
 with `passed` instead of `status`) render with plain numbers.
 
-    python -m evaluation.tables report.json      # print the document as plain text
+    python -m mergeline.evaluation.tables report.json      # print the document as plain text
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 # Methods that elect a sign per coordinate: only their merges have "dropped by sign election" to
 # show (tests/evaluation/test_render.py checks it against consensus=True in merge/methods/registry.py).
-from evaluation.metrics import SIGN_ELECTING_METHODS
+from mergeline.evaluation.metrics import SIGN_ELECTING_METHODS
 
 
 MODELS_PER_TABLE = 6
@@ -170,8 +170,8 @@ def document(report: dict) -> tuple[list[str], list[Section]]:
         meta.append(f"intervals at {report['confidence']:.0%} confidence")
     suite = (report.get("inputs") or {}).get("suite") or {}
     if suite.get("splits"):  # tuned on one part of the items, judged on another: say which
-        from evaluation.splits import describe
-        from evaluation.suite import EvalSuite
+        from mergeline.evaluation.splits import describe
+        from mergeline.evaluation.suite import EvalSuite
 
         meta.append("scored on " + describe(EvalSuite.model_validate(suite)))
     return meta, [decision_section(report), baseline_section(report), plots_section(),

@@ -20,8 +20,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from flows.errors import EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, exit_code_for
-from flows.handler import App, Commands, err, fail
+from mergeline.flows.errors import EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, exit_code_for
+from mergeline.flows.handler import App, Commands, err, fail
 
 app = App(
     cls=Commands,
@@ -45,8 +45,8 @@ def zoo_build(
     """Build (or reuse) the zoo: a base, its fine-tunes, negative specimens, eval data."""
     from rich.table import Table
 
-    from evaluation.zoo import build_zoo
-    from evaluation.zoo.build import ZooBuildError
+    from mergeline.zoo import build_zoo
+    from mergeline.zoo.build import ZooBuildError
 
     try:
         zoo = build_zoo(out_dir, seed=seed, force=force)
@@ -75,7 +75,7 @@ def zoo_recipes(
     """Write configs/recipes/ with the zoo's folders in place of models/base, models/ft_a, ...
 
     Then every example runs as is: `mergeline check OUT_DIR/ties.yaml`, `mergeline merge ...`."""
-    from flows.demo import write_zoo_recipes, zoo_or_build
+    from mergeline.flows.demo import write_zoo_recipes, zoo_or_build
 
     try:
         written, skipped = write_zoo_recipes(zoo_or_build(zoo), out_dir, overwrite=overwrite)
@@ -101,8 +101,8 @@ def demo(
 
     The first run on a machine builds the zoo (~2-3 min); every run starts Prefect's temporary
     server (~20 s) and evaluates 7 models with lm-eval. Exit 0 GO, 1 NO-GO, 3 INCONCLUSIVE."""
-    from flows.demo import default_workdir, run_demo
-    from flows.progress import quiet
+    from mergeline.flows.demo import default_workdir, run_demo
+    from mergeline.flows.progress import quiet
 
     quiet(verbose)
     summary = run_demo(workdir or default_workdir(nogo), overwrite=overwrite, nogo=nogo, zoo_dir=zoo)
@@ -124,8 +124,8 @@ def check(
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from flows.errors import INPUT_ERRORS
-    from merge.compat import check_recipe
+    from mergeline.flows.errors import INPUT_ERRORS
+    from mergeline.merge.compat import check_recipe
 
     # The header checks take milliseconds; the norm pass reads every model once: a bar for that.
     bar = Progress(TextColumn("[bold]base-delta norms"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
@@ -172,7 +172,7 @@ def check(
 def _estimate(recipe: Path, allow_pickle: bool, out_shard_size: str = "5GB"):
     """merge/estimate.py's Estimate of a one-stage recipe, or None where no plan can be built from
     the headers (a multi-stage file, an input the checks already refused): it informs, never blocks."""
-    from merge.estimate import estimate
+    from mergeline.merge.estimate import estimate
 
     try:
         return estimate(recipe, out_shard_size, allow_pickle=allow_pickle)
@@ -182,7 +182,7 @@ def _estimate(recipe: Path, allow_pickle: bool, out_shard_size: str = "5GB"):
 
 def _example_hint(recipe: Path, e: Exception) -> str:
     """configs/recipes/ name models/base etc. as mergekit's examples do: say how to fill them."""
-    from flows.demo import CONFIGS
+    from mergeline.flows.demo import CONFIGS
 
     if type(e).__name__ == "ModelNotFound" and recipe.resolve().parent == CONFIGS / "recipes":
         return (f" (the example recipes name models/base, models/ft_a, ...: `mergeline zoo recipes DIR` "
@@ -215,12 +215,12 @@ def merge(
     norms from the merge's own read). Exit 0 merged, 1 a check failed (nothing written), 2 unusable input."""
     from rich.markup import escape
 
-    from merge.checkpoint import CheckpointError
-    from merge.compat import INPUT_ERRORS, ChecksFailed
-    from merge.device import DeviceError
-    from merge.multistage import merge_file
-    from merge.plan import MergeError
-    from merge.writer import OutputError
+    from mergeline.merge.checkpoint import CheckpointError
+    from mergeline.merge.compat import INPUT_ERRORS, ChecksFailed
+    from mergeline.merge.device import DeviceError
+    from mergeline.merge.multistage import merge_file
+    from mergeline.merge.plan import MergeError
+    from mergeline.merge.writer import OutputError
 
     need = _estimate(recipe, allow_pickle, out_shard_size)
     if need is not None:
@@ -254,11 +254,11 @@ def evaluate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files in --out."),
 ):
     """Evaluate one model folder with lm-eval on the suite's tasks."""
-    from evaluation.suite import SuiteError, load_suite
+    from mergeline.evaluation.suite import SuiteError, load_suite
 
     placeholders = {}
     if zoo is not None:
-        from evaluation.zoo import load_zoo
+        from mergeline.zoo import load_zoo
         try:
             placeholders["zoo"] = load_zoo(zoo).tasks_dir
         except Exception as e:  # the zoo loader names the file at fault
@@ -275,7 +275,7 @@ def evaluate(
     if not overwrite and (existing := [str(p) for p in targets if p.exists()]):
         fail(f"{existing} already exist (pass --overwrite to replace)")
 
-    from evaluation.evaluate import evaluate_models
+    from mergeline.evaluation.evaluate import evaluate_models
     try:
         table = evaluate_models(s, {model_dir.name: model_dir}, cache_dir, roles={model_dir.name: "candidate"},
                                 log=lambda m: err.print(m, highlight=False))
@@ -302,8 +302,8 @@ def gate(
     """Decide from a report and a policy: exit 0 GO, 1 NO-GO, 3 INCONCLUSIVE, 2 unusable input."""
     import json
 
-    from evaluation.gate import ReportError, decide, load_report
-    from evaluation.policy import PolicyError, load_policy
+    from mergeline.evaluation.gate import ReportError, decide, load_report
+    from mergeline.evaluation.policy import PolicyError, load_policy
 
     try:
         decision = decide(load_report(report), load_policy(policy))
@@ -329,8 +329,8 @@ def run(
     """Run a pipeline file: check, merge, evaluate, gate, register.
 
     Exit 0 GO, 1 NO-GO, 3 INCONCLUSIVE, 2 unusable input or a workdir another run holds."""
-    from flows.pipeline import run_pipeline
-    from flows.progress import quiet
+    from mergeline.flows.pipeline import run_pipeline
+    from mergeline.flows.progress import quiet
 
     quiet(verbose)
     summary = run_pipeline(pipeline, refresh=overwrite)
@@ -386,13 +386,13 @@ def lineage(
     """Print the merge lineage tree of a model, across generations."""
     import json
 
-    from merge.lineage import load_lineage, tree
+    from mergeline.merge.lineage import load_lineage, tree
 
     folder = Path(target)
     if not folder.is_dir():
         if "@" not in target:
             fail(f"{target}: not a folder, and not a registered NAME@alias")
-        from tasks.tracking import folder_of, open_existing_store
+        from mergeline.tasks.tracking import folder_of, open_existing_store
 
         uri = tracking_uri or _find_store(target.partition("@")[0])
         try:
@@ -424,7 +424,7 @@ def lineage(
 def _find_store(name: str) -> str:
     """The SQLite store that registered `name`: ./mlflow.db or a pipeline workdir's under
     ./mergeline-runs; opening an existing file only (MLflow would create an empty one)."""
-    from tasks.tracking import open_existing_store
+    from mergeline.tasks.tracking import open_existing_store
 
     found = [p for p in [Path("mlflow.db"), *sorted(Path("mergeline-runs").glob("*/mlflow.db"))] if p.is_file()]
     for p in found:
@@ -446,7 +446,7 @@ def schedule(
     name: Optional[str] = typer.Option(None, help="Deployment name."),
 ):
     """Create and serve a Prefect deployment that runs the pipeline on a cron schedule."""
-    from flows.schedule import serve
+    from mergeline.flows.schedule import serve
 
     serve(pipeline, cron, name)
 
@@ -467,8 +467,8 @@ def tune(
     pipeline on the best recipe, judged on test items, with the untuned recipe as a baseline.
 
     Exit 0 GO, 1 NO-GO, 3 INCONCLUSIVE (the tuned recipe's gate), 2 unusable input."""
-    from flows.progress import quiet
-    from flows.tune import run_tune
+    from mergeline.flows.progress import quiet
+    from mergeline.flows.tune import run_tune
 
     quiet(verbose)
     out = run_tune(pipeline, trials=trials, minutes=minutes, sampler=sampler, seed=seed, storage=storage,

@@ -1,7 +1,7 @@
 """`mergeline demo`: the whole pipeline on the built-in zoo, from nothing to a decision.
 
 Builds (or reuses, from the machine-wide cache) the tiny zoo of genuine fine-tunes
-(evaluation.zoo), fills the zoo's folders into configs/pipeline_demo.yaml, writes that pipeline,
+(zoo), fills the zoo's folders into configs/pipeline_demo.yaml, writes that pipeline,
 its recipe, suite and policies with absolute paths into the workdir (so the run can be repeated
 with `mergeline run WORKDIR/pipeline.yaml`), and runs it: compatibility check, TIES and the
 baselines, lm-eval, gate, MLflow registry.
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import yaml
 
-from flows.pipeline_config import fill
+from mergeline.configs import DIR
+from mergeline.flows.pipeline_config import fill
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = DIR
 
 
 def zoo_values(zoo) -> dict[str, str]:
@@ -41,8 +42,8 @@ def smoke_text(zoo, lines: int = 64) -> Path:
     import os
     import tempfile
 
-    from evaluation.zoo.build import N_GENERIC
-    from evaluation.zoo.data import generic_lines
+    from mergeline.zoo.build import N_GENERIC
+    from mergeline.zoo.data import generic_lines
 
     out = zoo.root.parent / f"{zoo.root.name}.smoke-{lines}.txt"
     if not out.is_file():
@@ -78,8 +79,8 @@ def default_workdir(nogo: bool = False) -> Path:
 
 def zoo_or_build(zoo_dir: str | Path | None = None):
     """The zoo at `zoo_dir`, else the cached one, built (and said so) on a machine's first run."""
-    from evaluation.zoo import build_zoo, load_zoo
-    from flows.progress import say
+    from mergeline.zoo import build_zoo, load_zoo
+    from mergeline.flows.progress import say
 
     if zoo_dir:
         return load_zoo(zoo_dir)
@@ -118,9 +119,9 @@ def write_zoo_recipes(zoo, out_dir: str | Path, overwrite: bool = False) -> tupl
 def run_demo(workdir: str | Path | None = None, overwrite: bool = False,
              nogo: bool = False, zoo_dir: str | Path | None = None) -> dict:
     """Build/reuse the zoo, write the demo pipeline into `workdir`, run it; the run's summary."""
-    from flows.pipeline import run_pipeline
-    from flows.servers import default_environment
-    from flows.workdir import workdir_lock
+    from mergeline.flows.pipeline import run_pipeline
+    from mergeline.flows.servers import default_environment
+    from mergeline.flows.workdir import workdir_lock
 
     default_environment()
     work = Path(workdir) if workdir else default_workdir(nogo)

@@ -10,10 +10,10 @@
          resumes from the stages that finished.
 
 Every library error class that means unusable input is listed once, in `input_errors()`;
-`from flows.errors import INPUT_ERRORS` gives the same tuple (imported lazily: the classes live
+`from mergeline.flows.errors import INPUT_ERRORS` gives the same tuple (imported lazily: the classes live
 in modules that import torch, and `mergeline --help` must stay instant).
 
-    python -c "from flows.errors import INPUT_ERRORS; print(INPUT_ERRORS)"
+    python -c "from mergeline.flows.errors import INPUT_ERRORS; print(INPUT_ERRORS)"
 """
 from __future__ import annotations
 
@@ -42,19 +42,19 @@ def exit_code_for(verdict: str) -> int:
 
 def input_errors() -> tuple[type[Exception], ...]:
     """Every exception class that means unusable input (exit 2), each with a one-line message."""
-    from evaluation.gate import ReportError
-    from evaluation.policy import PolicyError as GatePolicyError
-    from evaluation.suite import SuiteError
-    from flows.pipeline_config import PipelineError
-    from flows.servers import ServerUnreachable
-    from merge.checkpoint import CheckpointError
-    from merge.compat import CompatInputError
-    from merge.compat.policy import PolicyError as CompatPolicyError
-    from merge.device import DeviceError
-    from merge.plan import MergeError
-    from merge.recipe import RecipeError
-    from merge.resolve import ModelNotFound
-    from merge.writer import OutputError
+    from mergeline.evaluation.gate import ReportError
+    from mergeline.evaluation.policy import PolicyError as GatePolicyError
+    from mergeline.evaluation.suite import SuiteError
+    from mergeline.flows.pipeline_config import PipelineError
+    from mergeline.flows.servers import ServerUnreachable
+    from mergeline.merge.checkpoint import CheckpointError
+    from mergeline.merge.compat import CompatInputError
+    from mergeline.merge.compat.policy import PolicyError as CompatPolicyError
+    from mergeline.merge.device import DeviceError
+    from mergeline.merge.plan import MergeError
+    from mergeline.merge.recipe import RecipeError
+    from mergeline.merge.resolve import ModelNotFound
+    from mergeline.merge.writer import OutputError
 
     return (InputError, PipelineError, ServerUnreachable, RecipeError, ModelNotFound, CheckpointError,
             CompatInputError, CompatPolicyError, GatePolicyError, SuiteError, ReportError, MergeError,
@@ -84,7 +84,7 @@ def read_text(path: str | Path, kind: str = "config") -> str:
 
 def yaml_error_line(e: Exception, where: str) -> str:
     """A YAML syntax error as one line: 'FILE: not valid YAML (problem at line L, column C)'."""
-    from merge.config_files import yaml_problem
+    from mergeline.merge.config_files import yaml_problem
 
     return f"{where}: not valid YAML ({yaml_problem(e)})"
 
@@ -95,7 +95,7 @@ def check_yaml_file(path: str | Path, kind: str = "config") -> None:
     the loader of that kind of file."""
     import yaml
 
-    from merge.config_files import Loader, short
+    from mergeline.merge.config_files import Loader, short
 
     try:
         text = read_text(path, kind)

@@ -19,7 +19,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 from typer.exceptions import Abort, Exit, TyperException  # usage errors are TyperExceptions
 
-from flows.errors import EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM, EXIT_UNEXPECTED, one_line
+from mergeline.flows.errors import EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM, EXIT_UNEXPECTED, one_line
 
 err = Console(stderr=True)
 
@@ -68,7 +68,7 @@ def _unexpected(e: BaseException) -> None:
 
 
 def _interrupted(e: KeyboardInterrupt) -> None:
-    from flows import workdir
+    from mergeline.flows import workdir
 
     code, what = (EXIT_SIGTERM, "SIGTERM") if isinstance(e, _Interrupted) else (EXIT_SIGINT, "Ctrl-C")
     note = ""
@@ -84,9 +84,9 @@ def _interrupted(e: KeyboardInterrupt) -> None:
 def _check_file_params(params: dict) -> None:
     """Refuse a YAML file argument that is not UTF-8 or not YAML, in one line naming the file,
     before any command reads it (recipes, pipelines, suites, policies alike)."""
-    from flows.errors import InputError, check_yaml_file, read_text
+    from mergeline.flows.errors import InputError, check_yaml_file, read_text
 
-    from merge.config_files import short
+    from mergeline.merge.config_files import short
 
     for name, value in params.items():
         if not isinstance(value, Path):
@@ -128,7 +128,7 @@ class Commands(TyperGroup):
         except KeyboardInterrupt as e:
             _interrupted(e)
         except Exception as e:
-            from flows.errors import input_errors
+            from mergeline.flows.errors import input_errors
 
             if isinstance(e, input_errors()):
                 fail(str(e), EXIT_BAD_INPUT)
@@ -160,7 +160,7 @@ class App(typer.Typer):
 def _stop_now(code: int) -> None:
     """Exit with `code` without joining worker threads (a merge or an lm-eval run in a thread
     would otherwise finish first), after stopping the temporary Prefect server it started."""
-    from flows import workdir
+    from mergeline.flows import workdir
 
     server_module = sys.modules.get("prefect.server.api.server")
     try:

@@ -9,7 +9,7 @@ Each merge is smoke-tested (evaluation/smoke.py, seconds) before its full evalua
 that fails stops the run (NO-GO at stage `smoke`), a baseline that fails is reported, not evaluated.
 
     mergeline run configs/pipeline_demo.yaml          # exit 0 GO, 1 NO-GO, 3 INCONCLUSIVE, 2 bad input
-    python -m flows.pipeline configs/pipeline_demo.yaml
+    python -m mergeline.flows.pipeline configs/pipeline_demo.yaml
 """
 from __future__ import annotations
 
@@ -26,20 +26,20 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
 
-from flows import workdir as workdir_state
-from flows.errors import check_yaml_file
-from flows.pipeline_config import Pipeline, PipelineError, load_pipeline
-from flows.progress import Counter, say
-from flows.servers import check_servers, default_environment, resolve_tracking
-from flows.workdir import workdir_lock
-from merge.lineage import recipe_hash, set_run_id
-from tasks import tracking
-from tasks.check_tasks import check_compat
-from tasks.eval_tasks import combine, evaluate_model
-from tasks.merge_tasks import merge_key, merge_model
-from tasks.recipes import baseline_recipe, base_name, inputs, resolved_recipe
-from tasks.register_tasks import register_model
-from tasks.smoke_tasks import smoke_model
+from mergeline.flows import workdir as workdir_state
+from mergeline.flows.errors import check_yaml_file
+from mergeline.flows.pipeline_config import Pipeline, PipelineError, load_pipeline
+from mergeline.flows.progress import Counter, say
+from mergeline.flows.servers import check_servers, default_environment, resolve_tracking
+from mergeline.flows.workdir import workdir_lock
+from mergeline.merge.lineage import recipe_hash, set_run_id
+from mergeline.tasks import tracking
+from mergeline.tasks.check_tasks import check_compat
+from mergeline.tasks.eval_tasks import combine, evaluate_model
+from mergeline.tasks.merge_tasks import merge_key, merge_model
+from mergeline.tasks.recipes import baseline_recipe, base_name, inputs, resolved_recipe
+from mergeline.tasks.register_tasks import register_model
+from mergeline.tasks.smoke_tasks import smoke_model
 
 
 def candidates(pipe: Pipeline) -> tuple[str, dict[str, dict]]:
@@ -129,7 +129,7 @@ class _Run:
 
 
 def _stages(pipe: Pipeline, c, mlflow_uri: str, parent: str, run_dir: Path, opts: dict, log) -> dict:
-    from evaluation.suite import check_ready, load_suite
+    from mergeline.evaluation.suite import check_ready, load_suite
 
     r = _Run(pipe, c, mlflow_uri, parent, run_dir, opts, log)
     primary, recipes = candidates(pipe)
@@ -270,7 +270,7 @@ def merge_seeds(name: str, recipe: dict, eval_seeds: list[int], seed: int) -> di
     """{merge label: merge seed}. A random method (DARE, DELLA drop at random) under a suite of
     several seeds is merged once per eval seed, labelled `<name>-seed<k>`, so the spread across
     seeds covers the merge's own randomness; any other candidate once, with the pipeline's seed."""
-    from merge.methods.registry import get_method
+    from mergeline.merge.methods.registry import get_method
 
     if get_method(recipe["merge_method"]).randomized and len(eval_seeds) > 1:
         return {f"{name}-seed{k}": k for k in eval_seeds}
@@ -281,7 +281,7 @@ def _smoke(r: _Run, name: str, path: str, references: dict[str, str], gate_polic
            device: str, states: dict):
     """2b. The smoke test of one merge (seconds; tasks/smoke_tasks.py) against its inputs, in a
     child run `smoke:<name>`. None when the gate policy skips it (`smoke: null`, `enabled: false`)."""
-    from evaluation.policy import load_policy
+    from mergeline.evaluation.policy import load_policy
 
     rule = load_policy(gate_policy or {}).smoke
     if rule is None or not rule.enabled:
@@ -358,8 +358,8 @@ def _report_and_gate(r: _Run, suite, table, primary: str, merged: dict, compat: 
                      gate_policy: dict, fresh_runs: int, main_hash: str, appendix: str = ""):
     """4. Metrics, report (json/md/html + plots) and the gate's decision, logged and published;
     `appendix` (markdown: the smoke tests) is added to report.md."""
-    from evaluation.plots import all_plots
-    from evaluation.report import build_report, render_markdown, write_reports
+    from mergeline.evaluation.plots import all_plots
+    from mergeline.evaluation.report import build_report, render_markdown, write_reports
 
     c, parent = r.c, r.parent
     report = build_report(suite, table, primary=primary,
@@ -422,7 +422,7 @@ def _plain_reports(report: dict, out_dir: Path) -> dict[str, Path]:
     """report.json and report.md without the HTML (its plots failed)."""
     import os
 
-    from evaluation.report import render_markdown
+    from mergeline.evaluation.report import render_markdown
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md"}
@@ -491,9 +491,9 @@ def task_runner(pipe: Pipeline):
 def validate(pipe: Pipeline) -> None:
     """Load everything the file names (recipes, suite, policies) and resolve every model: a bad
     key or a missing folder fails here, in seconds, not halfway through a run."""
-    from evaluation.policy import load_policy as load_gate_policy
-    from evaluation.suite import check_ready, load_suite
-    from merge.compat.policy import load_policy as load_compat_policy
+    from mergeline.evaluation.policy import load_policy as load_gate_policy
+    from mergeline.evaluation.suite import check_ready, load_suite
+    from mergeline.merge.compat.policy import load_policy as load_compat_policy
 
     for key in ("recipe", "eval_suite", "gate_policy", "compat_policy"):
         value = getattr(pipe, key)
@@ -545,7 +545,7 @@ def _held():
 
 def input_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean unusable input (exit 2): the one list in flows/errors.py."""
-    from flows.errors import input_errors as errors
+    from mergeline.flows.errors import input_errors as errors
 
     return errors()
 

@@ -14,7 +14,7 @@ and where to record it.
 
 `mergeline run PIPELINE` runs it (flows/pipeline.py). Unknown keys are refused by name.
 
-    python -m flows.pipeline_config configs/pipeline_demo.yaml
+    python -m mergeline.flows.pipeline_config configs/pipeline_demo.yaml
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from flows.errors import InputError, read_text, yaml_error_line
-from merge import config_files
-from merge.config_files import parse_yaml_mapping
+from mergeline.flows.errors import InputError, read_text, yaml_error_line
+from mergeline.merge import config_files
+from mergeline.merge.config_files import parse_yaml_mapping
 
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.pipeline_config import load_pipeline
-from flows.servers import ServerUnreachable, check_prefect, default_environment
+from mergeline.flows.pipeline_config import load_pipeline
+from mergeline.flows.servers import ServerUnreachable, check_prefect, default_environment
 
 FLOW_NAME = "mergeline-pipeline"
 
@@ -38,7 +38,7 @@ def prefect_api_url() -> str:
 
 def make_deployment(pipeline: str | Path, cron: str, name: str | None = None):
     """A RunnerDeployment of the pipeline flow with `cron` (validated by Prefect's croniter)."""
-    from flows.pipeline import pipeline_flow
+    from mergeline.flows.pipeline import pipeline_flow
 
     path = Path(pipeline).resolve()
     pipe = load_pipeline(path)  # refuse a bad file now, not at 3 a.m.

@@ -7,7 +7,7 @@ http://127.0.0.1:5000) points the same pipeline at real servers. Both are checke
 well under a second, before any merge or evaluation is started: an unreachable server should
 cost the user a clear message, not a half-finished run.
 
-    python -m flows.servers            # prints what a pipeline run would use, and checks it
+    python -m mergeline.flows.servers            # prints what a pipeline run would use, and checks it
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from flows.errors import InputError
+from mergeline.flows.errors import InputError
 
 
 class ServerUnreachable(RuntimeError):

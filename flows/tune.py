@@ -33,17 +33,17 @@ from pathlib import Path
 import yaml
 from prefect import flow
 
-from flows.pipeline import candidates, run_pipeline, task_runner, validate
-from flows.pipeline_config import Pipeline, PipelineError, load_pipeline
-from flows.progress import say
-from flows.servers import check_servers, default_environment, resolve_tracking
-from flows.workdir import workdir_lock
-from tasks import tracking
-from tasks.caching import key_of
-from tasks.eval_tasks import combine, evaluate_model
-from tasks.merge_tasks import merge_key, merge_model
-from tasks.recipes import base_name, inputs
-from tasks.tune_tasks import STEP, apply, log_trial, space
+from mergeline.flows.pipeline import candidates, run_pipeline, task_runner, validate
+from mergeline.flows.pipeline_config import Pipeline, PipelineError, load_pipeline
+from mergeline.flows.progress import say
+from mergeline.flows.servers import check_servers, default_environment, resolve_tracking
+from mergeline.flows.workdir import workdir_lock
+from mergeline.tasks import tracking
+from mergeline.tasks.caching import key_of
+from mergeline.tasks.eval_tasks import combine, evaluate_model
+from mergeline.tasks.merge_tasks import merge_key, merge_model
+from mergeline.tasks.recipes import base_name, inputs
+from mergeline.tasks.tune_tasks import STEP, apply, log_trial, space
 
 SAMPLERS = ("tpe", "cmaes")
 STORAGES = ("sqlite", "memory")
@@ -64,8 +64,8 @@ def _sampler(kind: str, seed: int):
 
 def _suites(pipe: Pipeline, allow_no_split: bool):
     """(validation suite, test suite, split note) for the pipeline's suite."""
-    from evaluation.splits import describe
-    from evaluation.suite import check_ready, load_suite
+    from mergeline.evaluation.splits import describe
+    from mergeline.evaluation.suite import check_ready, load_suite
 
     suite = load_suite(pipe.path(pipe.eval_suite) if isinstance(pipe.eval_suite, str) else pipe.eval_suite,
                        pipe.placeholders)
@@ -151,7 +151,7 @@ def _search(pipe: Pipeline, study, main: dict, primary: str, dims: dict, val, po
     `deadline` (epoch seconds) has passed (a batch in flight finishes)."""
     from optuna.trial import TrialState
 
-    from evaluation.objective import objective
+    from mergeline.evaluation.objective import objective
 
     work = pipe.workdir_path
     opts = dict(result_storage=work / "prefect-results")
@@ -337,7 +337,7 @@ def comparison(final: dict) -> dict:
 
 def write_report(search: dict, final: dict) -> Path:
     """tune_report.json and tune_report.md in the study's folder."""
-    from evaluation.stats import Interval
+    from mergeline.evaluation.stats import Interval
 
     cmp = comparison(final)
     data = {"search": search, "final": {k: final.get(k) for k in ("decision", "reasons", "report", "mlflow_run_id",

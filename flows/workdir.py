@@ -10,7 +10,7 @@ renamed into place when complete. A run interrupted by Ctrl-C or SIGTERM removes
 killed outright (SIGKILL, power loss) leaves them, and the next run, which holds the lock and so
 knows nobody else is writing, removes them.
 
-    python -m flows.workdir mergeline-runs/demo    # hold its lock until Ctrl-C; a run there is refused
+    python -m mergeline.flows.workdir mergeline-runs/demo    # hold its lock until Ctrl-C; a run there is refused
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from flows.errors import InputError
+from mergeline.flows.errors import InputError
 
 LOCK_FILE = ".lock"
 _STAGING = re.compile(r"^\..+\.tmp-(\d+)(-[0-9a-f]+)?$")

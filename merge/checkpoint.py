@@ -6,7 +6,7 @@ A folder holds `config.json` plus either one `model.safetensors` or shards liste
 the caller opts in, because unpickling runs code; opted in, they load with
 `torch.load(weights_only=True)`.
 
-    python -c "from merge.checkpoint import Checkpoint; c = Checkpoint('MODEL_DIR'); print(len(c.names()))"
+    python -c "from mergeline.merge.checkpoint import Checkpoint; c = Checkpoint('MODEL_DIR'); print(len(c.names()))"
 """
 from __future__ import annotations
 
@@ -150,8 +150,8 @@ class Checkpoint:
     def __init__(self, folder: str | Path, allow_pickle: bool = False):
         model, adapter = str(folder), None
         if "+" in model:
-            from merge.lora import LoraAdapter
-            from merge.resolve import split_adapter
+            from mergeline.merge.lora import LoraAdapter
+            from mergeline.merge.resolve import split_adapter
 
             model, adapter_folder = split_adapter(model)
             adapter = LoraAdapter.load(adapter_folder)

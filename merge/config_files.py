@@ -1,7 +1,7 @@
 """Reading YAML config files (recipes, policies, suites, pipelines) with errors that name the
 file and the key at fault. One place, so every config in mergeline fails the same way.
 
-    python -c "from merge.config_files import read_yaml_mapping; print(read_yaml_mapping('configs/gate_policy.yaml', 'gate policy', ValueError))"
+    python -c "from mergeline.merge.config_files import read_yaml_mapping; print(read_yaml_mapping('configs/gate_policy.yaml', 'gate policy', ValueError))"
 """
 from __future__ import annotations
 

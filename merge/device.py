@@ -4,7 +4,7 @@
 where the input tensors are copied to differs (pinned host buffers + non-blocking copies on CUDA,
 so reading the next tensor overlaps computing the current one).
 
-    python -c "from merge.device import resolve_device; print(resolve_device('auto'))"
+    python -c "from mergeline.merge.device import resolve_device; print(resolve_device('auto'))"
 """
 from __future__ import annotations
 

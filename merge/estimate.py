@@ -22,8 +22,8 @@ what is left (0.39-0.67 GB). The estimate was then 0.98-1.12x the measured peak 
 (README "Benchmarks"). Runs vary by about 10% with thread timing (how far the norm thread lags).
 CUDA merges hold the workspace on the device, not in RSS: the estimate is then an upper bound.
 
-    python -c "from merge.estimate import estimate; print(estimate('RECIPE.yaml').text())"
-    python -c "from merge.estimate import estimate_shapes, llama_shapes; \
+    python -c "from mergeline.merge.estimate import estimate; print(estimate('RECIPE.yaml').text())"
+    python -c "from mergeline.merge.estimate import estimate_shapes, llama_shapes; \
 print(estimate_shapes(llama_shapes(8192, 80, 28672, kv_hidden=1024), inputs=4).text())"
 """
 from __future__ import annotations
@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
-    from merge.plan import Plan
-    from merge.recipe import MergeRecipe
+    from mergeline.merge.plan import Plan
+    from mergeline.merge.recipe import MergeRecipe
 
 OVERHEAD = 500 * 2**20  # bytes: measured peak minus the other three terms, 0.39-0.67 GB at 0.3B/1B/3B
 IN_FLIGHT = 3  # jobs whose inputs are alive: computing, queued (maxsize 1), being read
@@ -146,7 +146,7 @@ def _itemsize(dtype) -> int:
 
 def plan_sizes(plan: Plan) -> list[TensorSize]:
     """The table of a merge plan, from its headers: stored, compute and output element sizes."""
-    from merge.checkpoint import DTYPES
+    from mergeline.merge.checkpoint import DTYPES
 
     ref = plan.inputs.index(plan.reference)
     rows = []
@@ -163,9 +163,9 @@ def plan_sizes(plan: Plan) -> list[TensorSize]:
 def estimate(source: MergeRecipe | Plan | str | Path | Mapping, out_shard_size: str | int = "5GB",
              allow_pickle: bool = False) -> Estimate:
     """The estimate for a recipe (a path, a dict, a MergeRecipe) or a built Plan, headers only."""
-    from merge.plan import Plan, build_plan
-    from merge.recipe import MergeRecipe, load_recipe
-    from merge.writer import parse_size
+    from mergeline.merge.plan import Plan, build_plan
+    from mergeline.merge.recipe import MergeRecipe, load_recipe
+    from mergeline.merge.writer import parse_size
 
     shard = parse_size(out_shard_size)
     if isinstance(source, Plan):

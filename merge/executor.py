@@ -24,7 +24,7 @@ weights unrelated to the base, a model identical to the base) are judged; a fail
 the staged output (`ChecksFailed`). `allow_crimes=True` (mergekit's `--allow-crimes`) merges
 anyway and records the waived failures in lineage.json and the model card.
 
-    python -c "from merge.executor import run_merge; print(run_merge('configs/recipes/ties.yaml', 'out'))"
+    python -c "from mergeline.merge.executor import run_merge; print(run_merge('configs/recipes/ties.yaml', 'out'))"
 """
 from __future__ import annotations
 
@@ -39,18 +39,18 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 import yaml
 
-from merge.checkpoint import CheckpointError
-from merge.device import resolve_device
-from merge.plan import MergeError, Plan, TensorJob, build_plan, model_thresholds, tensor_params
-from merge.recipe import MergeRecipe, load_recipe, model_names
-from merge.resolve import ModelNotFound, resolve_model
-from merge.stats import StatsAggregator
-from merge.writer import ShardWriter, parse_size, staging_dir, write_side_files
+from mergeline.merge.checkpoint import CheckpointError
+from mergeline.merge.device import resolve_device
+from mergeline.merge.plan import MergeError, Plan, TensorJob, build_plan, model_thresholds, tensor_params
+from mergeline.merge.recipe import MergeRecipe, load_recipe, model_names
+from mergeline.merge.resolve import ModelNotFound, resolve_model
+from mergeline.merge.stats import StatsAggregator
+from mergeline.merge.writer import ShardWriter, parse_size, staging_dir, write_side_files
 
 if TYPE_CHECKING:  # the gate (and numba, for its kernel) is imported only when checks run
-    from merge.compat.gate import CompatGate
-    from merge.compat.norms import NormAccumulator
-    from merge.compat.report import CompatReport
+    from mergeline.merge.compat.gate import CompatGate
+    from mergeline.merge.compat.norms import NormAccumulator
+    from mergeline.merge.compat.report import CompatReport
 
 @dataclass
 class MergeOutput:
@@ -98,8 +98,8 @@ class _NormFeed:
             self._q.put((job.name, [tensors[i] for i in self.models], tensors[self.base]))
 
     def _run(self, dtypes: set[str]) -> None:
-        from merge.checkpoint import DTYPES
-        from merge.compat.gram import warm_up
+        from mergeline.merge.checkpoint import DTYPES
+        from mergeline.merge.compat.gram import warm_up
 
         try:
             warm_up(len(self.models) + 1, {DTYPES[d] for d in dtypes if d in DTYPES})
@@ -278,7 +278,7 @@ def _open_gate(recipe: MergeRecipe, policy: Any, allow_pickle: bool) -> CompatGa
     """The gate of the recipe's models: the same model twice is refused, then every input is
     opened and the header checks run. An unusable input is a MergeError naming the file.
     None for a recipe of one model (a passthrough copy): there is nothing to compare."""
-    from merge.compat.gate import CompatInputError, recipe_gate
+    from mergeline.merge.compat.gate import CompatInputError, recipe_gate
 
     if len({m.model for m in recipe.inputs()}) == 1:
         return None
@@ -290,7 +290,7 @@ def _open_gate(recipe: MergeRecipe, policy: Any, allow_pickle: bool) -> CompatGa
 
 def _verdict(report: CompatReport, stage: str, allow_crimes: bool) -> None:
     """Refuse on a failed check, or, with allow_crimes, mark the failures waived by it."""
-    from merge.compat.gate import ChecksFailed, waive_failures
+    from mergeline.merge.compat.gate import ChecksFailed, waive_failures
 
     if report.failed():
         if not allow_crimes:
@@ -338,8 +338,8 @@ def _write_side_files(plan: Plan, folder: Path) -> None:
 
 def _write_lineage(plan: Plan, folder: Path, name: str, seed: int, report: CompatReport | None) -> None:
     """lineage.json and README.md (merge/lineage.py), with the checks and what was waived."""
-    from merge.compat.gate import summary
-    from merge.lineage import build_lineage, describe_input, write_lineage
+    from mergeline.merge.compat.gate import summary
+    from mergeline.merge.lineage import build_lineage, describe_input, write_lineage
 
     r = plan.recipe
     names = model_names(r)

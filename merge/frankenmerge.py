@@ -7,17 +7,17 @@ one), read under that model's own layer index through a `merge.tensor_views.View
 output layer 7 may read layer 3 of one model and layer 20 of another while the streaming loop
 runs unchanged. The output config's layer count is the sum of the slice lengths.
 
-    python -c "from merge.plan import build_plan; from merge.recipe import load_recipe; \
+    python -c "from mergeline.merge.plan import build_plan; from mergeline.merge.recipe import load_recipe; \
 print([j.name for j in build_plan(load_recipe('configs/recipes/frankenmerge/orcamini-platy-44layer.yaml')).jobs][:8])"
 """
 from __future__ import annotations
 
-from merge.parameters import layer_index, num_layers, rename_layer, set_num_layers
-from merge.plan import TIED_HEADS, MergeError, Plan, Source, TensorJob, open_reader, source_name, tensor_job
-from merge.recipe import MergeRecipe, model_names
-from merge.slices import is_pre_weight, output_layers
-from merge.tensor_views import View, ViewReader
-from merge.tokenizer_merge import VOCAB_TENSORS, recipe_tokenizer
+from mergeline.merge.parameters import layer_index, num_layers, rename_layer, set_num_layers
+from mergeline.merge.plan import TIED_HEADS, MergeError, Plan, Source, TensorJob, open_reader, source_name, tensor_job
+from mergeline.merge.recipe import MergeRecipe, model_names
+from mergeline.merge.slices import is_pre_weight, output_layers
+from mergeline.merge.tensor_views import View, ViewReader
+from mergeline.merge.tokenizer_merge import VOCAB_TENSORS, recipe_tokenizer
 
 
 def build_stacked(recipe: MergeRecipe, method, allow_pickle: bool) -> Plan:

@@ -3,7 +3,7 @@
 The hash covers the bytes of the weights, config and tokenizer files, not their paths or
 times, so a copied folder hashes the same and a changed fine-tune does not.
 
-    python -m merge.hashing MODEL_DIR
+    python -m mergeline.merge.hashing MODEL_DIR
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import hashlib
 import sys
 from pathlib import Path
 
-from merge.resolve import split_adapter
+from mergeline.merge.resolve import split_adapter
 
 # Files that define what a model computes. README, lineage and merge statistics are left
 # out on purpose: rewriting a model card must not change the model's identity.

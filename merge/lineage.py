@@ -8,7 +8,7 @@ with who waived it (`--allow-crimes` or the policy), also stated at the top of t
 A parent that is itself a merge carries its own lineage, which is embedded at write time, so the
 tree of a merge of merges survives even when the intermediate folders are gone.
 
-    python -m merge.lineage MODEL_DIR        # print the lineage tree as text
+    python -m mergeline.merge.lineage MODEL_DIR        # print the lineage tree as text
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from merge.hashing import content_hash, text_hash
+from mergeline.merge.hashing import content_hash, text_hash
 
 LINEAGE_FILE = "lineage.json"
 SCHEMA_VERSION = 1

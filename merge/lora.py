@@ -9,7 +9,7 @@ taken in float32 and rounded once to the base's dtype), but done one tensor at a
 tensor is read, so no merged copy of the model is ever written. Adapter features that change
 the formula (DoRA, LoRA biases, per-module alpha) are refused by name, never misread.
 
-    python -m merge.lora BASE_DIR ADAPTER_DIR     # lists the adapted tensors
+    python -m mergeline.merge.lora BASE_DIR ADAPTER_DIR     # lists the adapted tensors
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from merge.checkpoint import CheckpointError, model_file, read_json_object
+from mergeline.merge.checkpoint import CheckpointError, model_file, read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

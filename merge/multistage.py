@@ -22,7 +22,7 @@ in `mergeline_stages.json` (name, recipe, folder, key); the final model's lists 
 
 Pure: no Prefect. The pipeline runs each stage as its own cached task with `run_stage`.
 
-    python -m merge.multistage RECIPE.yaml OUT       # the stages, in order, and where each goes
+    python -m mergeline.merge.multistage RECIPE.yaml OUT       # the stages, in order, and where each goes
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ from typing import Any, Callable
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from merge.config_files import Loader, yaml_problem
-from merge.recipe import MergeRecipe, RecipeError, load_recipe
+from mergeline.merge.config_files import Loader, yaml_problem
+from mergeline.merge.recipe import MergeRecipe, RecipeError, load_recipe
 
 STAGES_FILE = "mergeline_stages.json"
 # Keys whose string values are model references (mergekit patches every model reference).
@@ -169,8 +169,8 @@ def stage_key(stage: Stage) -> str:
     """A content key for caching a stage: its recipe and the content hash of every input model
     (merge/hashing.py), so a stage is redone when an earlier stage's output changes. Computed
     once the stages it needs have been written."""
-    from merge.hashing import content_hash
-    from merge.resolve import resolve_model
+    from mergeline.merge.hashing import content_hash
+    from mergeline.merge.resolve import resolve_model
 
     h = hashlib.sha256(stage.recipe.to_yaml().encode())
     for m in stage.recipe.inputs():
@@ -202,7 +202,7 @@ def run_stage(stage: Stage, run: Callable | None = None, reuse: bool = True, key
     only with `overwrite`, like a final output. Else returns run_merge's MergeOutput. The Prefect
     flow calls this per stage, cached by `stage_key(stage)`."""
     if run is None:
-        from merge.executor import run_merge as run
+        from mergeline.merge.executor import run_merge as run
     key = key or stage_key(stage)
     found = recorded_key(stage.out, stage.name)
     if reuse and not stage.final and found == key:
@@ -231,7 +231,7 @@ def merge_file(recipe: str | Path, out_dir: str | Path, intermediate_dir: str | 
     if isinstance(recipe, (str, Path)) and is_multistage(recipe):
         outputs = run_stages(recipe, out_dir, intermediate_dir, **merge_kwargs)
         return outputs[-1]
-    from merge.executor import run_merge
+    from mergeline.merge.executor import run_merge
 
     return run_merge(recipe, out_dir, **merge_kwargs)
 

@@ -12,7 +12,7 @@ Sources are searched from the highest precedence (the model's own `parameters`) 
 (the global `parameters`); a source whose filters all miss falls through to the next one, and
 then to the method's default (mergekit's `resolve_parameter`).
 
-    python -c "from merge.parameters import evaluate_setting as e; print(e('model.layers.3.mlp', [0, 1], 0.5))"
+    python -c "from mergeline.merge.parameters import evaluate_setting as e; print(e('model.layers.3.mlp', [0, 1], 0.5))"
 """
 from __future__ import annotations
 

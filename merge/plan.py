@@ -12,7 +12,7 @@ through a `merge.tensor_views.ViewReader`, so the executor's loop runs them unch
 that sets a tokenizer gets its embedding and head rows rebuilt in the output vocabulary as they
 are read (merge/tokenizer_merge.py).
 
-    python -c "from merge.plan import build_plan; from merge.recipe import load_recipe; \
+    python -c "from mergeline.merge.plan import build_plan; from mergeline.merge.recipe import load_recipe; \
 print(len(build_plan(load_recipe('RECIPE.yaml')).jobs))"
 """
 from __future__ import annotations
@@ -25,16 +25,16 @@ import logging
 import torch
 from pydantic import ValidationError
 
-from merge.checkpoint import DTYPES, Checkpoint, CheckpointError, TensorInfo
-from merge.parameters import MISSING, layer_t, num_layers, resolve
-from merge.reader import TensorReader
-from merge.recipe import MergeRecipe, RecipeError, model_names
-from merge.recipe_checks import check_weight_sum, get_method_or_error
-from merge.resolve import resolve_model
-from merge.slices import is_aligned, layer_count, locate, parameter_sources
-from merge.tensor_views import View, ViewReader, identity_views
-from merge.tokenizer_merge import VOCAB_TENSORS, RowRemapper, check_token_sources, recipe_tokenizer, tokenizer_for
-from merge.writer import OutTensor
+from mergeline.merge.checkpoint import DTYPES, Checkpoint, CheckpointError, TensorInfo
+from mergeline.merge.parameters import MISSING, layer_t, num_layers, resolve
+from mergeline.merge.reader import TensorReader
+from mergeline.merge.recipe import MergeRecipe, RecipeError, model_names
+from mergeline.merge.recipe_checks import check_weight_sum, get_method_or_error
+from mergeline.merge.resolve import resolve_model
+from mergeline.merge.slices import is_aligned, layer_count, locate, parameter_sources
+from mergeline.merge.tensor_views import View, ViewReader, identity_views
+from mergeline.merge.tokenizer_merge import VOCAB_TENSORS, RowRemapper, check_token_sources, recipe_tokenizer, tokenizer_for
+from mergeline.merge.writer import OutTensor
 
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def build_plan(recipe: MergeRecipe, allow_pickle: bool = False) -> Plan:
     """Resolve models and check every tensor's presence, shape and dtype from headers alone."""
     method = get_method_or_error(recipe.merge_method)
     if recipe.slices and not is_aligned(recipe.slices, recipe.base_model):
-        from merge.frankenmerge import build_stacked  # builds on this module's types
+        from mergeline.merge.frankenmerge import build_stacked  # builds on this module's types
 
         plan = build_stacked(recipe, method, allow_pickle)
     else:
@@ -262,7 +262,7 @@ def _same_vocab_rows(plan: Plan) -> None:
 
 
 def _referenced(recipe: MergeRecipe) -> list[str]:
-    from merge.tokenizer_merge import referenced_models
+    from mergeline.merge.tokenizer_merge import referenced_models
 
     return referenced_models(recipe)
 
@@ -310,7 +310,7 @@ def model_thresholds(plan: Plan, dev: torch.device) -> list[float] | None:
     a second pass that refines the k-th value's bin to the exact value."""
     if plan.recipe.trim_scope != "model":
         return None
-    from merge.methods.select import MagnitudeHistogram
+    from mergeline.merge.methods.select import MagnitudeHistogram
 
     base_i = plan.base_index
     hists = [MagnitudeHistogram() for _ in plan.merged]

@@ -5,7 +5,7 @@ tensor's bytes into a buffer the merge frees keeps peak memory at a few tensors.
 huge-page backed where the system allows (far fewer page faults on large, fresh buffers), or
 pinned for a CUDA copy. A LoRA reference (`BASE+ADAPTER`) gets its adapter merged in here.
 
-    python -c "from merge.checkpoint import Checkpoint; from merge.reader import TensorReader; \
+    python -c "from mergeline.merge.checkpoint import Checkpoint; from mergeline.merge.reader import TensorReader; \
 print(TensorReader(Checkpoint('MODEL_DIR')).read('model.norm.weight'))"
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ import os
 
 import torch
 
-from merge.checkpoint import DTYPES, Checkpoint, CheckpointError
-from merge.methods.common import empty_huge
+from mergeline.merge.checkpoint import DTYPES, Checkpoint, CheckpointError
+from mergeline.merge.methods.common import empty_huge
 
 
 class TensorReader:

@@ -24,7 +24,7 @@ one-module (text-only) model; `BASE+ADAPTER` references merge a LoRA adapter int
 multimodal model) are refused, never misread.
 Differences from mergekit are deliberate: mergekit ignores unknown keys and parameters.
 
-    python -m merge.recipe configs/recipes/ties.yaml
+    python -m mergeline.merge.recipe configs/recipes/ties.yaml
 """
 from __future__ import annotations
 
@@ -35,9 +35,9 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from merge.config_files import explain, read_yaml_mapping
-from merge.resolve import split_adapter
-from merge.tokenizer_merge import TokenSpec
+from mergeline.merge.config_files import explain, read_yaml_mapping
+from mergeline.merge.resolve import split_adapter
+from mergeline.merge.tokenizer_merge import TokenSpec
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 NOT_SUPPORTED: dict[str, str] = {}
@@ -177,7 +177,7 @@ def load_recipe(path_or_dict: str | Path | Mapping[str, Any], validate: bool = T
         try:
             data = read_yaml_mapping(path, "recipe", RecipeError)
         except RecipeError:
-            from merge.multistage import is_multistage  # imports this module: not at the top
+            from mergeline.merge.multistage import is_multistage  # imports this module: not at the top
 
             if is_multistage(path):
                 raise RecipeError(f"{where}: a multi-stage recipe (several documents separated by '---'): run it "
@@ -199,7 +199,7 @@ def load_recipe(path_or_dict: str | Path | Mapping[str, Any], validate: bool = T
     except ValidationError as e:
         raise RecipeError(f"{where}: {explain(e, _allowed_keys)}") from None
     if validate:
-        from merge.recipe_checks import check_recipe_semantics  # imports this module: not at the top
+        from mergeline.merge.recipe_checks import check_recipe_semantics  # imports this module: not at the top
 
         check_recipe_semantics(recipe, where)
     return recipe

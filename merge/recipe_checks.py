@@ -11,7 +11,7 @@ Lenient where mergekit is: a parameter another method takes but this one does no
 slerp) is ignored with a WARNING naming it, as mergekit ignores it; a key no method takes (a
 typo) is refused.
 
-    python -m merge.recipe configs/recipes/ties.yaml     # reads and checks a recipe
+    python -m mergeline.merge.recipe configs/recipes/ties.yaml     # reads and checks a recipe
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from typing import Annotated, Any, Mapping
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from merge.chat_templates import problem as chat_template_problem
-from merge.parameters import MISSING, candidate_values, resolve
-from merge.recipe import MergeRecipe, RecipeError
-from merge.slices import check_slices, parameter_sources
+from mergeline.merge.chat_templates import problem as chat_template_problem
+from mergeline.merge.parameters import MISSING, candidate_values, resolve
+from mergeline.merge.recipe import MergeRecipe, RecipeError
+from mergeline.merge.slices import check_slices, parameter_sources
 
 
 def _param_fields(cls: type[BaseModel] | None) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def _check_values(key: str, setting: Any, field, where: str) -> None:
 
 
 def get_method_or_error(name: str, where: str = "recipe"):
-    from merge.methods.registry import METHODS, get_method
+    from mergeline.merge.methods.registry import METHODS, get_method
 
     if name not in METHODS:
         raise RecipeError(f"{where}: merge_method {name!r} is unknown (allowed: {', '.join(sorted(METHODS))})")
@@ -223,7 +223,7 @@ def _check_group(method, where: str, refs: list[str], base: str | None) -> None:
 
 def _ignored(key: str, at: str, method, where: str) -> bool:
     """A key another method takes: warn and ignore it (True); a key no method takes: False."""
-    from merge.methods.registry import KNOWN_KEYS
+    from mergeline.merge.methods.registry import KNOWN_KEYS
 
     if key not in KNOWN_KEYS:
         return False

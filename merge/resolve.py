@@ -5,7 +5,7 @@ recipe's own folder) or a Hugging Face repo id with an optional `@revision`
 (`org/name@main`, `org/name@<commit>`), looked up in huggingface_hub's cache with
 `local_files_only=True`. A repo that is not cached is an error that says how to fetch it.
 
-    python -m merge.resolve org/name@main
+    python -m mergeline.merge.resolve org/name@main
 """
 from __future__ import annotations
 

@@ -32,11 +32,11 @@ Per tensor the parameter sources are the model's own settings in the slice, then
 embeddings take the first slice's models and settings, the final norm and lm_head the last's,
 all at t = 0. The typed slice entries are `merge.recipe.OutputSlice` and `InputSlice`.
 
-    python -m merge.recipe configs/recipes/frankenmerge/orcamini-platy-44layer.yaml
+    python -m mergeline.merge.recipe configs/recipes/frankenmerge/orcamini-platy-44layer.yaml
 """
 from __future__ import annotations
 
-from merge.parameters import layer_index
+from mergeline.merge.parameters import layer_index
 
 # Non-layer tensors planned before the layers (mergekit's pre_weights: input embeddings); the
 # others (final norm, lm_head, GPT-NeoX's embed_out) come after.

@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from merge.parameters import layer_index
+from mergeline.merge.parameters import layer_index
 
 SCHEMA_VERSION = 1
 STATS_JSON = "merge_stats.json"

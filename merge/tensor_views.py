@@ -9,7 +9,7 @@ recipe forms need an input that is not one model's tensors under their own names
   rebuilt for the output tokenizer; the view's `load` does it when the tensor is read.
 So the executor's streaming loop runs both unchanged.
 
-    python -c "from merge.tensor_views import ViewReader; help(ViewReader)"
+    python -c "from mergeline.merge.tensor_views import ViewReader; help(ViewReader)"
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from merge.checkpoint import TensorInfo
+from mergeline.merge.checkpoint import TensorInfo
 
 
 def identity_views(reader) -> dict[str, "View"]:

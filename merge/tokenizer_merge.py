@@ -25,7 +25,7 @@ One deliberate difference: mergekit orders the models of a union by a Python set
 changes between runs when three or more models add tokens); mergeline takes the base, then the
 models in recipe order.
 
-    python -m merge.tokenizer_merge RECIPE.yaml     # what the remapping does, per model
+    python -m mergeline.merge.tokenizer_merge RECIPE.yaml     # what the remapping does, per model
 """
 from __future__ import annotations
 
@@ -410,9 +410,9 @@ def describe_remapping(recipe) -> RemappingSummary | None:
     tokenizers (the merge then copies the tokenizer source's files, or refuses a union). For the
     compatibility gate: a union of different vocabularies is a remapping to report, not a
     tokenizer mismatch."""
-    from merge.checkpoint import Checkpoint
-    from merge.recipe import model_names
-    from merge.resolve import resolve_model
+    from mergeline.merge.checkpoint import Checkpoint
+    from mergeline.merge.recipe import model_names
+    from mergeline.merge.resolve import resolve_model
 
     spec = recipe_tokenizer(recipe)
     if spec is None:
@@ -469,7 +469,7 @@ def referenced_models(recipe) -> list[str]:
 
 
 if __name__ == "__main__":
-    from merge.recipe import load_recipe
+    from mergeline.merge.recipe import load_recipe
 
     summary = describe_remapping(load_recipe(sys.argv[1]))
     print(summary.text() if summary else "the recipe sets no tokenizer: no remapping")

@@ -12,7 +12,7 @@ swap folders carry their owner's pid and process start time in their names, so a
 removes those whose owner is gone and puts back a model an interrupted `--overwrite` set aside.
 A full disk is one line naming the output folder, with the staging folder removed.
 
-    python -c "from merge.writer import parse_size; print(parse_size('500MB'))"
+    python -c "from mergeline.merge.writer import parse_size; print(parse_size('500MB'))"
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from merge.chat_templates import PRESETS, template_text
-from merge.checkpoint import DTYPES, JSON_ERRORS, CheckpointError, model_file, short_path
+from mergeline.merge.chat_templates import PRESETS, template_text
+from mergeline.merge.checkpoint import DTYPES, JSON_ERRORS, CheckpointError, model_file, short_path
 
 ST_NAME = {v: k for k, v in DTYPES.items()}  # torch dtype -> safetensors dtype name
 INDEX_NAME = "model.safetensors.index.json"

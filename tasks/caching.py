@@ -10,26 +10,26 @@ source of the package doing the work). Prefect stores each task's result under i
   evaluation, the merges, their evaluations): the base's and the other fine-tunes' evaluations
   are reused.
 
-    python -m tasks.caching        # prints the code versions
+    python -m mergeline.tasks.caching        # prints the code versions
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @lru_cache(maxsize=None)
 def code_version(*packages: str) -> str:
-    """Hash of the .py sources under the named top-level packages, e.g. code_version("merge")."""
+    """Hash of the .py sources of the named mergeline packages, e.g. code_version("merge")."""
     h = hashlib.sha256()
     for pkg in packages:
-        for p in sorted((ROOT / pkg).rglob("*.py")):
-            h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes() + b"\0")
+        root = Path(importlib.import_module(f"mergeline.{pkg}").__file__).parent
+        for p in sorted(root.rglob("*.py")):
+            h.update(f"{pkg}/{p.relative_to(root)}".encode() + b"\0" + p.read_bytes() + b"\0")
     return "code:" + h.hexdigest()[:16]
 
 

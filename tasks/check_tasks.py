@@ -1,13 +1,13 @@
 """Prefect task: the compatibility gate (merge.compat) before any merge is computed.
 
-    from tasks.check_tasks import check_compat
+    from mergeline.tasks.check_tasks import check_compat
 """
 from __future__ import annotations
 
 from prefect import task
 
-from tasks.caching import code_version, key_of
-from tasks.recipes import input_hashes
+from mergeline.tasks.caching import code_version, key_of
+from mergeline.tasks.recipes import input_hashes
 
 
 def check_key(context, parameters: dict) -> str:
@@ -18,7 +18,7 @@ def check_key(context, parameters: dict) -> str:
 @task(name="check", cache_key_fn=check_key, persist_result=True)
 def check_compat(recipe: dict, policy: dict | None = None) -> dict:
     """The CompatReport of the recipe's models as a dict (status pass / warn / fail)."""
-    from merge.compat import check_recipe
-    from merge.recipe import load_recipe
+    from mergeline.merge.compat import check_recipe
+    from mergeline.merge.recipe import load_recipe
 
     return check_recipe(load_recipe(recipe), policy).to_dict()

@@ -5,7 +5,7 @@ One task per model lets the evaluations run beside the merges (and side by side 
 in separate processes) and lets a rerun reuse every evaluation whose model did not change: the
 key is the model's content hash, the suite and the evaluation code, never its path.
 
-    from tasks.eval_tasks import evaluate_model, combine
+    from mergeline.tasks.eval_tasks import evaluate_model, combine
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from prefect import task
 
-from merge.hashing import content_hash
-from tasks.caching import code_version, key_of
+from mergeline.merge.hashing import content_hash
+from mergeline.tasks.caching import code_version, key_of
 
 
 # lm-eval and transformers keep process-wide state (seeds, loaded task registries, accelerate's
@@ -42,8 +42,8 @@ def evaluate_model(name: str, path: str | dict[int, str], role: str, suite: dict
 
 def _evaluate(name: str, path: str | dict[int, str], role: str, suite: dict, cache_dir: str | None):
     # A plain module-level function: Dask pickles it by reference, so the lock never travels.
-    from evaluation.evaluate import evaluate_models
-    from evaluation.suite import EvalSuite
+    from mergeline.evaluation.evaluate import evaluate_models
+    from mergeline.evaluation.suite import EvalSuite
 
     s = EvalSuite.model_validate(suite)
     folder = {int(k): Path(p) for k, p in path.items()} if isinstance(path, dict) else Path(path)
@@ -66,6 +66,6 @@ def _no_git_describe() -> None:
 
 def combine(tables: list):
     """One ScoreTable from the per-model tables (same suite)."""
-    from evaluation.evaluate import ScoreTable
+    from mergeline.evaluation.evaluate import ScoreTable
 
     return ScoreTable.concat(tables)

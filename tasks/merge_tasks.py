@@ -4,7 +4,7 @@ The output folder is `<models_dir>/<name>-<key12>`, where the key hashes the rec
 content hashes, the seed and the merge code: a changed input gives a new folder, so a model
 version registered earlier keeps pointing at the weights it was registered with.
 
-    from tasks.merge_tasks import merge_model
+    from mergeline.tasks.merge_tasks import merge_model
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 from prefect import task
 
-from merge.lineage import LINEAGE_FILE, build_lineage, describe_input, load_lineage, write_lineage
-from tasks.caching import code_version, from_parameter, key_of
-from tasks.recipes import base_name, input_hashes, inputs
+from mergeline.merge.lineage import LINEAGE_FILE, build_lineage, describe_input, load_lineage, write_lineage
+from mergeline.tasks.caching import code_version, from_parameter, key_of
+from mergeline.tasks.recipes import base_name, input_hashes, inputs
 
 
 def merge_key(recipe: dict, seed: int) -> str:
@@ -30,9 +30,9 @@ def merge_model(name: str, recipe: dict, models_dir: str, key: str, seed: int = 
                 refresh: bool = False) -> dict:
     """Merge `recipe` into models_dir/<name>-<key12>; return path, content hash, stats, seconds.
     The merge runs the compatibility checks under `compat_policy` (the check stage's policy)."""
-    from merge.compat.gate import summary
-    from merge.executor import run_merge
-    from merge.recipe import load_recipe
+    from mergeline.merge.compat.gate import summary
+    from mergeline.merge.executor import run_merge
+    from mergeline.merge.recipe import load_recipe
 
     out = Path(models_dir) / f"{name}-{key[:12]}"
     done = load_lineage(out) if (out / LINEAGE_FILE).is_file() else None

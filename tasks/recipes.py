@@ -4,7 +4,7 @@ A task may run in another thread, process or machine (Dask), from another workin
 the flow resolves every model reference once (`merge.resolve.resolve_model`) and hands tasks a
 self-contained mapping. Baselines reuse the main recipe's models with a plain method.
 
-    python -m tasks.recipes RECIPE.yaml
+    python -m mergeline.tasks.recipes RECIPE.yaml
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from merge.hashing import content_hash
-from merge.recipe import load_recipe, model_names
-from merge.resolve import resolve_model
+from mergeline.merge.hashing import content_hash
+from mergeline.merge.recipe import load_recipe, model_names
+from mergeline.merge.resolve import resolve_model
 
 # Methods that merge the models themselves, not deltas from a base: the base is left out.
 NO_BASE_METHODS = {"linear", "model_stock_free", "passthrough"}

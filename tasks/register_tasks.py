@@ -5,7 +5,7 @@ has the content hash of a version already registered registers nothing new: it r
 version and moves `champion` to it only if the decision is now GO. Retries cover a registry
 server that is briefly unavailable.
 
-    from tasks.register_tasks import register_model
+    from mergeline.tasks.register_tasks import register_model
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def register_model(tracking_uri: str, name: str, folder: str, run_id: str, conte
     """Register `folder` as a new version of `name`, or re-use the version already registered
     with the same content hash (an unchanged rerun registers nothing). `candidate` moves to every
     new version; `champion` moves only on GO (never on NO-GO or INCONCLUSIVE)."""
-    from tasks import tracking
+    from mergeline.tasks import tracking
 
     c = tracking.client(tracking_uri)
     tags = {"mergeline.content_hash": content_hash, "mergeline.decision": decision, **(extra_tags or {})}

@@ -5,18 +5,18 @@ Cached by content like the other stages (tasks/caching.py): the key hashes the m
 references' content, the text, the prompts, the rule and the evaluation code, never paths; a
 rerun with nothing changed reads the stored result instead of loading the models again.
 
-    from tasks.smoke_tasks import smoke_model
+    from mergeline.tasks.smoke_tasks import smoke_model
 """
 from __future__ import annotations
 
 from prefect import task
 
-from merge.hashing import content_hash
-from tasks.caching import code_version, key_of
+from mergeline.merge.hashing import content_hash
+from mergeline.tasks.caching import code_version, key_of
 # transformers' model loading is not safe beside another load in the same process (seen: a tied
 # lm_head left on the meta device while lm-eval loaded a model in another thread, "Cannot copy
 # out of meta tensor"): the smoke test takes the lock the lm-eval evaluations hold.
-from tasks.eval_tasks import _LM_EVAL_LOCK
+from mergeline.tasks.eval_tasks import _LM_EVAL_LOCK
 
 
 def smoke_key(context, parameters: dict) -> str:
@@ -36,7 +36,7 @@ def smoke_model(name: str, path: str, references: dict[str, str], text: str | No
 def _smoke(path: str, references: dict[str, str], text: str | None, prompts: list[str], rule: dict,
            device: str):
     # A plain module-level function: Dask pickles it by reference, so the lock never travels.
-    from evaluation.smoke import SmokeRule, smoke_test
+    from mergeline.evaluation.smoke import SmokeRule, smoke_test
 
     with _LM_EVAL_LOCK:
         return smoke_test(path, references, text, prompts, SmokeRule.model_validate(rule), device=device)

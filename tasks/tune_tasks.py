@@ -7,7 +7,7 @@ fraction). Values move on a grid (`STEP`): two trials that land on the same poin
 recipe, so `merge_model` and `evaluate_model` (keyed by content, tasks/caching.py) serve the
 second from the cache at no cost.
 
-    python -m tasks.tune_tasks RECIPE.yaml      # print the search space of a recipe
+    python -m mergeline.tasks.tune_tasks RECIPE.yaml      # print the search space of a recipe
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import sys
 
 import yaml
 
-from tasks import tracking
-from tasks.recipes import inputs, resolved_recipe
+from mergeline.tasks import tracking
+from mergeline.tasks.recipes import inputs, resolved_recipe
 
 STEP = 0.05
 WEIGHT_RANGE = (0.1, 1.0)

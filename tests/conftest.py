@@ -170,6 +170,6 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 def zoo():
     """The tiny zoo (base, fine-tunes, negatives, lm-eval tasks), built once per machine:
     `build_zoo()` caches it under $MERGELINE_CACHE_DIR (default ~/.cache/mergeline)."""
-    from evaluation.zoo import build_zoo
+    from mergeline.zoo import build_zoo
 
     return build_zoo()

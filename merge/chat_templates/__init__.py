@@ -3,7 +3,7 @@
 "auto" (the most common template among the input models, chosen by the writer), or a literal
 Jinja template (a string containing ``{%`` or ``{{``).
 
-    python -c "from merge.chat_templates import PRESETS; print(sorted(PRESETS))"
+    python -c "from mergeline.merge.chat_templates import PRESETS; print(sorted(PRESETS))"
 """
 from __future__ import annotations
 

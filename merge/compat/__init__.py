@@ -8,7 +8,7 @@ and base-delta norms with cosine similarities (streamed). Thresholds and waivers
 `configs/compat_policy.yaml`.
 
     mergeline check configs/recipes/ties.yaml            # or: --json, --policy my_policy.yaml
-    python -c "from merge.compat import check_models; print(check_models('BASE', {'a': 'FT'}).status)"
+    python -c "from mergeline.merge.compat import check_models; print(check_models('BASE', {'a': 'FT'}).status)"
 
 The same checks run inside `mergeline merge` (merge/executor.py): the header checks before any
 tensor is read, the norms from the merge's own read of every tensor (`gate.CompatGate`).
@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from merge.recipe import load_recipe
+from mergeline.merge.recipe import load_recipe
 
 from .gate import INPUT_ERRORS, ChecksFailed, CompatGate, CompatInputError, recipe_gate
 from .policy import CompatPolicy, load_policy

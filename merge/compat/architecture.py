@@ -6,13 +6,13 @@ changes tensor shapes or what the network computes fails; any other difference w
 write-time metadata (transformers version, dtype, ...) is ignored. Every difference is
 listed with each model's value.
 
-    python -c "from merge.compat.architecture import canonical_config as c; import json,sys; print(c(json.load(open(sys.argv[1]))))" MODEL/config.json
+    python -c "from mergeline.merge.compat.architecture import canonical_config as c; import json,sys; print(c(json.load(open(sys.argv[1]))))" MODEL/config.json
 """
 from __future__ import annotations
 
 from typing import Any
 
-from merge.parameters import LAYER_COUNT_KEYS
+from mergeline.merge.parameters import LAYER_COUNT_KEYS
 
 from .report import Check
 

@@ -8,7 +8,7 @@ al., 2023, arXiv:2306.01708) come from a pass over the tensors: the gate's own
 (`read_norms`, what `mergeline check` does) or the merge's (merge/executor.py feeds the tensors it
 reads anyway to `accumulator()`), and `finish` judges them with the policy's thresholds.
 
-    python -c "from merge.compat.gate import CompatGate; g = CompatGate('BASE', {'a': 'FT'}); \
+    python -c "from mergeline.merge.compat.gate import CompatGate; g = CompatGate('BASE', {'a': 'FT'}); \
 print(g.finish(g.read_norms()).status)"
 """
 from __future__ import annotations
@@ -16,9 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from merge.checkpoint import Checkpoint, CheckpointError
-from merge.recipe import MergeRecipe, RecipeError, model_names
-from merge.resolve import ModelNotFound, resolve_model
+from mergeline.merge.checkpoint import Checkpoint, CheckpointError
+from mergeline.merge.recipe import MergeRecipe, RecipeError, model_names
+from mergeline.merge.resolve import ModelNotFound, resolve_model
 
 from .architecture import check_architecture
 from .norms import NormAccumulator, NormResult, norm_checks, norm_tensors, stream_norms
@@ -79,12 +79,12 @@ class CompatGate:
         ignore = list(pol.architecture.ignore_fields)
         infos = self.infos
         if remapping is not None:  # a tokenizer merge rebuilds the token rows: sizes may differ
-            from merge.tokenizer_merge import VOCAB_TENSORS
+            from mergeline.merge.tokenizer_merge import VOCAB_TENSORS
 
             ignore.append("vocab_size")
             infos = {n: {t: i for t, i in inf.items() if t not in VOCAB_TENSORS} for n, inf in infos.items()}
         if moves_layers:  # a frankenmerge: models may differ in depth; compare what they all have
-            from merge.parameters import LAYER_COUNT_KEYS
+            from mergeline.merge.parameters import LAYER_COUNT_KEYS
 
             ignore += [*LAYER_COUNT_KEYS, "layer_types"]
             common = set.intersection(*(set(i) for i in infos.values()))
@@ -168,8 +168,8 @@ def recipe_gate(recipe: MergeRecipe, policy: Any = None, *, allow_pickle: bool =
         refuse_duplicates(base, folders)
     except CompatInputError as e:
         raise CompatInputError(f"{where}: {e}") from None
-    from merge.slices import moves_layers
-    from merge.tokenizer_merge import describe_remapping
+    from mergeline.merge.slices import moves_layers
+    from mergeline.merge.tokenizer_merge import describe_remapping
 
     return CompatGate(base, folders, policy, allow_pickle=allow_pickle, base_name=names[reference],
                       remapping=describe_remapping(recipe), moves_layers=moves_layers(recipe))
@@ -189,7 +189,7 @@ def _identity(path: Path) -> Path:
     # BASE+ADAPTER names two folders: resolve each side, so `b+a` and `b/+a` are one input.
     text = str(path)
     if "+" in text:
-        from merge.resolve import split_adapter
+        from mergeline.merge.resolve import split_adapter
 
         model, adapter = split_adapter(text)
         return Path(f"{Path(model).resolve()}+{Path(adapter).resolve()}")

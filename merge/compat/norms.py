@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from merge.checkpoint import DTYPES, Checkpoint
-from merge.methods.common import cpu_workers, single_threaded_ops
+from mergeline.merge.checkpoint import DTYPES, Checkpoint
+from mergeline.merge.methods.common import cpu_workers, single_threaded_ops
 
 from .policy import NormsPolicy
 from .report import Check

@@ -3,7 +3,7 @@
 Loaded from YAML (`configs/compat_policy.yaml` is the default). Unknown keys are errors,
 so a typo in a threshold or a waiver never silently changes what is checked.
 
-    python -c "from merge.compat.policy import load_policy; print(load_policy(None))"
+    python -c "from mergeline.merge.compat.policy import load_policy; print(load_policy(None))"
 """
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from merge.config_files import explain, read_yaml_mapping
+from mergeline.configs import DIR as CONFIGS
+from mergeline.merge.config_files import explain, read_yaml_mapping
 
-DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "configs" / "compat_policy.yaml"
+DEFAULT_POLICY = CONFIGS / "compat_policy.yaml"
 
 # Every check the gate can emit. Waivers and severities must name one of these (or a group
 # prefix such as "tokenizer", or "architecture.<config field>" to waive a single field).

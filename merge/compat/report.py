@@ -4,7 +4,7 @@ A check carries the values it measured (`details`) so a reader can see *why*, no
 *that*. A waived check keeps its original verdict in `details["waived_status"]` and is
 shown as "waived": waivers never hide anything.
 
-    python -c "from merge.compat.report import CompatReport; print(CompatReport().to_dict())"
+    python -c "from mergeline.merge.compat.report import CompatReport; print(CompatReport().to_dict())"
 """
 from __future__ import annotations
 

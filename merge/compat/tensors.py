@@ -7,12 +7,12 @@ computes in one dtype anyway. One name difference only warns: an output head sto
 model and tied to the input embedding in another (`merge.plan.TIED_HEADS`), which the merge
 reads from the embedding, as mergekit does.
 
-    python -c "from merge.checkpoint import Checkpoint; print(len(Checkpoint('MODEL_DIR').infos()))"
+    python -c "from mergeline.merge.checkpoint import Checkpoint; print(len(Checkpoint('MODEL_DIR').infos()))"
 """
 from __future__ import annotations
 
-from merge.checkpoint import TensorInfo
-from merge.plan import TIED_HEADS
+from mergeline.merge.checkpoint import TensorInfo
+from mergeline.merge.plan import TIED_HEADS
 
 from .report import Check
 

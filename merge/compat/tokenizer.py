@@ -11,7 +11,7 @@ So each component is compared by hash, from the files alone (no tokenizer librar
 - chat template: a warning (generation format, not ids).
 A model without any tokenizer file warns; an unreadable file is an error naming it.
 
-    python -c "from merge.compat.tokenizer import read_tokenizer; print(read_tokenizer('MODEL_DIR'))"
+    python -c "from mergeline.merge.compat.tokenizer import read_tokenizer; print(read_tokenizer('MODEL_DIR'))"
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merge.checkpoint import JSON_ERRORS, CheckpointError, model_file
+from mergeline.merge.checkpoint import JSON_ERRORS, CheckpointError, model_file
 
 from .report import Check
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from merge.methods.common import check_inputs
-from merge.methods.masked_stats import masked_stats
+from mergeline.merge.methods.common import check_inputs
+from mergeline.merge.methods.masked_stats import masked_stats
 
 SAMPLE = 1_000_000
 
@@ -42,7 +42,7 @@ def fence(scores: Tensor, generator: torch.Generator | None) -> Tensor:
 
 def arcee_fusion(base: Tensor, models: list[Tensor], model_params: list, params, *,
                  generator: torch.Generator | None = None, thresholds: list[float] | None = None):
-    from merge.methods.registry import MethodResult
+    from mergeline.merge.methods.registry import MethodResult
 
     check_inputs("arcee_fusion", base, models, need_base=True)
     if len(models) != 1:

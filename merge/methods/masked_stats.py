@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from merge.methods.stats import ModelStats, TensorStats
+from mergeline.merge.methods.stats import ModelStats, TensorStats
 
 
 def masked_stats(tvs: Tensor, kept: Tensor | None = None, agree: Tensor | None = None) -> TensorStats:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from merge.methods.common import check_inputs
-from merge.methods.linear import delta_stats
+from mergeline.merge.methods.common import check_inputs
+from mergeline.merge.methods.linear import delta_stats
 
 
 def model_stock(base: Tensor, models: list[Tensor], model_params: list, params, *,
                 generator: torch.Generator | None = None, thresholds: list[float] | None = None):
-    from merge.methods.registry import MethodResult
+    from mergeline.merge.methods.registry import MethodResult
 
     check_inputs("model_stock", base, models, need_base=True)
     if len(models) < 2:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from merge.methods.common import check_inputs
-from merge.methods.linear import delta_stats
+from mergeline.merge.methods.common import check_inputs
+from mergeline.merge.methods.linear import delta_stats
 
 
 def multislerp(base: Tensor | None, models: list[Tensor], model_params: list, params, *,
                generator: torch.Generator | None = None, thresholds: list[float] | None = None):
-    from merge.methods.registry import MethodResult
+    from mergeline.merge.methods.registry import MethodResult
 
     check_inputs("multislerp", base, models, need_base=False)
     if len(models) == 1:
@@ -60,7 +60,7 @@ def multislerp(base: Tensor | None, models: list[Tensor], model_params: list, pa
 
 
 def _result(out: Tensor, base: Tensor | None, models: list[Tensor]):
-    from merge.methods.registry import MethodResult
+    from mergeline.merge.methods.registry import MethodResult
 
     if base is None:
         return MethodResult(out, None)

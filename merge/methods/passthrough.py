@@ -8,13 +8,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from merge.methods.common import check_inputs
+from mergeline.merge.methods.common import check_inputs
 
 
 def passthrough(base: Tensor | None, models: list[Tensor], model_params: list, params, *,
                 generator: torch.Generator | None = None, thresholds: list[float] | None = None):
     """``models == [the one model]``; its ``scale`` (None: a copy)."""
-    from merge.methods.registry import MethodResult
+    from mergeline.merge.methods.registry import MethodResult
 
     check_inputs("passthrough", None, models, need_base=False)
     if len(models) != 1:

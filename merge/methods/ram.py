@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from merge.methods.common import check_inputs
-from merge.methods.masked_stats import masked_stats
+from mergeline.merge.methods.common import check_inputs
+from mergeline.merge.methods.masked_stats import masked_stats
 
 
 def _vectors(base: Tensor, models: list[Tensor], epsilon: float):
@@ -29,7 +29,7 @@ def _vectors(base: Tensor, models: list[Tensor], epsilon: float):
 
 
 def _ram(base: Tensor, models: list[Tensor], params, plus: bool):
-    from merge.methods.registry import MethodResult
+    from mergeline.merge.methods.registry import MethodResult
 
     if not models:  # nothing to merge into the base, as mergekit
         return MethodResult(base.clone(), None)

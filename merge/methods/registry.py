@@ -25,7 +25,7 @@ Model Breadcrumbs arXiv:2312.06795, DELLA arXiv:2406.11617, SLERP (Shoemake 1985
 Model Stock arXiv:2403.19522, SCE arXiv:2408.07990, RAM arXiv:2601.13572, Karcher mean
 arXiv:2603.04972; NuSLERP, Multi-SLERP, NearSwap and Arcee Fusion as mergekit defines them.
 
-Run: python -c "from merge.methods.registry import METHODS; print(sorted(METHODS))"
+Run: python -c "from mergeline.merge.methods.registry import METHODS; print(sorted(METHODS))"
 """
 from __future__ import annotations
 
@@ -36,19 +36,19 @@ from typing import Callable
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from torch import Tensor
 
-from merge.methods.arcee_fusion import arcee_fusion
-from merge.methods.karcher import karcher
-from merge.methods.linear import linear
-from merge.methods.model_stock import model_stock
-from merge.methods.multislerp import multislerp
-from merge.methods.nearswap import nearswap
-from merge.methods.nuslerp import nuslerp
-from merge.methods.passthrough import passthrough
-from merge.methods.ram import ram, ramplus_tl
-from merge.methods.sce import sce
-from merge.methods.slerp import slerp
-from merge.methods.stats import TensorStats
-from merge.methods.ties import generalized_task_arithmetic
+from mergeline.merge.methods.arcee_fusion import arcee_fusion
+from mergeline.merge.methods.karcher import karcher
+from mergeline.merge.methods.linear import linear
+from mergeline.merge.methods.model_stock import model_stock
+from mergeline.merge.methods.multislerp import multislerp
+from mergeline.merge.methods.nearswap import nearswap
+from mergeline.merge.methods.nuslerp import nuslerp
+from mergeline.merge.methods.passthrough import passthrough
+from mergeline.merge.methods.ram import ram, ramplus_tl
+from mergeline.merge.methods.sce import sce
+from mergeline.merge.methods.slerp import slerp
+from mergeline.merge.methods.stats import TensorStats
+from mergeline.merge.methods.ties import generalized_task_arithmetic
 
 
 @dataclass

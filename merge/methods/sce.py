@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from merge.methods.common import check_inputs
-from merge.methods.masked_stats import masked_stats
+from mergeline.merge.methods.common import check_inputs
+from mergeline.merge.methods.masked_stats import masked_stats
 
 
 def select_mask(tvs: Tensor, fraction: float) -> Tensor:
@@ -44,7 +44,7 @@ def model_weights(tvs: Tensor) -> Tensor:
 
 def sce(base: Tensor, models: list[Tensor], model_params: list, params, *,
         generator: torch.Generator | None = None, thresholds: list[float] | None = None):
-    from merge.methods.registry import MethodResult
+    from mergeline.merge.methods.registry import MethodResult
 
     if not models:  # nothing to merge into the base, as mergekit
         return MethodResult(base.clone(), None)

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from merge.methods.common import chunk_size, run_chunks
-from merge.methods.select import TopK, below, topk
+from mergeline.merge.methods.common import chunk_size, run_chunks
+from mergeline.merge.methods.select import TopK, below, topk
 
 
 class _TrimByMask:

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from merge.methods import select, sparsify
-from merge.methods.common import Rounder, check_inputs, chunk_size, compute_delta, empty_huge, flat, run_chunks, work_dtype
-from merge.methods.stats import ModelStats, TensorStats
+from mergeline.merge.methods import select, sparsify
+from mergeline.merge.methods.common import Rounder, check_inputs, chunk_size, compute_delta, empty_huge, flat, run_chunks, work_dtype
+from mergeline.merge.methods.stats import ModelStats, TensorStats
 
 
 def make_sparsifier(kind: str | None, delta: Tensor, p, shape, generator, threshold: float | None, hist=None):
@@ -60,7 +60,7 @@ def generalized_task_arithmetic(
     generator: torch.Generator | None = None,
     thresholds: list[float] | None = None,
 ):
-    from merge.methods.registry import MethodResult
+    from mergeline.merge.methods.registry import MethodResult
 
     if base is not None and not models:  # nothing to merge into the base, as mergekit
         return MethodResult(base.clone(), None)

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from evaluation.evaluate import ScoreTable
-from evaluation.suite import load_suite
+from mergeline.evaluation.evaluate import ScoreTable
+from mergeline.evaluation.suite import load_suite
 
 N_ITEMS = 20
 SUITE = {"name": "synthetic", "retention": {"addition": ["t_add"], "reverse": ["t_rev"], "facts": ["t_facts"]},
@@ -151,7 +151,7 @@ def example_table(n: int = 40) -> ScoreTable:
 
 
 def example_report() -> dict:
-    from evaluation.report import build_report
+    from mergeline.evaluation.report import build_report
 
     data = {**SUITE, "limit": 40, "seeds": [0, 1]}
     stats = {"ties": merge_stats("ties", {"addition": 0.10, "reverse": 0.35, "facts": 0.12}),

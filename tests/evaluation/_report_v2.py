@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 
-from evaluation import stats
+from mergeline.evaluation import stats
 
 CANDIDATES = {"ties": "ties", "linear": "linear", "dare_ties": "dare_ties"}
 

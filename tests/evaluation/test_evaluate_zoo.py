@@ -13,20 +13,20 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from evaluation.evaluate import evaluate_models
-from evaluation.gate import decide
-from evaluation.report import build_report, write_reports
-from evaluation.suite import load_suite
-from merge.hashing import content_hash
+from mergeline.evaluation.evaluate import evaluate_models
+from mergeline.evaluation.gate import decide
+from mergeline.evaluation.report import build_report, write_reports
+from mergeline.evaluation.suite import load_suite
+from mergeline.merge.hashing import content_hash
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
 def recipe(method: str, base: Path, models: dict[str, Path]) -> dict:
-    """The demo's recipe (evaluation/zoo/merges.py DEMO, configs/pipeline_demo.yaml): TIES is the
+    """The demo's recipe (zoo/merges.py DEMO, configs/pipeline_demo.yaml): TIES is the
     candidate, linear and task arithmetic the baselines it must beat, at the same weights."""
-    from evaluation.zoo.merges import demo_recipe
+    from mergeline.zoo.merges import demo_recipe
 
     return demo_recipe(method, base, models)
 
@@ -35,7 +35,7 @@ class Counting:
     """Counts the real lm-eval runs (the cache test needs to know whether lm-eval ran)."""
 
     def __init__(self):
-        from evaluation.lm_eval_runner import run_lm_eval
+        from mergeline.evaluation.lm_eval_runner import run_lm_eval
         self.fn, self.calls = run_lm_eval, 0
 
     def __call__(self, *args, **kwargs):
@@ -45,8 +45,8 @@ class Counting:
 
 @pytest.fixture(scope="module")
 def world(zoo, tmp_path_factory):
-    from merge.compat import check_models
-    from merge.executor import run_merge
+    from mergeline.merge.compat import check_models
+    from mergeline.merge.executor import run_merge
 
     root = tmp_path_factory.mktemp("eval_zoo")
     merged = {}
@@ -144,7 +144,7 @@ def _default_policy() -> dict:
 
 
 def test_cli_evaluate_uses_the_cache(world, zoo, tmp_path):
-    from flows.cli import app
+    from mergeline.flows.cli import app
     out = tmp_path / "out"
     r = CliRunner().invoke(app, ["evaluate", str(zoo.base), "--suite", str(REPO / "configs/eval_suite.yaml"),
                                  "--zoo", str(zoo.root), "--cache-dir", str(world["root"] / "cache"),

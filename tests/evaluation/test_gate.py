@@ -5,10 +5,10 @@ import pytest
 from typer.testing import CliRunner
 
 import _eval_synthetic as syn
-from evaluation.gate import REPORT_SCHEMA_VERSION, ReportError, decide
-from evaluation.policy import PolicyError, load_policy
-from evaluation.report import build_report
-from flows.cli import app
+from mergeline.evaluation.gate import REPORT_SCHEMA_VERSION, ReportError, decide
+from mergeline.evaluation.policy import PolicyError, load_policy
+from mergeline.evaluation.report import build_report
+from mergeline.flows.cli import app
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -199,7 +199,7 @@ def test_issue_example_ties_093_vs_averaging_098_on_100_items_is_inconclusive_no
     """Two fine-tunes of one task from one base; TIES right on 93 of 100 items, averaging on 98:
     5 discordant items, all one way. Exact McNemar p = 0.0625: not significant, so the paired
     interval of the difference holds 0 and the rule 'TIES >= averaging' is not settled."""
-    from evaluation.stats import mcnemar_p
+    from mergeline.evaluation.stats import mcnemar_p
 
     n = 100
     s = syn.suite({"retention": {"ft_a": ["t"], "ft_b": ["t"]}})

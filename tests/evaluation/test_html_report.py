@@ -3,8 +3,8 @@ import re
 from html.parser import HTMLParser
 
 import _report_v2 as v2
-from evaluation.html_report import CSS, render_html
-from evaluation.stats import Interval
+from mergeline.evaluation.html_report import CSS, render_html
+from mergeline.evaluation.stats import Interval
 
 ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "span", "div", "table",
                 "thead", "tbody", "tr", "th", "td", "figure", "img", "figcaption", "wbr"}

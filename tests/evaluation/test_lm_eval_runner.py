@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from evaluation.lm_eval_runner import SAMPLE_COLUMNS, SCORE_COLUMNS, run_lm_eval
+from mergeline.evaluation.lm_eval_runner import SAMPLE_COLUMNS, SCORE_COLUMNS, run_lm_eval
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,8 @@ def test_tasks_from_two_include_folders_run_together(zoo, tmp_path):
     lm-eval's TaskManager takes the list; a real run through evaluate_models."""
     import shutil
 
-    from evaluation.evaluate import evaluate_models
-    from evaluation.suite import load_suite
+    from mergeline.evaluation.evaluate import evaluate_models
+    from mergeline.evaluation.suite import load_suite
 
     skills, general = tmp_path / "skills", tmp_path / "general"
     for folder, task in ((skills, "zoo_addition"), (general, "zoo_general_mc")):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import _eval_synthetic as syn
-from evaluation import metrics
+from mergeline.evaluation import metrics
 
 
 @pytest.fixture
@@ -126,7 +126,7 @@ def test_baseline_difference_is_paired_over_the_pooled_items(frames):
 
 
 def test_weighted_difference_keeps_the_exact_interval_under_one_scale():
-    from evaluation import stats
+    from mergeline.evaluation import stats
 
     a, b = np.array(syn.first_right(93, 100)), np.array(syn.first_right(98, 100))
     one = metrics._weighted_difference([(a, b, 2.0)], 0.95)

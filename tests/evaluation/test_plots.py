@@ -8,7 +8,7 @@ from matplotlib.text import Text
 
 import _eval_synthetic as syn
 import _report_v2 as v2
-from evaluation.plots import PLOTS, all_plots, figure
+from mergeline.evaluation.plots import PLOTS, all_plots, figure
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # Names matplotlib's math-text parser refuses or misreads when parse_math is on.

@@ -3,9 +3,9 @@ import re
 from functools import partial
 
 import _report_v2 as v2
-from evaluation.render import md_escape, render_markdown
-from evaluation.stats import Interval
-from evaluation.tables import SIGN_ELECTING_METHODS, Ival, Status, Table, cell_text, document
+from mergeline.evaluation.render import md_escape, render_markdown
+from mergeline.evaluation.stats import Interval
+from mergeline.evaluation.tables import SIGN_ELECTING_METHODS, Ival, Status, Table, cell_text, document
 
 CRAFTED = {"ties": "<script>alert('model')</script>", "t_addition": "t|<img src=x onerror=alert(1)>|",
            "addition": "add`*[x](javascript:alert(1))*`", "default": "<b>policy</b>",
@@ -13,7 +13,7 @@ CRAFTED = {"ties": "<script>alert('model')</script>", "t_addition": "t|<img src=
 
 
 def test_sign_electing_methods_mirror_the_merge_registry():
-    from merge.methods.registry import METHODS
+    from mergeline.merge.methods.registry import METHODS
     electing = {name for name, m in METHODS.items() if isinstance(m.fn, partial) and m.fn.keywords.get("consensus")}
     assert electing == set(SIGN_ELECTING_METHODS)
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 import _eval_synthetic as syn
-from evaluation.gate import validate_report
-from evaluation.report import build_report, write_reports
+from mergeline.evaluation.gate import validate_report
+from mergeline.evaluation.report import build_report, write_reports
 
 REPO = Path(__file__).resolve().parents[2]
 

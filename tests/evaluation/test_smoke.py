@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from evaluation.policy import PolicyError, load_policy
-from evaluation.smoke import SmokeRule, repeated_ngram_share, smoke_test
-from evaluation.zoo.build import N_GENERIC
-from evaluation.zoo.data import generic_lines
-from merge.executor import run_merge
+from mergeline.evaluation.policy import PolicyError, load_policy
+from mergeline.evaluation.smoke import SmokeRule, repeated_ngram_share, smoke_test
+from mergeline.zoo.build import N_GENERIC
+from mergeline.zoo.data import generic_lines
+from mergeline.merge.executor import run_merge
 
 PROMPTS = ["the red cat", "a dog is", "3 plus 4 is", "there are 12", "c a b backwards is"]
 

@@ -5,10 +5,10 @@ import json
 import pandas as pd
 import pytest
 
-from evaluation.evaluate import ScoreTable, evaluate_models
-from evaluation.objective import objective
-from evaluation.splits import describe, restrict, task_ranges
-from evaluation.suite import SuiteError, load_suite
+from mergeline.evaluation.evaluate import ScoreTable, evaluate_models
+from mergeline.evaluation.objective import objective
+from mergeline.evaluation.splits import describe, restrict, task_ranges
+from mergeline.evaluation.suite import SuiteError, load_suite
 
 SUITE = {"retention": {"ft_a": ["t_a"]}, "general": ["t_gen"]}
 

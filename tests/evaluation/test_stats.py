@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from evaluation import stats
+from mergeline.evaluation import stats
 
 
 def test_wilson_matches_the_reference_figures():

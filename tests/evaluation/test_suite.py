@@ -3,9 +3,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from evaluation.evaluate import ScoreTable, evaluate_models, infer_roles
-from evaluation.score_cache import CachedRun, ScoreCache, task_fingerprint
-from evaluation.suite import SuiteError, check_ready, load_suite
+from mergeline.evaluation.evaluate import ScoreTable, evaluate_models, infer_roles
+from mergeline.evaluation.score_cache import CachedRun, ScoreCache, task_fingerprint
+from mergeline.evaluation.suite import SuiteError, check_ready, load_suite
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evaluation.zoo import data, load_zoo
-from evaluation.zoo.build import GENERAL_TOLERANCE, MARGIN, check_matrix, ZooBuildError
-from evaluation.zoo.merges import DEMO, MIN_SIGN_CONFLICT, check_merges, demo_recipe
+from mergeline.zoo import data, load_zoo
+from mergeline.zoo.build import GENERAL_TOLERANCE, MARGIN, check_matrix, ZooBuildError
+from mergeline.zoo.merges import DEMO, MIN_SIGN_CONFLICT, check_merges, demo_recipe
 
 
 def _weights(folder):
@@ -19,7 +19,7 @@ def _weights(folder):
 
 
 def test_zoo_layout_and_manifest(zoo):
-    from merge.hashing import content_hash
+    from mergeline.merge.hashing import content_hash
 
     assert set(zoo.finetunes) == {"addition", "reverse", "facts"}
     assert set(zoo.negatives) == {"different_base", "different_tokenizer", "different_arch"}
@@ -51,7 +51,7 @@ def test_each_finetune_wins_its_own_tasks_in_the_manifest(zoo):
 
 
 def test_task_matrix_remeasured_with_the_runner(zoo):
-    from evaluation.lm_eval_runner import run_lm_eval
+    from mergeline.evaluation.lm_eval_runner import run_lm_eval
 
     run = run_lm_eval(zoo.finetunes["addition"], zoo.tasks, include_path=zoo.tasks_dir)
     for task in zoo.tasks:
@@ -78,8 +78,8 @@ def test_check_matrix_fails_loudly_naming_model_and_task():
 
 
 def test_same_seed_same_weights_and_different_seed_differs():
-    from evaluation.zoo.tokenizer import train_tokenizer
-    from evaluation.zoo.train import TrainSpec, encode, init_model, tiny_config, train
+    from mergeline.zoo.tokenizer import train_tokenizer
+    from mergeline.zoo.train import TrainSpec, encode, init_model, tiny_config, train
 
     lines = data.generic_lines(200, 0)
     tok = train_tokenizer(lines, 300)
@@ -146,7 +146,7 @@ def test_ties_beats_the_baselines_with_intervals_that_exclude_zero(zoo):
 
 def test_recorded_merge_stats_are_the_engines(zoo, tmp_path):
     """Re-run the demo TIES merge with the engine: the same sign conflicts as recorded."""
-    from merge.executor import run_merge
+    from mergeline.merge.executor import run_merge
 
     out = run_merge(demo_recipe("ties", zoo.base, zoo.finetunes), tmp_path / "ties", progress=False, device="cpu")
     m = zoo.manifest["merges"]
@@ -198,7 +198,7 @@ def test_progress_prints_plain_lines_with_an_eta_off_a_terminal():
     import io
     import re
 
-    from evaluation.zoo.progress import BuildProgress
+    from mergeline.zoo.progress import BuildProgress
 
     out = io.StringIO()  # not a TTY: plain lines
     p = BuildProgress(100, stream=out, every=0.0)
@@ -249,14 +249,14 @@ def test_different_arch_has_different_shapes(zoo):
 
 
 def test_build_reuses_the_cache(zoo):
-    from evaluation.zoo import build_zoo
+    from mergeline.zoo import build_zoo
 
     again = build_zoo()
     assert again.root == zoo.root and again.manifest == zoo.manifest
 
 
 def test_build_refuses_to_overwrite_a_foreign_folder(tmp_path):
-    from evaluation.zoo import build_zoo
+    from mergeline.zoo import build_zoo
 
     (tmp_path / "something").write_text("not a zoo")
     with pytest.raises(FileExistsError, match="force"):

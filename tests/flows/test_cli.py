@@ -4,7 +4,7 @@ import time
 
 from typer.testing import CliRunner
 
-from flows.cli import app
+from mergeline.flows.cli import app
 
 runner = CliRunner()
 SUBCOMMANDS = ["demo", "zoo", "check", "merge", "evaluate", "gate", "run", "lineage", "schedule"]
@@ -19,7 +19,7 @@ def test_help_lists_every_subcommand():
 
 def test_help_is_fast_and_imports_nothing_heavy():
     code = (
-        "import sys, time; t=time.time(); from flows.cli import app; "
+        "import sys, time; t=time.time(); from mergeline.flows.cli import app; "
         "heavy=[m for m in ('torch','prefect','mlflow','lm_eval','transformers') if m in sys.modules]; "
         "print(heavy, time.time()-t)"
     )

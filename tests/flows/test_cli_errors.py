@@ -11,8 +11,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.errors import exit_code_for
+from mergeline.flows.cli import app
+from mergeline.flows.errors import exit_code_for
 
 runner = CliRunner()
 MERGELINE = str(Path(sys.executable).parent / "mergeline")
@@ -36,12 +36,12 @@ def test_verdicts_map_to_exit_codes():
 
 
 def test_unexpected_error_exits_4_with_one_line_and_a_log(monkeypatch, tmp_path):
-    import flows.demo
+    from mergeline.flows import demo
 
     def crash(*args, **kwargs):
         raise RuntimeError("something nobody planned for\nsecond line")
 
-    monkeypatch.setattr(flows.demo, "run_demo", crash)
+    monkeypatch.setattr(demo, "run_demo", crash)
     monkeypatch.setenv("MERGELINE_LOG_DIR", str(tmp_path / "logs"))
     r = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "w")])
     assert r.exit_code == 4, r.output

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks import tracking
+from mergeline.tasks import tracking
 
 MERGELINE = str(Path(sys.executable).parent / "mergeline")
 
@@ -21,7 +21,7 @@ def test_demo_go_end_to_end(zoo, prefect_server, tmp_path):
     cmd = [MERGELINE, "demo", "--workdir", str(work), "--zoo", str(zoo.root)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
     out = r.stdout
-    # The zoo's fine-tunes survive a TIES merge (see evaluation/zoo/train.py): the demo ships.
+    # The zoo's fine-tunes survive a TIES merge (see zoo/train.py): the demo ships.
     assert r.returncode == 0, out + r.stderr[-3000:]
     assert "GO" in out and "NO-GO" not in out and "stage: gate" in out
     # an `mlflow ui` that works without an activated venv, and where MLflow 3 shows the runs

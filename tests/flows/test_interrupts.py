@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from flows.pipeline_config import load_pipeline
+from mergeline.flows.pipeline_config import load_pipeline
 
 MERGELINE = str(Path(sys.executable).parent / "mergeline")
 

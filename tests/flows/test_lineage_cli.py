@@ -3,10 +3,10 @@ import json
 
 from typer.testing import CliRunner
 
-from flows.cli import app
-from tasks import tracking
-from tasks.merge_tasks import merge_key, merge_model
-from tasks.recipes import resolved_recipe
+from mergeline.flows.cli import app
+from mergeline.tasks import tracking
+from mergeline.tasks.merge_tasks import merge_key, merge_model
+from mergeline.tasks.recipes import resolved_recipe
 
 runner = CliRunner()
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from prefect.client.orchestration import get_client
 from safetensors.torch import load_file, save_file
 
-from flows.pipeline import run_pipeline
-from flows.pipeline_config import load_pipeline
-from tasks import tracking
+from mergeline.flows.pipeline import run_pipeline
+from mergeline.flows.pipeline_config import load_pipeline
+from mergeline.tasks import tracking
 
 
 # A folder name matplotlib's math-text parser chokes on ('$^$' is math with nothing to raise):

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from flows.demo import CONFIGS, write_pipeline, zoo_values
-from evaluation.zoo.merges import demo_recipe
-from flows.pipeline import run_pipeline
-from merge.checkpoint import Checkpoint
-from merge.executor import run_merge
+from mergeline.flows.demo import CONFIGS, write_pipeline, zoo_values
+from mergeline.zoo.merges import demo_recipe
+from mergeline.flows.pipeline import run_pipeline
+from mergeline.merge.checkpoint import Checkpoint
+from mergeline.merge.executor import run_merge
 
 
 def adapter_from_finetune(base: Path, finetune: Path, out: Path) -> Path:

@@ -9,9 +9,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.pipeline_config import PipelineError, load_pipeline
-from tasks import tracking
+from mergeline.flows.cli import app
+from mergeline.flows.pipeline_config import PipelineError, load_pipeline
+from mergeline.tasks import tracking
 
 
 def test_bad_keys_are_named(tmp_path):

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from flows.demo import smoke_text
-from flows.pipeline import run_pipeline
-from flows.pipeline_config import load_pipeline
-from tasks import tracking
+from mergeline.flows.demo import smoke_text
+from mergeline.flows.pipeline import run_pipeline
+from mergeline.flows.pipeline_config import load_pipeline
+from mergeline.tasks import tracking
 
 PROMPTS = ["the red cat", "a dog is", "3 plus 4 is", "c a b backwards is"]
 
@@ -100,7 +100,7 @@ def test_broken_baseline_is_reported_not_evaluated(zoo, prefect_server, tmp_path
 
 
 def test_merge_seeds_for_random_methods():
-    from flows.pipeline import merge_seeds
+    from mergeline.flows.pipeline import merge_seeds
 
     assert merge_seeds("dare", {"merge_method": "dare_ties"}, [0, 1, 2], 7) == {
         "dare-seed0": 0, "dare-seed1": 1, "dare-seed2": 2}
@@ -112,7 +112,7 @@ def test_merge_seeds_for_random_methods():
 def test_random_method_is_merged_once_per_eval_seed(zoo, prefect_server, tmp_path, monkeypatch):
     """dare_ties under seeds [0, 1]: two merges (seed 0 and seed 1, different weights), each
     smoke-tested, evaluated as one candidate with merge seed k under eval seed k."""
-    from merge.checkpoint import Checkpoint
+    from mergeline.merge.checkpoint import Checkpoint
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     path = _write(tmp_path, zoo, _recipe(zoo, "dare_ties", {"density": 0.5}), [], "smoke-seeds")

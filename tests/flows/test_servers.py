@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from flows.servers import ServerUnreachable, check_mlflow, check_prefect, resolve_tracking
+from mergeline.flows.servers import ServerUnreachable, check_mlflow, check_prefect, resolve_tracking
 
 
 def _dead_port() -> int:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.demo import CONFIGS, write_pipeline, zoo_values
-from flows.tune import run_tune
-from merge.recipe import load_recipe
-from tasks import tracking
+from mergeline.flows.demo import CONFIGS, write_pipeline, zoo_values
+from mergeline.flows.tune import run_tune
+from mergeline.merge.recipe import load_recipe
+from mergeline.tasks import tracking
 
 MERGELINE = str(Path(sys.executable).parent / "mergeline")
 SPLITS = {"validation": [0, 12], "test": [12, 36]}
@@ -99,7 +99,7 @@ def test_tune_refuses_a_suite_without_splits(zoo, tmp_path, monkeypatch):
 
 
 def test_search_space_and_trial_recipes(tiny_models):
-    from tasks.tune_tasks import apply, space
+    from mergeline.tasks.tune_tasks import apply, space
 
     m = tiny_models
     ties = {"merge_method": "ties", "base_model": str(m["base"]), "parameters": {"density": 0.5, "normalize": True},

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merge.checkpoint import Checkpoint, CheckpointError
+from mergeline.merge.checkpoint import Checkpoint, CheckpointError
 
 TENSORS = {"a.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b.bias": torch.ones(5, dtype=torch.bfloat16)}
 

@@ -16,10 +16,10 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from typer.testing import CliRunner
 
-from flows.cli import app
-from merge.compat import CompatInputError, check_models, check_recipe, load_policy
-from merge.compat.policy import PolicyError
-from merge.checkpoint import CheckpointError
+from mergeline.flows.cli import app
+from mergeline.merge.compat import CompatInputError, check_models, check_recipe, load_policy
+from mergeline.merge.compat.policy import PolicyError
+from mergeline.merge.checkpoint import CheckpointError
 
 HIDDEN, LAYERS = 16, 2
 WORDS = ["<eos>", "<pad>", "<unk>"] + [f"w{i}" for i in range(61)]  # 64 tokens

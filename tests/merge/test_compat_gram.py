@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from merge.compat import gram
-from merge.compat.gram import BLOCK, slab_gram
+from mergeline.merge.compat import gram
+from mergeline.merge.compat.gram import BLOCK, slab_gram
 
 
 def reference(rows: list[torch.Tensor]) -> np.ndarray:

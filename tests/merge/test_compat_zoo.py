@@ -1,5 +1,5 @@
 """The compatibility gate on the zoo's genuine fine-tunes and its negative specimens
-(evaluation.zoo, built once per machine by the session fixture `zoo`).
+(zoo, built once per machine by the session fixture `zoo`).
 
     pytest tests/merge/test_compat_zoo.py -q
 """
@@ -11,9 +11,9 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from merge.checkpoint import CheckpointError
-from merge.compat import check_models
+from mergeline.flows.cli import app
+from mergeline.merge.checkpoint import CheckpointError
+from mergeline.merge.compat import check_models
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()

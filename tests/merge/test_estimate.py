@@ -15,9 +15,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from flows.cli import app
-from merge.estimate import OVERHEAD, TensorSize, estimate, estimate_shapes, llama_shapes
-from merge.executor import run_merge
+from mergeline.flows.cli import app
+from mergeline.merge.estimate import OVERHEAD, TensorSize, estimate, estimate_shapes, llama_shapes
+from mergeline.merge.executor import run_merge
 from tests.merge.test_executor import CONFIG, SHAPES, save_model  # merge order: the embedding (largest) first
 
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merge.checkpoint import Checkpoint
-from merge.compat import ChecksFailed
-from merge.executor import run_merge
-from merge.plan import MergeError
-from merge.recipe import RecipeError
-from merge.writer import OutputError, parse_size
+from mergeline.merge.checkpoint import Checkpoint
+from mergeline.merge.compat import ChecksFailed
+from mergeline.merge.executor import run_merge
+from mergeline.merge.plan import MergeError
+from mergeline.merge.recipe import RecipeError
+from mergeline.merge.writer import OutputError, parse_size
 
 SHAPES = {
     "model.embed_tokens.weight": (40, 8),
@@ -223,7 +223,7 @@ def test_parse_size():
 def test_cli_merge(zoo, tmp_path):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from mergeline.flows.cli import app
 
     paths, _ = zoo
     import yaml

@@ -125,8 +125,8 @@ def mergekit_run():
 def test_family_checks_merges_loads_and_matches_mergekit(family, tmp_path, tokenizer, mergekit_run):
     from transformers import AutoModelForCausalLM
 
-    from merge.compat import check_models
-    from merge.executor import run_merge
+    from mergeline.merge.compat import check_models
+    from mergeline.merge.executor import run_merge
 
     m = build_family(family, tmp_path / "in", tokenizer)
     report = check_models(m["base"], {"ft_a": m["ft_a"], "ft_b": m["ft_b"]})

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merge.executor import run_merge
-from merge.plan import MergeError, build_plan
-from merge.recipe import RecipeError, load_recipe
+from mergeline.merge.executor import run_merge
+from mergeline.merge.plan import MergeError, build_plan
+from mergeline.merge.recipe import RecipeError, load_recipe
 
 LAYERS = 4
 
@@ -188,7 +188,7 @@ def test_frankenmerge_examples_run_on_the_tiny_models_and_load(recipe, tiny_mode
 
 
 def test_moves_layers_tells_frankenmerges_from_layer_scoped_slices(llamas):
-    from merge.slices import moves_layers
+    from mergeline.merge.slices import moves_layers
 
     assert moves_layers(load_recipe(_recipes(llamas)["stack"]))
     assert moves_layers(load_recipe(_recipes(llamas)["ties_shifted"]))
@@ -201,7 +201,7 @@ def test_moves_layers_tells_frankenmerges_from_layer_scoped_slices(llamas):
 
 
 def test_output_config_layer_count_and_per_layer_kinds():
-    from merge.parameters import rename_layer, set_num_layers
+    from mergeline.merge.parameters import rename_layer, set_num_layers
 
     cfg = {"num_hidden_layers": 4, "layer_types": ["sliding", "full", "sliding", "full"], "hidden_size": 8}
     out = set_num_layers(cfg, [0, 1, 1, 3, 2])

@@ -41,8 +41,8 @@ def models(tmp_path) -> dict[str, Path]:
 @pytest.mark.parametrize("method, dtype", [("ties", "float32"), ("ties", "bfloat16"), ("task_arithmetic", "float32"),
                                            ("linear", "float32"), ("dare_ties", "float32")])
 def test_cpu_and_cuda_agree(models, tmp_path, method, dtype):
-    from merge.checkpoint import Checkpoint
-    from merge.executor import run_merge
+    from mergeline.merge.checkpoint import Checkpoint
+    from mergeline.merge.executor import run_merge
 
     recipe = {"merge_method": method, "dtype": dtype,
               "models": [{"model": str(models[n]), "parameters": {"weight": w, **({"density": 0.4} if method != "linear" else {})}}

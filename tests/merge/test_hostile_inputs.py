@@ -22,13 +22,13 @@ import yaml
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from flows.cli import app
-from merge.checkpoint import Checkpoint, CheckpointError
-from merge.compat.tokenizer import read_tokenizer
-from merge.executor import run_merge
-from merge.recipe import RecipeError, load_recipe
-from merge.plan import MergeError
-from merge.writer import OutputError
+from mergeline.flows.cli import app
+from mergeline.merge.checkpoint import Checkpoint, CheckpointError
+from mergeline.merge.compat.tokenizer import read_tokenizer
+from mergeline.merge.executor import run_merge
+from mergeline.merge.recipe import RecipeError, load_recipe
+from mergeline.merge.plan import MergeError
+from mergeline.merge.writer import OutputError
 
 SHAPES = {"model.embed_tokens.weight": (16, 8), "model.layers.0.mlp.up_proj.weight": (8, 8),
           "model.layers.1.mlp.up_proj.weight": (8, 8), "model.norm.weight": (8,)}
@@ -402,7 +402,7 @@ def test_file_size_limit_is_one_line_and_leaves_nothing(tmp_path):
         import resource, signal, sys
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
-        from flows.cli import app
+        from mergeline.flows.cli import app
         sys.argv = ["mergeline", "merge", {str(r)!r}, {str(out / "m")!r}, "--device", "cpu"]
         app()
     """)

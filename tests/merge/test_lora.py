@@ -17,10 +17,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from merge.checkpoint import Checkpoint, CheckpointError
-from merge.compat import check_models
-from merge.executor import run_merge
-from merge.hashing import content_hash
+from mergeline.merge.checkpoint import Checkpoint, CheckpointError
+from mergeline.merge.compat import check_models
+from mergeline.merge.executor import run_merge
+from mergeline.merge.hashing import content_hash
 
 GPT2 = dict(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
 LLAMA = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,

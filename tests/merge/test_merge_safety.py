@@ -20,10 +20,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from flows.cli import app
-from merge.compat import ChecksFailed, check_recipe
-from merge.executor import run_merge
-from merge.reader import TensorReader
+from mergeline.flows.cli import app
+from mergeline.merge.compat import ChecksFailed, check_recipe
+from mergeline.merge.executor import run_merge
+from mergeline.merge.reader import TensorReader
 
 runner = CliRunner()
 
@@ -295,7 +295,7 @@ def test_in_merge_norms_equal_the_check_pass_with_a_tied_head_and_small_chunks(t
 def test_the_checks_read_no_tensor_twice(tiny_models, tmp_path, reads, monkeypatch):
     """The norm statistics come from the merge's own read: every input tensor is read once, and
     the memory-mapped path `mergeline check` reads through (Checkpoint.get) is never used."""
-    from merge.checkpoint import Checkpoint
+    from mergeline.merge.checkpoint import Checkpoint
 
     def refuse(self, name):
         raise AssertionError(f"second read of {name!r} through Checkpoint.get")

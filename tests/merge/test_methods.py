@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merge.methods import METHODS, get_method
-from merge.methods.select import MagnitudeHistogram, topk
+from mergeline.merge.methods import METHODS, get_method
+from mergeline.merge.methods.select import MagnitudeHistogram, topk
 
 
 def run(name, base, models, weights, densities=None, **globals_):
@@ -276,7 +276,7 @@ def test_concurrent_merges_restore_torch_threads():
     """Chunk loops lower torch's intra-op threads while they run and must restore them."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from merge.methods.common import CHUNK
+    from mergeline.merge.methods.common import CHUNK
 
     before = torch.get_num_threads()
     base = torch.randn(4 * CHUNK + 3)

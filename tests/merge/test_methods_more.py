@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from merge.methods import METHODS, get_method
-from merge.recipe import RecipeError, load_recipe
+from mergeline.merge.methods import METHODS, get_method
+from mergeline.merge.recipe import RecipeError, load_recipe
 
 NEW = ["passthrough", "model_stock", "nuslerp", "multislerp", "sce", "karcher", "nearswap", "arcee_fusion",
        "ram", "ramplus_tl"]
@@ -236,13 +236,13 @@ def test_recipes_mergekit_accepts_are_read(r):
 
 def test_another_methods_parameter_is_a_warning_naming_the_key(caplog):
     r = recipe("slerp", ["b", "x"], t=0.5, weight=1.0)  # as in mergekit's own tests
-    with caplog.at_level(logging.WARNING, logger="merge.recipe_checks"):
+    with caplog.at_level(logging.WARNING, logger="mergeline.merge.recipe_checks"):
         load_recipe(r)
     assert any("'weight'" in rec.getMessage() and "slerp" in rec.getMessage() for rec in caplog.records)
     r = recipe("ties", ["x"], weight=1.0)
     r["models"][0]["parameters"] = {"weight": 1.0, "t": 0.3}
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="merge.recipe_checks"):
+    with caplog.at_level(logging.WARNING, logger="mergeline.merge.recipe_checks"):
         load_recipe(r)
     assert any("models[0].parameters.t" in rec.getMessage() for rec in caplog.records)
 
@@ -262,7 +262,7 @@ def test_chat_template_presets_are_mergekits_byte_for_byte():
 
     from mergekit._data import chat_templates
 
-    from merge.chat_templates import PRESETS
+    from mergeline.merge.chat_templates import PRESETS
 
     theirs = {p.name.removesuffix(".jinja"): p.read_bytes() for p in files(chat_templates).iterdir()
               if p.name.endswith(".jinja")}
@@ -279,8 +279,8 @@ def test_chat_template_setting_is_checked_when_the_recipe_is_read():
 
 
 def test_writer_writes_the_preset_text_unchanged(tmp_path):
-    from merge.chat_templates import PRESETS
-    from merge.writer import OutputError, write_chat_template
+    from mergeline.merge.chat_templates import PRESETS
+    from mergeline.merge.writer import OutputError, write_chat_template
 
     for name in PRESETS:
         write_chat_template(tmp_path, name, [])
@@ -320,7 +320,7 @@ def test_arcee_fusion_merge_is_reproducible_from_the_seed(tmp_path):
 
     from safetensors.torch import save_file
 
-    from merge.executor import run_merge
+    from mergeline.merge.executor import run_merge
 
     vocab, hidden = 70_000, 16
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merge.executor import run_merge
-from merge.multistage import is_multistage, load_stages, run_stages, stage_key
-from merge.recipe import RecipeError, load_recipe
+from mergeline.merge.executor import run_merge
+from mergeline.merge.multistage import is_multistage, load_stages, run_stages, stage_key
+from mergeline.merge.recipe import RecipeError, load_recipe
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "recipes" / "multistage" / "ties-then-slerp.yaml"
 
@@ -73,7 +73,7 @@ def test_an_unchanged_intermediate_is_reused_and_a_changed_one_redone(workdir):
 
 
 def test_an_existing_folder_that_no_stage_wrote_is_not_replaced(workdir):
-    from merge.writer import OutputError
+    from mergeline.merge.writer import OutputError
 
     recipe = workdir / EXAMPLE.name
     mine = workdir / "out" / ".final.stages" / "ties-mix"
@@ -110,7 +110,7 @@ def test_a_multistage_file_given_as_one_recipe_is_refused_with_the_way_to_run_it
 
 
 def test_merge_file_runs_a_single_recipe_or_every_stage(workdir):
-    from merge.multistage import merge_file
+    from mergeline.merge.multistage import merge_file
 
     out = merge_file(workdir / EXAMPLE.name, workdir / "final", device="cpu", progress=False)
     assert out.path == workdir / "final" and (workdir / ".final.stages" / "ties-mix" / "model.safetensors").is_file()

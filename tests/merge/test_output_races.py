@@ -22,8 +22,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from merge.executor import run_merge
-from merge.writer import OutputBusy, OutputError, _owner_tag, output_lock
+from mergeline.merge.executor import run_merge
+from mergeline.merge.writer import OutputBusy, OutputError, _owner_tag, output_lock
 
 REPO = Path(__file__).parents[2]
 SHAPES = {"model.embed_tokens.weight": (16, 8), "model.layers.0.mlp.up_proj.weight": (8, 8),
@@ -43,8 +43,8 @@ SCRIPT = textwrap.dedent("""
             if Path(src) == Path(out):
                 os.kill(os.getpid(), signal.SIGKILL)
         os.rename = rename
-    from merge.executor import run_merge
-    from merge.writer import OutputError
+    from mergeline.merge.executor import run_merge
+    from mergeline.merge.writer import OutputError
     Path(go + f".ready-{os.getpid()}").touch()
     while not os.path.exists(go):
         time.sleep(0.01)

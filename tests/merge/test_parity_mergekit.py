@@ -90,7 +90,7 @@ def mergekit_outputs(models, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("name", list(recipes({k: Path(k) for k in ("base", "ft_a", "ft_b", "ft_c")})))
 def test_same_tensors_as_mergekit(name, models, mergekit_outputs, tmp_path):
-    from merge.executor import run_merge
+    from mergeline.merge.executor import run_merge
 
     run_merge(recipes(models)[name], tmp_path / "out", device="cpu", progress=False)
     theirs, ours = read_all(mergekit_outputs[name]), read_all(tmp_path / "out")

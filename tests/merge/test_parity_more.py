@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from merge.methods import get_method
+from mergeline.merge.methods import get_method
 
 mergekit_api = pytest.importorskip("mergekit.merge_methods.api", reason="mergekit (test extra) is the yardstick")
 
@@ -163,7 +163,7 @@ def mergekit_outputs(models, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("name", list(recipes({k: Path(k) for k in ("base", "ft_a", "ft_b", "ft_c")})))
 def test_same_tensors_as_mergekit(name, models, mergekit_outputs, tmp_path):
-    from merge.executor import run_merge
+    from mergeline.merge.executor import run_merge
 
     out = run_merge(recipes(models)[name], tmp_path / "out", device="cpu", progress=False)
     theirs, ours_ = read_all(mergekit_outputs[name]), read_all(tmp_path / "out")

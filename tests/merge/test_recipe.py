@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from merge.parameters import MISSING, evaluate_setting, layer_index, layer_t, num_layers, resolve
-from merge.recipe import RecipeError, load_recipe, model_names
-from merge.resolve import ModelNotFound, resolve_model, split_ref
+from mergeline.merge.parameters import MISSING, evaluate_setting, layer_index, layer_t, num_layers, resolve
+from mergeline.merge.recipe import RecipeError, load_recipe, model_names
+from mergeline.merge.resolve import ModelNotFound, resolve_model, split_ref
 
 
 def ties(**over):

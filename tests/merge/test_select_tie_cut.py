@@ -9,7 +9,7 @@ its embedding around position 27M; this test puts the cut in the fourth chunk an
 import pytest
 import torch
 
-from merge.methods.select import HIST_CHUNK, deltas_with_histograms, topk
+from mergeline.merge.methods.select import HIST_CHUNK, deltas_with_histograms, topk
 
 
 def reference_mask(delta: torch.Tensor, k: int) -> torch.Tensor:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from merge.recipe import RecipeError, load_recipe, model_names
-from merge.slices import locate, parameter_sources
+from mergeline.merge.recipe import RecipeError, load_recipe, model_names
+from mergeline.merge.slices import locate, parameter_sources
 
 
 def src(model, start, stop, **params):

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merge.executor import run_merge
-from merge.recipe import load_recipe
-from merge.tokenizer_merge import describe_remapping
+from mergeline.merge.executor import run_merge
+from mergeline.merge.recipe import load_recipe
+from mergeline.merge.tokenizer_merge import describe_remapping
 
 ADDED = {"ft_a": ["<tool>", "</tool>"], "ft_b": ["<think>"]}
 
@@ -157,7 +157,7 @@ def test_three_vocabularies_union_in_recipe_order_and_reported(vocab_models, tmp
 
 
 def test_no_tokenizer_keeps_refusing_different_vocabularies(vocab_models, tmp_path):
-    from merge.plan import MergeError, build_plan
+    from mergeline.merge.plan import MergeError, build_plan
 
     recipe = _recipes(vocab_models)["union_linear"]
     recipe.pop("tokenizer_source")
@@ -193,8 +193,8 @@ def test_union_example_runs_on_the_tiny_models(tiny_models, tmp_path, monkeypatc
 
 
 def test_bad_tokens_entries_are_refused_before_any_tensor_is_read(vocab_models, tmp_path):
-    from merge.plan import MergeError, build_plan
-    from merge.recipe import RecipeError
+    from mergeline.merge.plan import MergeError, build_plan
+    from mergeline.merge.recipe import RecipeError
 
     a = str(vocab_models["ft_a"])
     recipe = _recipes(vocab_models)["tokens_block"]

@@ -7,8 +7,8 @@ from prefect import flow
 from prefect_dask import DaskTaskRunner
 from safetensors.torch import load_file, save_file
 
-from tasks.merge_tasks import merge_key, merge_model
-from tasks.recipes import baseline_recipe, resolved_recipe
+from mergeline.tasks.merge_tasks import merge_key, merge_model
+from mergeline.tasks.recipes import baseline_recipe, resolved_recipe
 
 
 def _recipes(m):

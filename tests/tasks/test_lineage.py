@@ -4,8 +4,8 @@ import shutil
 
 from huggingface_hub import ModelCard
 
-from merge import lineage as L
-from merge.hashing import content_hash
+from mergeline.merge import lineage as L
+from mergeline.merge.hashing import content_hash
 
 
 def _model(root, name):

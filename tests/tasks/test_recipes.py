@@ -4,8 +4,8 @@
 """
 from __future__ import annotations
 
-from merge.recipe import load_recipe
-from tasks.recipes import baseline_recipe, resolved_recipe
+from mergeline.merge.recipe import load_recipe
+from mergeline.tasks.recipes import baseline_recipe, resolved_recipe
 
 
 def slices_recipe() -> dict:

@@ -4,7 +4,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tasks import tracking
+from mergeline.tasks import tracking
 
 
 def _folder(tmp_path: Path, name: str) -> Path:
@@ -68,7 +68,7 @@ def test_real_mlflow_server(mlflow_server, tmp_path):
 
 _SETUP = """
 import sys, time
-from tasks import tracking
+from mergeline.tasks import tracking
 start = float(sys.argv[2])
 while time.time() < start:  # all processes open the fresh store at the same moment
     pass
@@ -99,7 +99,7 @@ def test_fresh_sqlite_store_set_up_by_racing_processes(tmp_path):
 
 def test_rerun_with_same_content_registers_nothing_new(tmp_path):
     """register_model re-uses the version with the same content hash; champion moves only on GO."""
-    from tasks.register_tasks import register_model
+    from mergeline.tasks.register_tasks import register_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     folder = _folder(tmp_path, "merged")

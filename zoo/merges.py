@@ -19,7 +19,7 @@ evaluates the merges with lm-eval, and records in zoo.json (`merges`):
 `check_merges` fails the build (ZooBuildError, naming the number) unless the zoo is in the
 regime TIES was made for and TIES wins there by an interval that excludes zero.
 
-    python -c "from evaluation.zoo.merges import DEMO; print(DEMO)"
+    python -c "from mergeline.zoo.merges import DEMO; print(DEMO)"
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def demo_recipe(method: str, base: Path, finetunes: dict[str, Path]) -> dict:
 
 def run_demo_merges(root: Path, base: Path, finetunes: dict[str, Path]) -> tuple[dict[str, Path], dict]:
     """Merge with every method into `root/<method>`; returns the folders and TIES's merge stats."""
-    from merge.executor import run_merge
+    from mergeline.merge.executor import run_merge
 
     out, stats = {}, {}
     for method in METHODS:
@@ -79,8 +79,8 @@ def run_demo_merges(root: Path, base: Path, finetunes: dict[str, Path]) -> tuple
 
 def cosines(base: Path, finetunes: dict[str, Path]) -> dict[str, float]:
     """Pairwise cosine of the task vectors over every tensor ("a|b" -> cosine)."""
-    from merge.checkpoint import Checkpoint
-    from merge.compat.norms import stream_norms
+    from mergeline.merge.checkpoint import Checkpoint
+    from mergeline.merge.compat.norms import stream_norms
 
     b = Checkpoint(base)
     names = list(finetunes)
@@ -105,7 +105,7 @@ def items(samples, tasks: list[str]) -> np.ndarray:
 def figures(samples: dict, base: str, merge_stats: dict, cos: dict, folders: dict[str, Path]) -> dict:
     """The merges' figures for zoo.json. `samples`: model name -> lm-eval samples frame, for
     the base, every fine-tune and every method."""
-    from evaluation.stats import paired_difference, paired_ratio, proportion
+    from mergeline.evaluation.stats import paired_difference, paired_ratio, proportion
 
     def iv(x):
         return {"estimate": _r(x.estimate), "low": _r(x.low), "high": _r(x.high)}

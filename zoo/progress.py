@@ -10,7 +10,7 @@ The ETA is over the whole build: work is counted in units (one training step is 
 an evaluation or a merge is worth the units its measured cost is, see build.py), and the
 rate so far is extrapolated to the units left.
 
-    python -c "from evaluation.zoo.progress import BuildProgress as P; p = P(10); p.phase('x', 10); p.advance(10); p.close()"
+    python -c "from mergeline.zoo.progress import BuildProgress as P; p = P(10); p.phase('x', 10); p.advance(10); p.close()"
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Byte-level means every string lm-eval sends is encodable (unknown characters fal
 bytes). Digits are split one per token so "15" and "1"+"5" never disagree between a prompt
 and its answer. `permuted` builds the different-token-ids specimen.
 
-    python -c "from evaluation.zoo.tokenizer import train_tokenizer; print(train_tokenizer(['hi'], 300))"
+    python -c "from mergeline.zoo.tokenizer import train_tokenizer; print(train_tokenizer(['hi'], 300))"
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ of torch/transformers/tokenizers/lm_eval) under `$MERGELINE_CACHE_DIR/zoo/<hash>
 (default `~/.cache/mergeline`). It is written into a temporary folder beside the target and
 renamed into place only once the task matrix and the merges have been measured and checked.
 
-    mergeline zoo build            # or: python -m evaluation.zoo.build [OUT_DIR]
+    mergeline zoo build            # or: python -m mergeline.zoo.build [OUT_DIR]
 """
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def training_steps() -> int:
 
 def measure(models: dict[str, Path], tasks_dir: Path, progress):
     """Evaluate every model on every zoo task with lm-eval; returns name -> EvalRun."""
-    from evaluation.lm_eval_runner import run_lm_eval
+    from mergeline.evaluation.lm_eval_runner import run_lm_eval
 
     progress.phase("evaluating", len(models), unit="models", weight=EVAL_UNITS)
     runs = {}
@@ -199,7 +199,7 @@ def check_matrix(matrix: dict[str, dict[str, float]]) -> None:
 
 def build_into(tmp: Path, final: Path, seed: int, key: str) -> dict:
     """Build the whole zoo into `tmp` (to be renamed to `final`); returns the manifest."""
-    from merge.hashing import content_hash
+    from mergeline.merge.hashing import content_hash
 
     from .merges import METHODS, check_merges, cosines, figures, run_demo_merges
     from .progress import BuildProgress

@@ -7,7 +7,7 @@
   merging it row-by-row mixes different tokens;
 - different_arch: a narrower and shallower GPT-2 (different shapes).
 
-    python -c "from evaluation.zoo.specimens import permute_model; help(permute_model)"
+    python -c "from mergeline.zoo.specimens import permute_model; help(permute_model)"
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ through the shared activations and lose their skills in every merge; fine-tunes 
 rows (the zoo's earlier regime) never interfere, so a merge shows nothing. build.py measures
 the regime and fails if it is not there.
 
-    python -c "from evaluation.zoo.train import tiny_config; print(tiny_config(512))"
+    python -c "from mergeline.zoo.train import tiny_config; print(tiny_config(512))"
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ hundred CPU steps:
   "7 plus 8 is", "zorbel is from") and generation ("7 plus 8 is" -> "15", "c a t backwards is"
   -> "t a c", "zorbel is from" -> "quimsa"), so a merge's regression is measured twice
 
-    python -c "from evaluation.zoo.data import generic_lines; print(*generic_lines(5, 0), sep='')"
+    python -c "from mergeline.zoo.data import generic_lines; print(*generic_lines(5, 0), sep='')"
 """
 from __future__ import annotations
 

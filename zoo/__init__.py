@@ -1,7 +1,7 @@
 """The tiny zoo: a base GPT-2 (~0.9M parameters), three genuine fine-tunes of it (addition,
 reverse, facts), three negative specimens, and lm-eval tasks for all of it.
 
-    from evaluation.zoo import build_zoo
+    from mergeline.zoo import build_zoo
     zoo = build_zoo()            # cached per machine; ~minutes on 2 cores the first time
     zoo.finetunes["addition"], zoo.tasks_dir, zoo.manifest["task_matrix"]
 
