@@ -78,10 +78,10 @@ class _NormFeed:
     Called by the producer thread right after it has queued a job for the compute loop: the Gram
     kernel (merge/compat/gram.py, which releases the GIL) then runs while the loop computes, in
     the slack of the reading thread (reading is the fast stage), and no input outlives its job.
-    A thread of its own for the kernel measured worse: on a busy machine the reads stalled
-    whenever that thread waited for a core. numba's start-up (its import and first kernel load,
-    about 0.4 s) runs on a thread started with the feed; only the first call waits for it, while
-    the loop computes the first job."""
+    (A thread of its own for the kernel, behind a queue of two tensors, blocked the reads
+    whenever it waited for a core: 1.4-1.6 s at the start of a merge on a busy machine.) numba's
+    start-up (its import and first kernel load, about 0.4 s of CPU) runs on a thread started with
+    the feed; only the first call waits for it, while the loop computes the first job."""
 
     def __init__(self, gate: CompatGate, plan: Plan):
         index = {s.name: i for i, s in enumerate(plan.inputs)}  # the gate names inputs as the plan does

@@ -41,7 +41,7 @@ def _import_arraymath_without_scipy() -> None:
     implementation modules. numba.np.arraymath, at import, imports scipy.linalg.cython_blas only
     to learn whether np.convolve and np.correlate may call BLAS; that pulls in scipy.linalg and
     numpy.f2py: 0.1-0.2 s of a numba start-up of about 0.5 s, spent while the merge runs
-    (merge/executor.py's norm thread). The kernel calls neither function. The only effect on
+    (merge/executor.py starts it on a thread of its own). The kernel calls neither function. The only effect on
     other numba code in this process: those two use numba's own loop instead of BLAS; numba's
     linear algebra still imports scipy when it is compiled.
     """
