@@ -34,7 +34,6 @@ from functools import partial
 from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
-from torch import Tensor
 
 from mergeline.merge.methods.arcee_fusion import arcee_fusion
 from mergeline.merge.methods.karcher import karcher
@@ -47,14 +46,8 @@ from mergeline.merge.methods.passthrough import passthrough
 from mergeline.merge.methods.ram import ram, ramplus_tl
 from mergeline.merge.methods.sce import sce
 from mergeline.merge.methods.slerp import slerp
-from mergeline.merge.methods.stats import TensorStats
+from mergeline.merge.methods.stats import MethodResult
 from mergeline.merge.methods.ties import generalized_task_arithmetic
-
-
-@dataclass
-class MethodResult:
-    tensor: Tensor
-    stats: TensorStats | None
 
 
 @dataclass(frozen=True)

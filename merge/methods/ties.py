@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 
 from mergeline.merge.methods import select, sparsify
-from mergeline.merge.methods.common import Rounder, check_inputs, chunk_size, compute_delta, empty_huge, flat, run_chunks, work_dtype
-from mergeline.merge.methods.stats import ModelStats, TensorStats
+from mergeline.merge.cpu import chunk_size, empty_huge, run_chunks
+from mergeline.merge.methods.common import Rounder, check_inputs, compute_delta, flat, work_dtype
+from mergeline.merge.methods.stats import MethodResult, ModelStats, TensorStats
 
 
 def make_sparsifier(kind: str | None, delta: Tensor, p, shape, generator, threshold: float | None, hist=None):
@@ -60,8 +61,6 @@ def generalized_task_arithmetic(
     generator: torch.Generator | None = None,
     thresholds: list[float] | None = None,
 ):
-    from mergeline.merge.methods.registry import MethodResult
-
     if base is not None and not models:  # nothing to merge into the base, as mergekit
         return MethodResult(base.clone(), None)
     check_inputs(name, base, models, need_base=True)
