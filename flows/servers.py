@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from mergeline.flows.errors import InputError
 
 
-class ServerUnreachable(RuntimeError):
+class ServerUnreachable(InputError):
     """A configured Prefect or MLflow server did not answer its health check."""
 
 
