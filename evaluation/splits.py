@@ -24,11 +24,12 @@ per-item values (exact_match, acc, acc_norm) can be restricted this way; others 
 A suite without `splits` is unchanged: `run_limit()` is its `limit` and `restrict` returns the
 table as it is.
 
-    python -m mergeline.evaluation.suite configs/eval_suite.yaml     # the suite, then each task's ranges
+    python -m mergeline.evaluation.splits configs/eval_suite.yaml     # print each task's ranges
 """
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Literal, Optional
 
 import pandas as pd
@@ -151,3 +152,11 @@ def item_counts(table) -> dict[str, int]:
         return {}
     first = s[(s["model"] == s["model"].iloc[0]) & (s["seed"] == s["seed"].iloc[0])]
     return {t: int(n) for t, n in first.groupby("task").size().items()}
+
+
+if __name__ == "__main__":
+    from mergeline.evaluation.suite import load_suite
+
+    s = load_suite(sys.argv[1])
+    for p in PARTS:
+        print(p, task_ranges(s, p) if s.splits else "(no splits)")

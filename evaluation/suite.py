@@ -34,7 +34,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mergeline.evaluation.splits import PARTS, Part, Splits, check as check_splits, task_ranges
+from mergeline.evaluation.splits import Part, Splits, check as check_splits
 from mergeline.merge.config_files import explain, read_yaml_mapping
 
 TaskType = Literal["generation", "multiple_choice", "loglikelihood", "unknown"]
@@ -181,5 +181,3 @@ def check_ready(suite: EvalSuite) -> None:
 if __name__ == "__main__":
     s = load_suite(sys.argv[1])
     print(s.model_dump_json(indent=2))
-    for p in PARTS:  # each task's item ranges (evaluation/splits.py)
-        print(p, task_ranges(s, p) if s.splits else "(no splits)")

@@ -3,7 +3,9 @@
 Every module of the package is parsed (not imported) and every import counted, at the top of a
 file or inside a function: a function-level import that closes a circle hides it, it does not
 break it. Importing `a.b.c` also runs the `__init__` of each package on the way that the
-importing module is not already inside, so those count too.
+importing module is not already inside, so those count too. Not counted: the imports of an
+`if __name__ == "__main__":` block, which runs only as a script (`python -m ...`), a module of
+its own that uses the file after its package is imported; nothing imports it.
 
 Run: python -m pytest tests/test_layers.py -q
 """
@@ -38,12 +40,15 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
 
 
-def imports_of(name: str) -> list[tuple[str, int]]:
-    """(imported name as written, absolute, line) for every import statement of a module."""
+def imports_of(name: str, scripts: bool = False) -> list[tuple[str, int]]:
+    """(imported name, absolute, line) for every import of a module (of its script block too,
+    with `scripts`)."""
     path = MODULES[name]
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    tree.body = [n for n in tree.body if scripts or not _is_script_block(n)]
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [(a.name, node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -54,6 +59,13 @@ def imports_of(name: str) -> list[tuple[str, int]]:
             # `from pkg import mod` imports the module pkg.mod; `from mod import name` imports mod
             found += [(f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base, node.lineno) for a in node.names]
     return found
+
+
+def _is_script_block(node: ast.stmt) -> bool:
+    """`if __name__ == "__main__":` at the top level of a module."""
+    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+            and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"
+            and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in node.test.comparators))
 
 
 def edges() -> dict[str, dict[str, int]]:
@@ -166,8 +178,8 @@ def test_imports_run_one_way(layer):
 def test_no_old_top_level_names():
     """The folders install under `mergeline`: `import merge.x` would import nothing installed."""
     old = set(PACKAGES) | {"evaluation.zoo"}
-    wrong = [f"{short(m)}: line {line} imports {target!r}" for m in MODULES for target, line in imports_of(m)
-             if target.split(".")[0] in old]
+    wrong = [f"{short(m)}: line {line} imports {target!r}" for m in MODULES
+             for target, line in imports_of(m, scripts=True) if target.split(".")[0] in old]
     tests = [f"{p.relative_to(ROOT)}: line {node.lineno} imports {n!r}" for p in sorted((ROOT / "tests").rglob("*.py"))
              for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
              for n in _absolute_names(node) if n.split(".")[0] in old]
@@ -183,9 +195,12 @@ def _absolute_names(node: ast.AST) -> list[str]:
 
 
 def test_the_checker_sees_a_circle_and_a_wrong_way_import():
-    """The checks above can fail: a made-up graph with a circle and an upward import."""
+    """The checks above can fail: a made-up graph with a circle and an upward import; a script
+    block is told from another `if`."""
     graph = {"mergeline.merge.a": {"mergeline.merge.b": 3}, "mergeline.merge.b": {"mergeline.merge.a": 7},
              "mergeline.merge.c": {"mergeline.flows.cli": 1}, "mergeline.flows.cli": {}}
     assert cycles(graph) == [["mergeline.merge.a", "mergeline.merge.b", "mergeline.merge.a"]]
     assert wrong_way(graph, "merge") == ["merge.c imports flows.cli (line 1)"]
     assert wrong_way(graph, "flows") == []
+    script, branch = ast.parse('if __name__ == "__main__":\n    import x\nif __name__ == "x":\n    pass\n').body
+    assert _is_script_block(script) and not _is_script_block(branch)

@@ -281,7 +281,8 @@ def build(out_dir: Path | None, seed: int, force: bool) -> Path:
 
 
 if __name__ == "__main__":
-    root = build(Path(sys.argv[1]) if len(sys.argv) > 1 else None, force="--force" in sys.argv)
-    manifest = json.loads((root / "zoo.json").read_text())  # the package's load_zoo opens it; this is below it
-    print(root)
-    print(json.dumps({"task_matrix": manifest["task_matrix"], "merges": manifest["merges"]}, indent=1))
+    from . import build_zoo
+
+    zoo = build_zoo(Path(sys.argv[1]) if len(sys.argv) > 1 else None, force="--force" in sys.argv)
+    print(zoo.root)
+    print(json.dumps({"task_matrix": zoo.manifest["task_matrix"], "merges": zoo.manifest["merges"]}, indent=1))
