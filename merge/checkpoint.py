@@ -11,6 +11,7 @@ the caller opts in, because unpickling runs code; opted in, they load with
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,10 +43,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 def _read_weight_map(index: Path) -> dict[str, str]:

@@ -20,6 +20,7 @@ import ctypes
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -74,10 +75,7 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
 
 def plan_shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
