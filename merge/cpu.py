@@ -7,12 +7,12 @@ busy machine (CI, six people on two cores) one descheduled thread stalls every o
 single-threaded, and independent chunks only meet once, at the end (torch ops release the GIL).
 
 Why not ``torch.set_num_threads(1)`` in the workers. Measured on this build (torch 2.13 CPU,
-OpenMP; ``python -m mergeline.merge.cpu`` prints it): it sets the calling thread's OpenMP
-setting AND torch's process-wide default, which every thread adopts at its first torch op. A
-merge's worker calling it left the rest of the process single-threaded: lm-eval, running an
-evaluation in another thread of the same Prefect flow, or any thread started later. OpenMP's
-own ``omp_set_num_threads``, called after torch has initialised the thread, changes that one
-thread only (an OpenMP setting is per thread), so ``one_torch_thread`` calls that.
+OpenMP; ``python -m mergeline.merge.cpu`` prints it): it sets the calling thread's OpenMP and
+MKL settings AND torch's process-wide default, which every thread adopts at its first torch op.
+A merge's worker calling it left the rest of the process single-threaded: lm-eval, running an
+evaluation in another thread of the same Prefect flow, or any thread started later. So
+``one_torch_thread`` makes only the per-thread calls (OpenMP's ``omp_set_num_threads``, MKL's
+``mkl_set_num_threads_local``), after torch has initialised the thread.
 
 Run: python -m mergeline.merge.cpu        # how torch's thread setting reaches other threads
      python -m pytest tests/merge/test_cpu.py -q
@@ -23,6 +23,7 @@ import ctypes
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -47,17 +48,34 @@ def cpu_workers() -> int:
     return max(1, torch.get_num_threads())
 
 
-# The OpenMP runtime torch's intra-op loops run on: the wheel's libgomp, loaded with global
-# symbols. None on a build without OpenMP; its workers then keep torch's own setting.
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-_omp_set_num_threads = getattr(_libc, "omp_set_num_threads", None) if "OpenMP" in torch.__config__.parallel_info() else None
+
+
+def _per_thread_setters() -> list:
+    """The per-thread halves of torch.set_num_threads, from the libraries torch already loaded:
+    OpenMP's omp_set_num_threads (torch's intra-op loops) and MKL's mkl_set_num_threads_local
+    (its BLAS: a dot product). MKL needs its own call: once any thread has called
+    torch.set_num_threads, torch gives every new thread an MKL setting of its own (measured: a
+    worker's fp32 dot then ran on two threads and rounded differently). Empty where torch has no
+    OpenMP; its workers then keep torch's own setting."""
+    if _libc is None or "OpenMP" not in torch.__config__.parallel_info():
+        return []
+    setters = [_libc.omp_set_num_threads]  # the wheel's libgomp, loaded with global symbols
+    mkl = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"  # MKL is linked into it
+    mkl_local = getattr(ctypes.CDLL(str(mkl)), "mkl_set_num_threads_local_", None) if mkl.is_file() else None
+    if mkl_local is not None:  # MKL's Fortran interface: the count by reference
+        setters.append(lambda n: mkl_local(ctypes.byref(ctypes.c_int(n))))
+    return setters
+
+
+_SETTERS = _per_thread_setters()
 
 
 def one_torch_thread() -> None:
     """Run this thread's torch ops single-threaded, leaving every other thread as it is."""
-    torch.get_num_threads()  # torch's per-thread initialisation first: it would undo the line below
-    if _omp_set_num_threads is not None:
-        _omp_set_num_threads(1)
+    torch.get_num_threads()  # torch's per-thread initialisation first: it would undo the lines below
+    for set_threads in _SETTERS:
+        set_threads(1)
 
 
 def worker_pool(n: int) -> ThreadPoolExecutor:

@@ -92,3 +92,16 @@ def test_one_torch_thread_is_per_thread():
     t.join()
     assert inside == [1]
     assert threads_in_new_thread() == THREADS
+
+
+def test_a_workers_blas_is_single_threaded_too():
+    """Once torch.set_num_threads has run (the fixture), torch gives each new thread an MKL setting
+    of its own: a worker's fp32 dot product must still be the single-threaded one, as the merge
+    methods' sums (slerp's norms) are computed chunk by chunk in workers."""
+    x = torch.randn(1 << 16, generator=torch.Generator().manual_seed(0))
+    in_worker = []
+    t = threading.Thread(target=lambda: (one_torch_thread(), in_worker.append(float(x.dot(x)))))
+    t.start()
+    t.join()
+    torch.set_num_threads(1)  # for the reference, single-threaded here; the fixture restores the setting
+    assert in_worker == [float(x.dot(x))]
