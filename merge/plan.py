@@ -91,6 +91,10 @@ class Plan:
     def merged(self) -> list[Source]:
         return [s for i, s in enumerate(self.inputs) if i != self.base_index]
 
+    def merged_names(self, job: TensorJob) -> list[str]:
+        """Display names of the models merged into this job (a frankenmerge slice may fill fewer slots)."""
+        return [s.name for i, s in enumerate(self.inputs) if i != self.base_index and job.sources[i] is not None]
+
 
 def torch_dtype(name: str | None) -> torch.dtype | None:
     return getattr(torch, name) if name else None
@@ -231,20 +235,22 @@ def _rebuild_vocabulary(plan: Plan) -> None:
         job.input_names = job.input_names or list(job.sources)  # parameter filters see the real names
         refs = job.refs or [s.ref for s in plan.inputs]
         base = r.slices[job.slice_index].base_model if job.slice_index is not None else None
-        remap = RowRemapper(info, [(s.reader, src, ref) for s, src, ref in zip(plan.inputs, job.sources, refs)],
+        present = [i for i, src in enumerate(job.sources) if src is not None]  # a frankenmerge may leave slots empty
+        remap = RowRemapper(info, [(plan.inputs[i].reader, job.sources[i], refs[i]) for i in present],
                             base or r.base_model, spec[1])
         shape = (info.vocab_size, *job.out.shape[1:])
-        dtypes = [DTYPES[s.reader.infos[src].dtype] for s, src in zip(plan.inputs, job.sources)]
+        dtypes = [DTYPES[plan.inputs[i].reader.infos[job.sources[i]].dtype] for i in present]
         promoted = dtypes[0]
         for d in dtypes[1:]:
             promoted = torch.promote_types(promoted, d)
         key = f"vocab:{job.name}"
-        for i, s in enumerate(plan.inputs):
+        for k, i in enumerate(present):
+            s = plan.inputs[i]
             if not isinstance(s.reader, ViewReader):
                 s.reader = ViewReader(s.reader.ckpt, identity_views(s.reader))
             under = s.reader.views[job.sources[i]]  # where the rows really lie (for position and close)
             view = View(under.reader, under.name, TensorInfo(_DTYPE_NAMES[promoted], shape, under.info.file),
-                        load=lambda i=i, remap=remap: remap.load(i))
+                        load=lambda k=k, remap=remap: remap.load(k))
             s.reader.views[key] = view
             s.reader.infos[key] = view.info
             job.sources[i] = key
@@ -255,7 +261,7 @@ def _same_vocab_rows(plan: Plan) -> None:
     """Without a rebuilt vocabulary, every input's token rows must line up: equal shapes."""
     for job in plan.jobs:
         if job.name in VOCAB_TENSORS:
-            shapes = {tuple(s.reader.infos[src].shape) for s, src in zip(plan.inputs, job.sources)}
+            shapes = {tuple(s.reader.infos[src].shape) for s, src in zip(plan.inputs, job.sources) if src is not None}
             if len(shapes) > 1:
                 raise MergeError(f"tensor {job.name!r}: shapes {sorted(map(list, shapes))} differ and the tokenizers "
                                  "cannot be loaded to merge the rows token by token")
@@ -292,7 +298,7 @@ def tensor_params(plan: Plan, job: TensorJob) -> tuple[list, Any]:
     model_keys = [f.alias or n for n, f in m.model_params.model_fields.items()]
     per_model, merged_sources = [], []
     for i, s in enumerate(plan.inputs):
-        if i == plan.base_index:
+        if i == plan.base_index or job.sources[i] is None:  # None: a frankenmerge slot this slice leaves empty
             continue
         src = job.input_names[i] if job.input_names else job.sources[i]
         ref = job.refs[i] if job.refs else s.ref
