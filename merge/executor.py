@@ -216,7 +216,8 @@ def run_merge(recipe: MergeRecipe | str | Path | Mapping, out_dir: str | Path, *
             out_q: queue.Queue = queue.Queue(maxsize=2)
             stop, write_errors = threading.Event(), []
             feed = (_NormFeed(gate, plan) if gate is not None and gate.norm_skip_reason() is None
-            and not plan.stacked else None)  # a frankenmerge's inputs are layer slots, not models
+            and not plan.stacked and not any(j.module for j in plan.jobs) else None)  # slots, not models; or
+            # modules that merge different models (merge/modules.py)
             producer = threading.Thread(target=_producer, args=(plan, dev, in_q, stop, feed), daemon=True)
             wthread = threading.Thread(target=_writer_loop, args=(writer, out_q, write_errors), daemon=True)
             producer.start()

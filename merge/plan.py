@@ -31,6 +31,7 @@ from mergeline.merge.reader import TensorReader
 from mergeline.merge.recipe import MergeRecipe, RecipeError, model_names
 from mergeline.merge.recipe_checks import check_weight_sum, get_method_or_error
 from mergeline.merge.resolve import resolve_model
+from mergeline.merge.modules import module_layers, module_of, module_prefixes
 from mergeline.merge.slices import is_aligned, layer_count, locate, parameter_sources
 from mergeline.merge.tensor_views import View, ViewReader, identity_views
 from mergeline.merge.tokenizer_merge import VOCAB_TENSORS, RowRemapper, check_token_sources, recipe_tokenizer, tokenizer_for
@@ -72,6 +73,7 @@ class TensorJob:
     # (parameter filters match it); None: plan.inputs[i].ref and sources[i].
     refs: list[str] | None = None
     input_names: list[str] | None = None
+    module: str | None = None  # multimodal `modules:` recipes: the module owning it (merge/modules.py)
 
 
 @dataclass
@@ -187,19 +189,49 @@ def _build_aligned(recipe: MergeRecipe, method, allow_pickle: bool) -> Plan:
         raise MergeError(f"the slices cover layers [0, {layer_count(recipe.slices)}) but {reference.ref!r} has "
                          f"{n_layers}: slices that keep layers in place must cover them all")
     vocab = recipe_tokenizer(recipe) is not None
+    prefixes, members, module_n = _modules(recipe, reference, out_names)
     for name in out_names:
-        found = []
+        module = None
+        if prefixes is not None:
+            module = module_of(name, prefixes)
+            if module is None:
+                raise MergeError(f"tensor {name!r} of {reference.ref!r} belongs to none of the modules "
+                                 f"({', '.join(f'{m}: {p}*' for m, p in prefixes.items())})")
+        found, placed = [], []
         for s in inputs:
+            if module is not None and s.ref not in members[module]:  # not merged into this module
+                placed.append(None)
+                continue
             src = source_name(s.reader, name)
             if src is None:
                 raise MergeError(f"model {s.ref!r} has no tensor {name!r} (found in {reference.ref!r})")
             found.append((s.ref, s.reader, src))
+            placed.append(src)
         t, scope = layer_t(name, n_layers), None
         if recipe.slices:
             sl, t = locate(recipe.slices, name)
             scope = recipe.slices.index(sl)
-        plan.jobs.append(tensor_job(recipe, name, found, t, scope, vocab and name in VOCAB_TENSORS))
+        if module is not None:
+            t = layer_t(name, module_n[module])  # a gradient runs over the module's own layers
+        job = tensor_job(recipe, name, found, t, scope, vocab and name in VOCAB_TENSORS)
+        if module is not None:
+            job.sources, job.module = placed, module
+        plan.jobs.append(job)
     return plan
+
+
+def _modules(recipe: MergeRecipe, reference: Source, names: list[str]):
+    """Multimodal `modules:` (merge/modules.py): module -> weight prefix, module -> the models it
+    merges (the base in every one, as mergekit adds it), module -> its layer count."""
+    if not recipe.modules:
+        return None, None, None
+    try:
+        prefixes = module_prefixes(reference.reader.ckpt.config, list(recipe.modules), reference.ref)
+    except ValueError as e:
+        raise MergeError(str(e)) from None
+    members = {m: {x.model for x in spec.models} | ({recipe.base_model} if recipe.base_model else set())
+               for m, spec in recipe.modules.items()}
+    return prefixes, members, module_layers(names, prefixes)
 
 
 def _rebuild_vocabulary(plan: Plan) -> None:
@@ -288,9 +320,14 @@ def tensor_params(plan: Plan, job: TensorJob) -> tuple[list, Any]:
     r, m = plan.recipe, plan.method
     scope = r.slices[job.slice_index] if job.slice_index is not None else None
 
+    module = r.modules[job.module] if job.module is not None else None
+
     def sources(s: Source | None, ref: str | None = None) -> list:  # highest precedence first, as mergekit
         if scope is not None:
             return parameter_sources(scope, ref if s else None, r.parameters)
+        if module is not None:  # the model's settings in its module, the module's, the recipe's
+            own = next((m.parameters for m in module.models if m.model == ref), None) if s else None
+            return ([own] if s else []) + [module.parameters, r.parameters]
         return [s.parameters, r.parameters] if s else [r.parameters]
 
     global_keys = [f.alias or n for n, f in m.global_params.model_fields.items()]
