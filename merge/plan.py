@@ -31,7 +31,7 @@ from mergeline.merge.reader import TensorReader
 from mergeline.merge.recipe import MergeRecipe, RecipeError, model_names
 from mergeline.merge.recipe_checks import check_weight_sum, get_method_or_error
 from mergeline.merge.resolve import resolve_model
-from mergeline.merge.modules import module_layers, module_of, module_prefixes
+from mergeline.merge.modules import PREFIXES, module_layers, module_of, module_prefixes
 from mergeline.merge.slices import is_aligned, layer_count, locate, parameter_sources
 from mergeline.merge.tensor_views import View, ViewReader, identity_views
 from mergeline.merge.tokenizer_merge import VOCAB_TENSORS, RowRemapper, check_token_sources, recipe_tokenizer, tokenizer_for
@@ -190,6 +190,10 @@ def _build_aligned(recipe: MergeRecipe, method, allow_pickle: bool) -> Plan:
                          f"{n_layers}: slices that keep layers in place must cover them all")
     vocab = recipe_tokenizer(recipe) is not None
     prefixes, members, module_n = _modules(recipe, reference, out_names)
+    prefixes_auto = None  # a multimodal model merged whole: gradients still run per module, as in mergekit
+    if prefixes is None and (arch := (reference.reader.ckpt.config.get("architectures") or [None])[0]) in PREFIXES:
+        prefixes_auto = PREFIXES[arch]
+        module_n = module_layers(out_names, prefixes_auto)
     for name in out_names:
         module = None
         if prefixes is not None:
@@ -211,8 +215,9 @@ def _build_aligned(recipe: MergeRecipe, method, allow_pickle: bool) -> Plan:
         if recipe.slices:
             sl, t = locate(recipe.slices, name)
             scope = recipe.slices.index(sl)
-        if module is not None:
-            t = layer_t(name, module_n[module])  # a gradient runs over the module's own layers
+        own_module = module if module is not None else (module_of(name, prefixes_auto) if prefixes_auto else None)
+        if own_module is not None and not recipe.slices:
+            t = layer_t(name, module_n[own_module])  # a gradient runs over the module's own layers (mergekit)
         job = tensor_job(recipe, name, found, t, scope, vocab and name in VOCAB_TENSORS)
         if module is not None:
             job.sources, job.module = placed, module

@@ -65,6 +65,9 @@ def recipes(m: dict[str, str]) -> dict[str, dict]:
                 {"model": a, "parameters": {"weight": 0.5}}, {"model": bb, "parameters": {"weight": 0.5, "density": 0.7}}]},
             "vision_tower": {"models": [{"model": bb, "parameters": {"weight": 1.0}}]},
             "multi_modal_projector": {"models": [{"model": a, "parameters": {"weight": [0.2, 1.0]}}]}}},
+        # the whole model in the `models:` form: a gradient still runs over each module's layers
+        "models_form_gradient": {"merge_method": "linear", "dtype": "float32", "models": [
+            {"model": a, "parameters": {"weight": [0.1, 0.9]}}, {"model": bb, "parameters": {"weight": 0.5}}]},
         # SLERP: a gradient over each module's own layers (3 decoder layers, 2 tower layers)
         "slerp": {"merge_method": "slerp", "base_model": b, "dtype": "float32", "modules": {
             "text_decoder": {"parameters": {"t": [0.0, 1.0]}, "models": [{"model": a}]},
@@ -82,7 +85,7 @@ def _mergekit(recipe: dict, out: Path) -> None:
            MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, device="cpu"))
 
 
-@pytest.mark.parametrize("name", ["linear", "ties", "slerp"])
+@pytest.mark.parametrize("name", ["linear", "ties", "slerp", "models_form_gradient"])
 def test_modules_match_mergekit(name, vlms, tmp_path):
     recipe = recipes(vlms)[name]
     _mergekit(recipe, tmp_path / "theirs")
