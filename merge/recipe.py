@@ -214,6 +214,9 @@ def load_recipe(path_or_dict: str | Path | Mapping[str, Any], validate: bool = T
 
         if not recipe.modules:
             check_recipe_semantics(recipe, where)
+        elif recipe.trim_scope == "model":
+            raise RecipeError(f"{where}: trim_scope 'model' takes one density per model over the whole model; "
+                              "write the recipe in the `models:` form (modules merge different models)")
         for name, module in (recipe.modules or {}).items():  # each module is a merge of its own
             shared = {**(recipe.parameters or {}), **(module.parameters or {})}
             check_recipe_semantics(recipe.model_copy(update={"models": module.models, "modules": None,

@@ -115,6 +115,8 @@ def test_modules_recipe_round_trips_and_is_checked_per_module(vlms):
     bad["modules"]["vision_tower"]["models"].append({"model": vlms["a"]})
     with pytest.raises(RecipeError, match=r"modules\.vision_tower.*slerp"):
         load_recipe(bad)
+    with pytest.raises(RecipeError, match=r"trim_scope 'model'.*models:"):
+        load_recipe({**recipes(vlms)["ties"], "trim_scope": "model"})
     bad = recipes(vlms)["linear"]
     bad["modules"]["vision_tower"] = {"slices": [{"sources": [{"model": vlms["a"], "layer_range": [0, 2]}]}]}
     with pytest.raises(RecipeError, match=r"modules\.vision_tower\.slices"):
