@@ -52,6 +52,7 @@ class TensorJob:
     # (parameter filters match it); None: plan.inputs[i].ref and sources[i].
     refs: list[str] | None = None
     input_names: list[str] | None = None
+    module: str | None = None  # multimodal `modules:` recipes: the module owning it (merge/modules.py)
 
 
 @dataclass
@@ -70,6 +71,10 @@ class Plan:
     @property
     def merged(self) -> list[Source]:
         return [s for i, s in enumerate(self.inputs) if i != self.base_index]
+
+    def merged_names(self, job: TensorJob) -> list[str]:
+        """Display names of the models merged into this job (a frankenmerge slice may fill fewer slots)."""
+        return [s.name for i, s in enumerate(self.inputs) if i != self.base_index and job.sources[i] is not None]
 
 
 def torch_dtype(name: str | None) -> torch.dtype | None:
