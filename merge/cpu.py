@@ -60,7 +60,8 @@ def _per_thread_setters() -> list:
     OpenMP; its workers then keep torch's own setting."""
     if _libc is None or "OpenMP" not in torch.__config__.parallel_info():
         return []
-    setters = [_libc.omp_set_num_threads]  # the wheel's libgomp, loaded with global symbols
+    omp = getattr(_libc, "omp_set_num_threads", None)  # the wheel's libgomp, loaded with global symbols
+    setters = [omp] if omp is not None else []
     mkl = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"  # MKL is linked into it
     mkl_local = getattr(ctypes.CDLL(str(mkl)), "mkl_set_num_threads_local_", None) if mkl.is_file() else None
     if mkl_local is not None:  # MKL's Fortran interface: the count by reference
