@@ -44,7 +44,7 @@ def pipeline(root: Path, workers: int, validation: int, name: str = "demo", reci
     data = yaml.safe_load(path.read_text())
     data["name"] = name
     data["runner"] = {"kind": "threads", "max_workers": workers}
-    data["baselines"] = []
+    data["baselines"] = ["linear"]  # the gate policy compares with it (without it: NO-GO)
     r = data["recipe"] = yaml.safe_load(Path(data["recipe"]).read_text())
     if recipe == "conflicting":
         r["parameters"] = dict(CONFLICTING["parameters"])
@@ -76,7 +76,7 @@ def compare(workdir: Path, kind: str, trials: int, validation: int) -> dict:
         search = out["search"]
         report = json.loads(Path(out["report"]).with_suffix(".json").read_text())
         rows[how] = {"search": search, "test": report["test"], "decision": out["final"]["decision"],
-                     "wall": wall}
+                     "reasons": out["final"].get("reasons"), "wall": wall}
     start = rows["signs"]["search"]["trials_run"][0]  # all groups elected: the untuned TIES merge
     return {"set": kind, "untuned_validation": start["objective"], **rows}
 
@@ -87,27 +87,32 @@ def _iv(iv: dict | None) -> str:
     return Interval(**iv).text() if iv and iv.get("low") is not None else "n/a"
 
 
+def _f(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def table(results: list[dict], trials: int, validation: int) -> str:
     lines = [f"validation items [0, {validation}) per task tune; test items [{validation}, 150) judge "
              f"(facts: 48 items in all); TPE {trials} trials",
              "",
-             "| set | recipe | validation objective | test mean retention | test difference vs untuned [95% CI] "
-             "| gate | candidates (cache hits) | trial loop s | tune wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| set | recipe | validation objective (mean retention) | test mean retention | test worst regression "
+             "| test difference vs untuned [95% CI] | gate | candidates (cache hits) | trial loop s | tune wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
-        t = res["tuned"]["test"]
-        lines.append(f"| {res['set']} | untuned TIES | {res['untuned_validation']:.3f} | "
-                     f"{t['untuned'].get('mean_retention', float('nan')):.3f} | - | - | - | - | - |")
+        u, start = res["tuned"]["test"]["untuned"], res["signs"]["search"]["trials_run"][0]
+        lines.append(f"| {res['set']} | untuned TIES | {_f(start['objective'])} ({_f(start['mean_retention'])}) | "
+                     f"{_f(u.get('mean_retention'))} | {_f(u.get('worst_regression'))} | | | | | |")
         for how, label in (("tuned", "tuned (TPE)"), ("signs", "sign-guided")):
             r = res[how]
-            s, test = r["search"], r["test"]
+            s, test, best = r["search"], r["test"], r["search"]["best"]
+            row = next(t for t in s["trials_run"] if t["trial"] == best["trial"]) if s["trials_run"] else {}
             lines.append(
-                f"| {res['set']} | {label} | {s['best']['objective']:.3f} | "
-                f"{test['tuned'].get('mean_retention', float('nan')):.3f} | {_iv(test['difference_interval'])} | "
-                f"{r['decision']} | {s['trials_finished']} ({s['trials_cached']}) | {s['seconds']['trials']:.0f} | "
-                f"{r['wall']:.0f} |")
-        lines.append(f"|  | signs chosen | {', '.join(f'{g}={m}' for g, m in res['signs']['search']['best']['values'].items())} "
-                     f"| | | | | | |")
+                f"| {res['set']} | {label} | {_f(best['objective'])} ({_f(row.get('mean_retention'))}) | "
+                f"{_f(test['tuned'].get('mean_retention'))} | {_f(test['tuned'].get('worst_regression'))} | "
+                f"{_iv(test['difference_interval'])} | {r['decision']} | {s['trials_finished']} ({s['trials_cached']}) | "
+                f"{s['seconds']['trials']:.0f} | {r['wall']:.0f} |")
+        chosen = ", ".join(f"{g}={m}" for g, m in res["signs"]["search"]["best"]["values"].items())
+        lines.append(f"| {res['set']} | signs chosen: {chosen} | | | | | | | | |")
     return "\n".join(lines)
 
 
