@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, PrivateAttr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, PrivateAttr
 from torch import Tensor
 
 from mergeline.merge.methods import select, sparsify
@@ -64,29 +64,35 @@ def _is_embedding(name: str) -> bool:
     return "embed" in low and "embed_out" not in low or low.endswith(("wte.weight", "wpe.weight"))
 
 
+def _check_groups(choices: dict[str, str] | None) -> dict[str, str] | None:
+    """Group names as ``group_of`` reads them; layer ranges that do not overlap."""
+    spans: list[tuple[int, int]] = []
+    for g in choices or {}:
+        m = _GROUP_RE.match(g)
+        if m is None:
+            raise ValueError(f"sign_choices: group {g!r} is not embeddings, head, layers.A or layers.A-B")
+        if m.group(2) is not None:
+            lo, hi = int(m.group(2)), int(m.group(3) or m.group(2))
+            if hi < lo or any(lo <= b and a <= hi for a, b in spans):
+                raise ValueError(f"sign_choices: group {g!r} is empty or overlaps another")
+            spans.append((lo, hi))
+    return choices
+
+
+class _GroupKeys(AfterValidator):
+    def __str__(self) -> str:  # as a recipe error's "allowed:" shows it
+        return "groups embeddings, head, layers.A or layers.A-B (not overlapping)"
+
+
 class SignChoice(BaseModel):
     """TIES' sign parameters (global). ``for_tensor`` binds them to one tensor: ``sign_from`` is
     then the index of the model whose signs it takes, or None for the magnitude election."""
 
     model_config = ConfigDict(extra="forbid")
     sign_source: Literal["magnitude", "validation"] = "magnitude"
-    sign_choices: dict[str, str] | None = None
+    # the check is in the type, so a recipe check (which validates the type) refuses a bad group
+    sign_choices: Annotated[dict[str, str] | None, _GroupKeys(_check_groups)] = None
     _sign_from: int | None = PrivateAttr(default=None)
-
-    @field_validator("sign_choices")
-    @classmethod
-    def _groups(cls, v):
-        spans = []
-        for g in v or {}:
-            m = _GROUP_RE.match(g)
-            if m is None:
-                raise ValueError(f"sign_choices: group {g!r} is not embeddings, head, layers.A or layers.A-B")
-            if m.group(2) is not None:
-                lo, hi = int(m.group(2)), int(m.group(3) or m.group(2))
-                if hi < lo or any(lo <= b and a <= hi for a, b in spans):
-                    raise ValueError(f"sign_choices: group {g!r} is empty or overlaps another")
-                spans.append((lo, hi))
-        return v
 
     @property
     def sign_from(self) -> int | None:

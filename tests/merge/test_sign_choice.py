@@ -102,3 +102,13 @@ def test_recorded_choices_reach_stats_and_lineage(tiny_models, tmp_path):
     guided, plain_t = (load_file(next((tmp_path / d).glob("*.safetensors"))) for d in ("guided", "plain"))
     differ = {k for k in guided if not guided[k].equal(plain_t[k])}
     assert "transformer.wte.weight" in differ and not any(".h." in k for k in differ)
+
+
+def test_a_recipe_with_a_bad_group_is_refused_when_loaded():
+    from mergeline.merge.recipe import load_recipe
+
+    recipe = {"merge_method": "ties", "base_model": "/x/base",
+              "models": [{"model": "/x/a", "parameters": {"weight": 1}}],
+              "parameters": {"sign_choices": {"layers.x": "a"}}}
+    with pytest.raises(RecipeError, match=r"parameters.sign_choices.*group 'layers.x' is not embeddings, head"):
+        load_recipe(recipe)
