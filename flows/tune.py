@@ -475,6 +475,10 @@ def write_report(search: dict, final: dict) -> Path:
               f"- best recipe: {search['best_recipe']}", "",
               "| parameter | best |", "|---|---|"]
     lines += [f"| {k} | {v if isinstance(v, str) else format(v, 'g')} |" for k, v in search["best"]["values"].items()]
+    if search["sampler"] == "signs":  # every candidate: what it changed from the election, and its score
+        lines += ["", "| candidate | signs (not elected) | validation objective | cached |", "|---|---|---|---|"]
+        lines += [f"| {t['trial']} | {', '.join(f'{g}={m}' for g, m in t['values'].items() if m != 'elected') or '-'} "
+                  f"| {f(t.get('objective'))} | {'yes' if t['cached'] else ''} |" for t in search["trials_run"]]
     lines += ["", "## Test items: tuned vs untuned", "",
               f"- decision: **{final['decision']}** (report: {final.get('report')})",
               f"- mean retention: tuned ({cmp['primary']}) {f(t.get('mean_retention'))}, "
