@@ -351,7 +351,7 @@ def tensor_params(plan: Plan, job: TensorJob) -> tuple[list, Any]:
     gparams = _build(m.global_params, gvals, f"tensor {job.name!r}")
     if hasattr(gparams, "for_tensor"):  # parameters read per tensor group (TIES' sign_choices)
         try:
-            gparams = gparams.for_tensor(job.name, [s.name for s in plan.merged])
+            gparams = gparams.for_tensor(job.name, plan.merged_names(job))
         except ValueError as e:
             raise RecipeError(str(e)) from None
     return per_model, gparams
