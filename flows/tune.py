@@ -36,7 +36,7 @@ from prefect import flow
 from mergeline.flows.pipeline import candidates, run_pipeline, task_runner, validate
 from mergeline.flows.pipeline_config import Pipeline, PipelineError, load_pipeline
 from mergeline.flows.progress import say
-from mergeline.flows.servers import check_servers, default_environment, resolve_tracking
+from mergeline.flows.servers import check_dask, check_servers, default_environment, resolve_tracking
 from mergeline.flows.workdir import workdir_lock
 from mergeline.tasks import tracking
 from mergeline.tasks.caching import key_of
@@ -113,6 +113,7 @@ def tune_flow(pipeline: str, trials: int, minutes: float | None = None, sampler:
     url = f"sqlite:///{work / 'tune' / 'optuna.db'}" if storage == "sqlite" else None
     study = optuna.create_study(study_name=name, storage=url, sampler=_sampler(sampler, seed),
                                 direction="maximize", load_if_exists=True)
+    _requeue_interrupted(study)
 
     c = tracking.client(track.mlflow_uri)
     exp = tracking.ensure_experiment(c, pipe.tracking.experiment, track.artifact_location)
@@ -143,6 +144,20 @@ def tune_flow(pipeline: str, trials: int, minutes: float | None = None, sampler:
             "best": {"trial": best.number, "objective": best.value, "values": best.params,
                      **(best.user_attrs or {})},
             "best_recipe": str(best_path), "pipeline": str(tuned), "out_dir": str(out_dir), **search}
+
+
+def _requeue_interrupted(study) -> None:
+    """Trials left RUNNING by a stopped run (we hold the workdir's lock, so no live process owns
+    them) are marked failed and their points asked again first: the rerun redoes them, its
+    merges and evaluations served from the caches where the stopped run had finished them."""
+    from optuna.trial import TrialState
+
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in stale:
+        study.tell(t.number, state=TrialState.FAIL)
+        study.enqueue_trial(t.params, skip_if_exists=False)
+    if stale:
+        say(f"tune: {len(stale)} trials interrupted by an earlier run are redone at their points")
 
 
 def _search(pipe: Pipeline, study, main: dict, primary: str, dims: dict, val, policy: dict,
@@ -299,6 +314,9 @@ def run_tune(path: str | Path, trials: int = 20, minutes: float | None = None, s
         validate(pipe)
         primary, recipes = candidates(pipe)
         space(recipes[primary])  # a recipe that cannot be tuned fails here, before any server starts
+        if pipe.runner.kind == "dask" and pipe.runner.dask_address:  # worker processes, maybe elsewhere
+            check_dask(pipe.runner.dask_address, track,
+                       [pipe.workdir_path, *(str(p) for p in inputs(recipes[primary]).values())])
         _suites(pipe, allow_no_split)
         say(f"tune {pipe.name}: workdir {pipe.workdir_path}, {sampler}, "
             f"budget {trials} trials" + (f" or {minutes:g} min" if minutes else ""))
