@@ -224,6 +224,10 @@ def _search(pipe: Pipeline, study, main: dict, primary: str, dims: dict, val, po
                 except Exception as e:  # noqa: BLE001
                     error = f"evaluate: {type(e).__name__}: {e}"
             cached = bool(reused) and ev is not None and ev.state.name == "Cached"
+            # Recorded in MLflow before the study counts it finished: a run stopped in between
+            # leaves the trial RUNNING, redone (from the caches) by the next run, never a finished
+            # trial without its record.
+            log_trial(c, parent, t.number, values, recipe, result, cached, error)
             if result is None:
                 study.tell(t, state=TrialState.FAIL)
                 failed += 1
@@ -234,7 +238,6 @@ def _search(pipe: Pipeline, study, main: dict, primary: str, dims: dict, val, po
                 study.tell(t, result["value"])
                 cached_trials += cached
                 say(_progress(t.number, finished(), trials, result, cached, study.best_trial))
-            log_trial(c, parent, t.number, values, recipe, result, cached, error)
             new.append({"trial": t.number, "values": values, "cached": cached, "error": error,
                         **({"objective": result["value"], "mean_retention": result["mean_retention"],
                             "worst_regression": result["worst_regression"], "feasible": result["feasible"]}

@@ -243,13 +243,17 @@ def test_tune_on_dask_worker_processes(zoo, prefect_server, mlflow_server, tmp_p
     merges = [(t, states) for t, states in runs if t.name.startswith("merge")]
     evals = [(t, states) for t, states in runs if t.name.startswith("evaluate")]
     assert len(merges) == TRIALS and len(evals) == n_evals, [t.name for t, _ in runs]
-    assert all(t.state.name == "Completed" for t, _ in merges + evals), [(t.name, t.state.name) for t, _ in runs]
+    # Completed; or Cached: a finished task whose result lived in the killed worker's memory, run
+    # again by Dask since the flow still wanted it, and served by Prefect from its result cache
+    assert all(t.state.name == "Completed" or (t.state.name == "Cached" and "Completed" in states)
+               for t, states in merges + evals), [(t.name, states) for t, states in runs]
     assert [t.name for t, states in evals if states.count("Running") == 2], \
         "the killed evaluation does not show a second Running state"
     # trials ran side by side: two trial tasks (merges and evaluations after the first merge) overlapped
     first = min(t.start_time for t, _ in merges)
-    spans = sorted((t.start_time, t.end_time) for t, _ in merges + evals if t.start_time >= first)
-    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans
+    spans = sorted((t.start_time.timestamp() - first.timestamp(), t.end_time.timestamp() - first.timestamp(), t.name)
+                   for t, _ in merges + evals if t.start_time >= first)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), [(round(a, 1), round(b, 1), n) for a, b, n in spans]
 
     # identical to the threaded run
     _same_search(ref, out)

@@ -165,8 +165,8 @@ def test_tune_resumes_after_sigterm_and_runs_trials_side_by_side(zoo, prefect_se
             time.sleep(0.2)
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=120) == 143, log.read_text()[-3000:]
-    done_first = {int(line.split()[1]) for line in log.read_text().splitlines() if " (" in line and
-                  line.split("] ", 1)[-1].startswith("trial ") and "objective" in line}
+    progress = [line.split("] ", 1)[-1] for line in log.read_text().splitlines()]
+    done_first = {int(line.split()[1]) for line in progress if line.startswith("trial ") and "): objective" in line}
     assert len(done_first) >= 2, log.read_text()[-3000:]
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
