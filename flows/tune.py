@@ -114,6 +114,8 @@ def tune_flow(pipeline: str, trials: int, minutes: float | None = None, sampler:
     study = optuna.create_study(study_name=name, storage=url, sampler=_sampler(sampler, seed),
                                 direction="maximize", load_if_exists=True)
     _requeue_interrupted(study)
+    if study.trials:  # resumed: a sampler seeded as at the start would propose the same points again
+        study.sampler = _sampler(sampler, seed + len(study.trials))
 
     c = tracking.client(track.mlflow_uri)
     exp = tracking.ensure_experiment(c, pipe.tracking.experiment, track.artifact_location)
@@ -155,7 +157,8 @@ def _requeue_interrupted(study) -> None:
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for t in stale:
         study.tell(t.number, state=TrialState.FAIL)
-        study.enqueue_trial(t.params, skip_if_exists=False)
+        if t.params:  # stopped before its point was drawn: nothing to redo
+            study.enqueue_trial(t.params, skip_if_exists=False)
     if stale:
         say(f"tune: {len(stale)} trials interrupted by an earlier run are redone at their points")
 
