@@ -281,3 +281,17 @@ def test_check_dask_refuses_a_cluster_the_workers_cannot_use():
         check_dask(f"tcp://127.0.0.1:{_free_port()}", Tracking("sqlite:///m.db", None, "http://127.0.0.1:1/api"),
                    [], timeout=2)
     assert time.monotonic() - t < 30
+
+
+def test_tune_on_a_dask_cluster_without_a_prefect_server_exits_2(zoo, tmp_path):
+    """Worker processes cannot reach the temporary in-process Prefect server: refused by name
+    before Prefect starts, exit 2."""
+    path = tune_pipeline(zoo, tmp_path, SPLITS, baselines=[], tasks=TASKS,
+                         runner={"kind": "dask", "dask_address": f"tcp://127.0.0.1:{_free_port()}", "max_workers": 2})
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    r = subprocess.run([str(BIN / "mergeline"), "tune", str(path), "--trials", "2"], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: runner.dask_address=tcp://127.0.0.1:") and "PREFECT_API_URL" in lines[-1], lines
+    assert "temporary server" not in r.stdout + r.stderr
