@@ -348,7 +348,13 @@ def tensor_params(plan: Plan, job: TensorJob) -> tuple[list, Any]:
         per_model.append(_build(m.model_params, vals, f"model {ref!r}, tensor {job.name!r}"))
         merged_sources.append(sources(s, ref))
     check_weight_sum(r, m, merged_sources, job.name, job.t)
-    return per_model, _build(m.global_params, gvals, f"tensor {job.name!r}")
+    gparams = _build(m.global_params, gvals, f"tensor {job.name!r}")
+    if hasattr(gparams, "for_tensor"):  # parameters read per tensor group (TIES' sign_choices)
+        try:
+            gparams = gparams.for_tensor(job.name, plan.merged_names(job))
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+    return per_model, gparams
 
 
 def model_thresholds(plan: Plan, dev: torch.device) -> list[float] | None:

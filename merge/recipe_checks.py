@@ -22,7 +22,7 @@ from typing import Annotated, Any, Mapping
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from mergeline.merge.chat_templates import problem as chat_template_problem
-from mergeline.merge.parameters import MISSING, candidate_values, resolve
+from mergeline.merge.parameters import MISSING, candidate_values, is_table, resolve
 from mergeline.merge.recipe import MergeRecipe, RecipeError
 from mergeline.merge.slices import check_slices, parameter_sources
 
@@ -69,7 +69,7 @@ def check_numbers(at: str, value: Any, where: str) -> None:
 def _check_setting_shape(key: str, setting: Any, where: str) -> None:
     """A setting is a scalar, a list of scalars, or {filter, value} entries (alone or in a list)."""
     scalar = (bool, int, float, str)
-    if isinstance(setting, scalar):
+    if isinstance(setting, scalar) or is_table(setting):  # a table (TIES' sign_choices) is checked by its type
         return
     items = [setting] if isinstance(setting, Mapping) else setting
     if not isinstance(items, list) or not items:

@@ -83,6 +83,7 @@ class StatsAggregator:
     per_layer: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     conflict: dict[str, list[int]] = field(default_factory=dict)  # layer -> [conflicts, with_kept]
     rows: list[dict] = field(default_factory=list)
+    sign_choices: dict[str, str] | None = None  # TIES' sign per layer group, as the recipe fixed it
 
     def add(self, tensor: str, stats, models: list[str] | None = None) -> None:
         if stats is None:
@@ -127,6 +128,7 @@ class StatsAggregator:
                 "positions_with_kept": total_k,
                 "per_layer": {k: _ratio(*self.conflict[k]) for k in order if k in self.conflict},
             },
+            **({"sign_choices": dict(self.sign_choices)} if self.sign_choices else {}),
         }
 
     def write(self, folder: Path) -> dict:
