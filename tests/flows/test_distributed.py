@@ -12,8 +12,9 @@ mid-way through a trial's lm-eval evaluation, that task redone on a worker (Dask
 Prefect shows it Running twice) and the run completing with no failed trial; two trial tasks
 overlapping in time. Also `check_dask`, what `mergeline tune` checks before any work.
 
-Measured: 4 to 6 minutes on the project's 2-core machine at load 7 to 14 (shared with other jobs);
-most of it lm-eval start-up in each fresh worker process and the two final pipeline runs.
+Measured on the project's 2-core machine shared with other jobs: the file's three tests in 2 min 50 s
+at load 6 to 8, 4 to 6 min at load 7 to 14; most of it lm-eval start-up in each fresh worker
+process and the two final pipeline runs.
 
     nice -n 10 .venv/bin/python -m pytest -q -p no:cacheprovider tests/flows/test_distributed.py
 """
