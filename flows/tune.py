@@ -44,7 +44,7 @@ from mergeline.flows import sign_search as signs
 from mergeline.flows.pipeline import candidates, run_pipeline, task_runner, validate
 from mergeline.flows.pipeline_config import Pipeline, PipelineError, load_pipeline
 from mergeline.flows.progress import say
-from mergeline.flows.servers import check_servers, default_environment, resolve_tracking
+from mergeline.flows.servers import check_dask, check_servers, default_environment, resolve_tracking
 from mergeline.flows.workdir import workdir_lock
 from mergeline.tasks import tracking
 from mergeline.tasks.caching import key_of
@@ -166,6 +166,9 @@ def _optuna(pipe: Pipeline, name: str, main: dict, primary: str, dims: dict, val
     url = f"sqlite:///{work / 'tune' / 'optuna.db'}" if storage == "sqlite" else None
     study = optuna.create_study(study_name=name, storage=url, sampler=_sampler(sampler, seed),
                                 direction="maximize", load_if_exists=True)
+    _requeue_interrupted(study)
+    if study.trials:  # resumed: a sampler seeded as at the start would propose the same points again
+        study.sampler = _sampler(sampler, seed + len(study.trials))
     tracking.log_params(c, parent, {"sampler": sampler, "seed": seed, "trials": trials, "minutes": minutes,
                                     "storage": url or "memory", "space": {k: list(v) for k, v in dims.items()},
                                     "step": STEP, "recipe": main})
@@ -244,6 +247,21 @@ def _row(t: dict) -> dict:
     return {k: t[k] for k in ("trial", "values", "cached", "error")} | (
         {"objective": r["value"], "mean_retention": r["mean_retention"],
          "worst_regression": r["worst_regression"], "feasible": r["feasible"]} if r else {})
+
+
+def _requeue_interrupted(study) -> None:
+    """Trials left RUNNING by a stopped run (we hold the workdir's lock, so no live process owns
+    them) are marked failed and their points asked again first: the rerun redoes them, its
+    merges and evaluations served from the caches where the stopped run had finished them."""
+    from optuna.trial import TrialState
+
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in stale:
+        study.tell(t.number, state=TrialState.FAIL)
+        if t.params:  # stopped before its point was drawn: nothing to redo
+            study.enqueue_trial(t.params, skip_if_exists=False)
+    if stale:
+        say(f"tune: {len(stale)} trials interrupted by an earlier run are redone at their points")
 
 
 def _search(pipe: Pipeline, study, main: dict, primary: str, dims: dict, val, policy: dict,
@@ -403,6 +421,9 @@ def run_tune(path: str | Path, trials: int = 20, minutes: float | None = None, s
             signs.check_recipe(recipes[primary]) if by_signs else space(recipes[primary])
         except ValueError as e:
             raise TuneError(f"{pipe.name}: {e}") from None
+        if pipe.runner.kind == "dask" and pipe.runner.dask_address:  # worker processes, maybe elsewhere
+            check_dask(pipe.runner.dask_address, track,
+                       [pipe.workdir_path, *(str(p) for p in inputs(recipes[primary]).values())])
         _suites(pipe, allow_no_split)
         say(f"tune {pipe.name}: workdir {pipe.workdir_path}, " + (
             "validation-guided TIES signs (sign_source: validation)" if by_signs else
