@@ -155,20 +155,19 @@ def _stages(pipe: Pipeline, c, mlflow_uri: str, parent: str, run_dir: Path, opts
     if table is None:
         return _stopped_by_smoke(r, primary, merged, smoke, states)
     say("report: metrics, plots and the gate's decision")
-    report, paths, problems = _report_and_gate(r, suite, table, primary, merged, compat, gate_policy,
-                                               fresh_runs, recipe_hash(main), _smoke_markdown(smoke))
-    decision = report["decision"]
-    verdict = _verdict(decision)
+    report, decision, paths, problems = _report_and_gate(r, suite, table, primary, merged, compat, gate_policy,
+                                                         fresh_runs, recipe_hash(main), _smoke_markdown(smoke))
+    verdict = decision.verdict
     say(f"gate: {verdict}")
     registered = _register(r, merged[primary], verdict, recipe_hash(main))
-    log.info(decision.get("reasons") and "\n".join(decision["reasons"]) or "all gate rules passed")
+    log.info("\n".join(decision.reasons) or "all gate rules passed")
     # What came from earlier runs: a merge folder found finished, or a task Prefect served from
     # its cache (state "Cached").
     reused_merges = sorted({n for n, m in merged.items() if m.get("reused")}  # per-seed merges by label
                            | {k.split(":", 1)[1] for k, s in states.items() if k.startswith("merge:") and s == "Cached"})
     reused_evals = sorted(k.split(":", 1)[1] for k, s in states.items() if k.startswith("evaluate:") and s == "Cached")
     return {"decision": verdict, "stage": "gate", "primary": primary,
-            "reasons": decision["reasons"], "report": str(paths.get("md") or next(iter(paths.values()))),
+            "reasons": decision.reasons, "report": str(paths.get("md") or next(iter(paths.values()))),
             "reports": {k: str(v) for k, v in paths.items()},
             "models": {n: m["path"] for n, m in merged.items()}, "registered": registered,
             "lm_eval_runs": fresh_runs, "states": states, "problems": problems,
@@ -356,55 +355,60 @@ def _log_merge(r: _Run, name: str, recipe: dict, m: dict) -> None:
 
 def _report_and_gate(r: _Run, suite, table, primary: str, merged: dict, compat: dict,
                      gate_policy: dict, fresh_runs: int, main_hash: str, appendix: str = ""):
-    """4. Metrics, report (json/md/html + plots) and the gate's decision, logged and published;
-    `appendix` (markdown: the smoke tests) is added to report.md."""
+    """4. Metrics, report (json/md/html + plots), then the gate's decision on it (decision.json),
+    logged and published; `appendix` (markdown: the smoke tests) is added to report.md.
+    Returns (EvaluationReport, Decision, paths, problems)."""
+    from mergeline.evaluation.gate import decide
     from mergeline.evaluation.plots import all_plots
+    from mergeline.evaluation.policy import load_policy
     from mergeline.evaluation.report import build_report, render_markdown, write_reports
 
     c, parent = r.c, r.parent
+    policy = load_policy(gate_policy)
     report = build_report(suite, table, primary=primary,
                           merge_stats={n: m["stats"] for n, m in merged.items()}, compat=compat,
-                          policy=gate_policy,
+                          confidence=policy.confidence,
                           extra_inputs={"pipeline": r.pipe.name, "recipe_hash": main_hash,
                                         "mlflow_run_id": parent})
-    decision = report["decision"]
+    decision = decide(report, policy)
     problems: list[str] = []
     names = set(merged) | set(table.scores["model"]) | set((compat.get("norms") or {}).get("per_model") or {})
     try:
-        paths = write_reports(report, r.run_dir / "report")
+        paths = write_reports(report, decision, r.run_dir / "report")
     except Exception as e:  # noqa: BLE001 - the decision must not die with a drawing
         problems.append(_report_problem("the HTML report", e, names))
-        paths = _plain_reports(report, r.run_dir / "report")
+        paths = _plain_reports(report, decision, r.run_dir / "report")
     if appendix and paths.get("md"):
         with open(paths["md"], "a", encoding="utf-8") as f:
             f.write(appendix)
     plots_dir = r.run_dir / "report" / "plots"
     plots_dir.mkdir(exist_ok=True)
     try:
-        for pname, png in all_plots(report).items():
+        for pname, png in all_plots(report, decision).items():
             if png:
                 (plots_dir / f"{pname}.png").write_bytes(png)
     except Exception as e:  # noqa: BLE001
         problems.append(_report_problem("the plots", e, names))
     for p in problems:
         r.log.warning(p)
-    summaries = {n: cand.get("summary", {}) for n, cand in report["candidates"].items()}
+    summaries = {n: cand.summary.model_dump() for n, cand in report.candidates.items()}
     with tracking.child_run(c, parent, "evaluate") as run:
-        tracking.log_metrics(c, run, {"scores": {f"{s['model']}.{s['task']}": s["value"] for s in report["scores"]},
+        tracking.log_metrics(c, run, {"scores": {f"{s.model}.{s.task}": s.value for s in report.scores},
                                       "lm_eval_runs": fresh_runs})
         tracking.log_metrics(c, run, summaries)
     with tracking.child_run(c, parent, "gate") as run:
-        tracking.log_metrics(c, run, {"go": decision["go"]})
-        tracking.set_tags(c, run, {"decision": _verdict(decision)})
-        tracking.log_json(c, run, decision, "decision.json")
+        tracking.log_metrics(c, run, {"go": decision.go})
+        tracking.set_tags(c, run, {"decision": decision.verdict})
+        tracking.log_json(c, run, decision.model_dump(mode="json"), "decision.json")
         for p in paths.values():
             tracking.log_artifact(c, run, Path(p), "report")
         tracking.log_artifact(c, run, plots_dir, "report/plots")
     tracking.log_metrics(c, parent, summaries)
     if problems:
         tracking.set_tags(c, parent, {"mergeline.report_problems": "; ".join(problems)[:5000]})
-    _prefect_artifacts(render_markdown(report) + appendix, report["scores"], r.pipe.name)
-    return report, paths, problems
+    _prefect_artifacts(render_markdown(report, decision) + appendix,
+                       [s.model_dump(mode="json") for s in report.scores], r.pipe.name)
+    return report, decision, paths, problems
 
 
 def _report_problem(what: str, e: Exception, names: set[str]) -> str:
@@ -418,20 +422,11 @@ def _report_problem(what: str, e: Exception, names: set[str]) -> str:
     return f"{what} could not be drawn ({type(e).__name__}: {msg}){culprit}; the decision stands, see report.md"
 
 
-def _plain_reports(report: dict, out_dir: Path) -> dict[str, Path]:
-    """report.json and report.md without the HTML (its plots failed)."""
-    import os
+def _plain_reports(report, decision, out_dir: Path) -> dict[str, Path]:
+    """report.json, decision.json and report.md without the HTML (its plots failed)."""
+    from mergeline.evaluation.report import write_reports
 
-    from mergeline.evaluation.report import render_markdown
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md"}
-    texts = {"json": json.dumps(report, indent=2, default=str), "md": render_markdown(report)}
-    for kind, path in paths.items():
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(texts[kind], encoding="utf-8")
-        os.replace(tmp, path)
-    return paths
+    return write_reports(report, decision, out_dir, overwrite=True, html=False)
 
 
 def _register(r: _Run, m: dict, verdict: str, main_hash: str) -> dict | None:

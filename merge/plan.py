@@ -17,20 +17,20 @@ print(len(build_plan(load_recipe('RECIPE.yaml')).jobs))"
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import logging
+from typing import Any
 
 import torch
 from pydantic import ValidationError
 
-from mergeline.merge.checkpoint import DTYPES, Checkpoint, CheckpointError, TensorInfo
+from mergeline.merge.checkpoint import DTYPES, TensorInfo
+from mergeline.merge.frankenmerge import build_stacked
+from mergeline.merge.modules import PREFIXES, module_layers, module_of, module_prefixes
 from mergeline.merge.parameters import MISSING, layer_t, num_layers, resolve
-from mergeline.merge.reader import TensorReader
+from mergeline.merge.plan_types import (TIED_HEADS, MergeError, Plan, Source, TensorJob, open_reader, source_name,
+                                        tensor_job)
 from mergeline.merge.recipe import MergeRecipe, RecipeError, model_names
 from mergeline.merge.recipe_checks import check_weight_sum, get_method_or_error
-from mergeline.merge.resolve import resolve_model
 from mergeline.merge.slices import is_aligned, layer_count, locate, parameter_sources
 from mergeline.merge.tensor_views import View, ViewReader, identity_views
 from mergeline.merge.tokenizer_merge import VOCAB_TENSORS, RowRemapper, check_token_sources, recipe_tokenizer, tokenizer_for
@@ -39,113 +39,12 @@ from mergeline.merge.writer import OutTensor
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 log = logging.getLogger(__name__)
 
-# A model that ties its output head to the input embedding stores only the embedding.
-TIED_HEADS = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight",
-                                 "gpt_neox.embed_in.weight", "transformer.word_embeddings.weight")}
-
-
-class MergeError(ValueError):
-    """A merge that cannot run; the message names the model and tensor at fault."""
-
-
-@dataclass
-class Source:
-    """One input model of the merge."""
-
-    ref: str
-    name: str  # display name (stats, reports)
-    reader: TensorReader
-    parameters: dict | None
-    is_base: bool
-
-
-@dataclass
-class TensorJob:
-    name: str
-    sources: list[str]  # per input (same order as plan.inputs): the name to read there
-    compute_dtype: torch.dtype
-    out: OutTensor
-    t: float
-    floating: bool
-    slice_index: int | None = None  # `slices:` recipes: the slice whose settings apply
-    # Frankenmerges: per input slot, the model whose settings apply and the tensor's name there
-    # (parameter filters match it); None: plan.inputs[i].ref and sources[i].
-    refs: list[str] | None = None
-    input_names: list[str] | None = None
-
-
-@dataclass
-class Plan:
-    recipe: MergeRecipe
-    method: Any
-    inputs: list[Source]
-    base_index: int | None  # index in inputs of the base handed to the method (requires_base)
-    reference: Source
-    jobs: list[TensorJob] = field(default_factory=list)
-    out_config: dict | None = None  # config.json to write (layer count, vocab size set)
-    models: dict[str, TensorReader] = field(default_factory=dict)  # model reference -> its reader
-    tokenizer: Any = None  # merge.tokenizer_merge.TokenizerInfo, when the recipe sets a tokenizer
-    stacked: bool = False  # a frankenmerge: inputs are slots over several models, not the models
-
-    @property
-    def merged(self) -> list[Source]:
-        return [s for i, s in enumerate(self.inputs) if i != self.base_index]
-
-
-def torch_dtype(name: str | None) -> torch.dtype | None:
-    return getattr(torch, name) if name else None
-
-
-def source_name(reader: TensorReader, name: str) -> str | None:
-    if name in reader.infos:
-        return name
-    for alt in TIED_HEADS.get(name, ()):
-        if alt in reader.infos:
-            return alt
-    return None
-
-
-def open_reader(ref: str, recipe: MergeRecipe, allow_pickle: bool) -> TensorReader:
-    try:
-        return TensorReader(Checkpoint(resolve_model(ref, recipe.source_dir), allow_pickle=allow_pickle))
-    except (CheckpointError, ValueError) as e:
-        raise MergeError(str(e)) from e
-
-
-def tensor_job(recipe: MergeRecipe, name: str, found: list[tuple[str, TensorReader, str]], t: float,
-               scope: int | None, vocab: bool) -> TensorJob:
-    """One output tensor from (model ref, reader, name there) per input: shapes and dtypes
-    checked, compute and output dtypes fixed. `vocab`: token rows are rebuilt, so only the
-    width must agree."""
-    dtypes, shape = [], None
-    for ref, reader, src in found:
-        info = reader.infos[src]
-        if shape is None:
-            shape = info.shape
-        elif (info.shape[1:] != shape[1:]) if vocab else (info.shape != shape):
-            hint = ""
-            if name in VOCAB_TENSORS and info.shape[1:] == shape[1:]:
-                hint = (": the vocabularies differ; set `tokenizer_source: union` (or base, or a model) to merge "
-                        "them token by token")
-            raise MergeError(f"tensor {name!r}: shape {list(info.shape)} in {ref!r} but {list(shape)} in "
-                             f"{found[0][0]!r}{hint}")
-        dtypes.append(DTYPES[info.dtype])
-    floating = all(d.is_floating_point for d in dtypes)
-    promoted = dtypes[0]
-    for d in dtypes[1:]:
-        promoted = torch.promote_types(promoted, d)
-    compute, out_dtype = torch_dtype(recipe.dtype), torch_dtype(recipe.out_dtype)
-    cdt = (compute or promoted) if floating else promoted
-    odt = (out_dtype or cdt) if floating else promoted
-    return TensorJob(name, [src for _, _, src in found], cdt, OutTensor(name, odt, tuple(shape)), t, floating, scope)
 
 
 def build_plan(recipe: MergeRecipe, allow_pickle: bool = False) -> Plan:
     """Resolve models and check every tensor's presence, shape and dtype from headers alone."""
     method = get_method_or_error(recipe.merge_method)
     if recipe.slices and not is_aligned(recipe.slices, recipe.base_model):
-        from mergeline.merge.frankenmerge import build_stacked  # builds on this module's types
-
         plan = build_stacked(recipe, method, allow_pickle)
     else:
         plan = _build_aligned(recipe, method, allow_pickle)
@@ -183,19 +82,54 @@ def _build_aligned(recipe: MergeRecipe, method, allow_pickle: bool) -> Plan:
         raise MergeError(f"the slices cover layers [0, {layer_count(recipe.slices)}) but {reference.ref!r} has "
                          f"{n_layers}: slices that keep layers in place must cover them all")
     vocab = recipe_tokenizer(recipe) is not None
+    prefixes, members, module_n = _modules(recipe, reference, out_names)
+    prefixes_auto = None  # a multimodal model merged whole: gradients still run per module, as in mergekit
+    if prefixes is None and (arch := (reference.reader.ckpt.config.get("architectures") or [None])[0]) in PREFIXES:
+        prefixes_auto = PREFIXES[arch]
+        module_n = module_layers(out_names, prefixes_auto)
     for name in out_names:
-        found = []
+        module = None
+        if prefixes is not None:
+            module = module_of(name, prefixes)
+            if module is None:
+                raise MergeError(f"tensor {name!r} of {reference.ref!r} belongs to none of the modules "
+                                 f"({', '.join(f'{m}: {p}*' for m, p in prefixes.items())})")
+        found, placed = [], []
         for s in inputs:
+            if module is not None and s.ref not in members[module]:  # not merged into this module
+                placed.append(None)
+                continue
             src = source_name(s.reader, name)
             if src is None:
                 raise MergeError(f"model {s.ref!r} has no tensor {name!r} (found in {reference.ref!r})")
             found.append((s.ref, s.reader, src))
+            placed.append(src)
         t, scope = layer_t(name, n_layers), None
         if recipe.slices:
             sl, t = locate(recipe.slices, name)
             scope = recipe.slices.index(sl)
-        plan.jobs.append(tensor_job(recipe, name, found, t, scope, vocab and name in VOCAB_TENSORS))
+        own_module = module if module is not None else (module_of(name, prefixes_auto) if prefixes_auto else None)
+        if own_module is not None and not recipe.slices:
+            t = layer_t(name, module_n[own_module])  # a gradient runs over the module's own layers (mergekit)
+        job = tensor_job(recipe, name, found, t, scope, vocab and name in VOCAB_TENSORS)
+        if module is not None:
+            job.sources, job.module = placed, module
+        plan.jobs.append(job)
     return plan
+
+
+def _modules(recipe: MergeRecipe, reference: Source, names: list[str]):
+    """Multimodal `modules:` (merge/modules.py): module -> weight prefix, module -> the models it
+    merges (the base in every one, as mergekit adds it), module -> its layer count."""
+    if not recipe.modules:
+        return None, None, None
+    try:
+        prefixes = module_prefixes(reference.reader.ckpt.config, list(recipe.modules), reference.ref)
+    except ValueError as e:
+        raise MergeError(str(e)) from None
+    members = {m: {x.model for x in spec.models} | ({recipe.base_model} if recipe.base_model else set())
+               for m, spec in recipe.modules.items()}
+    return prefixes, members, module_layers(names, prefixes)
 
 
 def _rebuild_vocabulary(plan: Plan) -> None:
@@ -231,20 +165,22 @@ def _rebuild_vocabulary(plan: Plan) -> None:
         job.input_names = job.input_names or list(job.sources)  # parameter filters see the real names
         refs = job.refs or [s.ref for s in plan.inputs]
         base = r.slices[job.slice_index].base_model if job.slice_index is not None else None
-        remap = RowRemapper(info, [(s.reader, src, ref) for s, src, ref in zip(plan.inputs, job.sources, refs)],
+        present = [i for i, src in enumerate(job.sources) if src is not None]  # a frankenmerge may leave slots empty
+        remap = RowRemapper(info, [(plan.inputs[i].reader, job.sources[i], refs[i]) for i in present],
                             base or r.base_model, spec[1])
         shape = (info.vocab_size, *job.out.shape[1:])
-        dtypes = [DTYPES[s.reader.infos[src].dtype] for s, src in zip(plan.inputs, job.sources)]
+        dtypes = [DTYPES[plan.inputs[i].reader.infos[job.sources[i]].dtype] for i in present]
         promoted = dtypes[0]
         for d in dtypes[1:]:
             promoted = torch.promote_types(promoted, d)
         key = f"vocab:{job.name}"
-        for i, s in enumerate(plan.inputs):
+        for k, i in enumerate(present):
+            s = plan.inputs[i]
             if not isinstance(s.reader, ViewReader):
                 s.reader = ViewReader(s.reader.ckpt, identity_views(s.reader))
             under = s.reader.views[job.sources[i]]  # where the rows really lie (for position and close)
             view = View(under.reader, under.name, TensorInfo(_DTYPE_NAMES[promoted], shape, under.info.file),
-                        load=lambda i=i, remap=remap: remap.load(i))
+                        load=lambda k=k, remap=remap: remap.load(k))
             s.reader.views[key] = view
             s.reader.infos[key] = view.info
             job.sources[i] = key
@@ -255,7 +191,7 @@ def _same_vocab_rows(plan: Plan) -> None:
     """Without a rebuilt vocabulary, every input's token rows must line up: equal shapes."""
     for job in plan.jobs:
         if job.name in VOCAB_TENSORS:
-            shapes = {tuple(s.reader.infos[src].shape) for s, src in zip(plan.inputs, job.sources)}
+            shapes = {tuple(s.reader.infos[src].shape) for s, src in zip(plan.inputs, job.sources) if src is not None}
             if len(shapes) > 1:
                 raise MergeError(f"tensor {job.name!r}: shapes {sorted(map(list, shapes))} differ and the tokenizers "
                                  "cannot be loaded to merge the rows token by token")
@@ -282,9 +218,14 @@ def tensor_params(plan: Plan, job: TensorJob) -> tuple[list, Any]:
     r, m = plan.recipe, plan.method
     scope = r.slices[job.slice_index] if job.slice_index is not None else None
 
+    module = r.modules[job.module] if job.module is not None else None
+
     def sources(s: Source | None, ref: str | None = None) -> list:  # highest precedence first, as mergekit
         if scope is not None:
             return parameter_sources(scope, ref if s else None, r.parameters)
+        if module is not None:  # the model's settings in its module, the module's, the recipe's
+            own = next((m.parameters for m in module.models if m.model == ref), None) if s else None
+            return ([own] if s else []) + [module.parameters, r.parameters]
         return [s.parameters, r.parameters] if s else [r.parameters]
 
     global_keys = [f.alias or n for n, f in m.global_params.model_fields.items()]
@@ -292,7 +233,7 @@ def tensor_params(plan: Plan, job: TensorJob) -> tuple[list, Any]:
     model_keys = [f.alias or n for n, f in m.model_params.model_fields.items()]
     per_model, merged_sources = [], []
     for i, s in enumerate(plan.inputs):
-        if i == plan.base_index:
+        if i == plan.base_index or job.sources[i] is None:  # None: a frankenmerge slot this slice leaves empty
             continue
         src = job.input_names[i] if job.input_names else job.sources[i]
         ref = job.refs[i] if job.refs else s.ref
@@ -300,7 +241,13 @@ def tensor_params(plan: Plan, job: TensorJob) -> tuple[list, Any]:
         per_model.append(_build(m.model_params, vals, f"model {ref!r}, tensor {job.name!r}"))
         merged_sources.append(sources(s, ref))
     check_weight_sum(r, m, merged_sources, job.name, job.t)
-    return per_model, _build(m.global_params, gvals, f"tensor {job.name!r}")
+    gparams = _build(m.global_params, gvals, f"tensor {job.name!r}")
+    if hasattr(gparams, "for_tensor"):  # parameters read per tensor group (TIES' sign_choices)
+        try:
+            gparams = gparams.for_tensor(job.name, plan.merged_names(job))
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+    return per_model, gparams
 
 
 def model_thresholds(plan: Plan, dev: torch.device) -> list[float] | None:
