@@ -10,14 +10,13 @@ backslash, so a crafted model or task name cannot inject markup or break a table
     write_reports(report, decision, out_dir: Path, *, overwrite=False, html=True)
         -> {"json": report.json, "decision": decision.json (with a decision), "md": report.md, "html": report.html}
 
-    python -m mergeline.evaluation.render report.json OUT_DIR     # re-render md + html from a report.json
+    python -m mergeline.evaluation.report report.json OUT_DIR     # re-render md + html from a report.json
                                                                   # (and the decision.json beside it)
 """
 from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 
 from mergeline.evaluation.schema import Decision, EvaluationReport
@@ -88,10 +87,3 @@ def write_reports(report: EvaluationReport, decision: Decision | None, out_dir: 
         tmp.write_text(texts[kind] + "\n", encoding="utf-8")
         os.replace(tmp, path)
     return targets
-
-
-if __name__ == "__main__":
-    from mergeline.evaluation.report import load_outputs
-
-    for k, v in write_reports(*load_outputs(sys.argv[1]), sys.argv[2], overwrite=True).items():
-        print(k, v)

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergeline.merge.checkpoint import JSON_ERRORS, CheckpointError, model_file
+from mergeline.merge.checkpoint import CheckpointError, model_file
+from mergeline.merge.model_folder import read_json_object, read_text
 
 from .report import Check
 
@@ -49,21 +50,19 @@ def _hash(obj: Any) -> str:
 
 
 def _json(path: Path) -> dict:
-    try:
-        data = json.loads(_text(path))
-    except JSON_ERRORS as e:
-        why = "nested too deeply" if isinstance(e, RecursionError) else e
-        raise CheckpointError(f"{path}: unreadable tokenizer file ({why})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: unreadable tokenizer file (expected a JSON object)")
-    return data
+    return _as_tokenizer_file(read_json_object, path)
 
 
 def _text(path: Path) -> str:
+    return _as_tokenizer_file(read_text, path)
+
+
+def _as_tokenizer_file(read, path: Path):
+    """model_folder's reader, its one-line error saying it is a tokenizer file that is unreadable."""
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: unreadable tokenizer file (not UTF-8: {e.reason} at byte {e.start})") from None
+        return read(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: unreadable tokenizer file ({str(e).removeprefix(f'{path}: ')})") from None
 
 
 def _token_id(value: Any, path: Path, at: str) -> int:
