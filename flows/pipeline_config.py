@@ -255,9 +255,9 @@ def resolve(pipe: Pipeline) -> ResolvedPipeline:
     for b in pipe.baselines:
         if not isinstance(b, str) and isinstance(b.recipe, str):
             check_yaml_file(pipe.path(b.recipe), f"baseline {b.name} recipe")
-    main = _candidate(pipe, "main", pipe.recipe)
-    primary = pipe.primary or main.recipe.merge_method
-    candidates = {primary: main.model_copy(update={"name": primary})}
+    main = _candidate(pipe, pipe.primary, pipe.recipe)
+    primary = main.name
+    candidates = {primary: main}
     for b in pipe.baselines:
         name = b if isinstance(b, str) else b.name
         if isinstance(b, str) or b.recipe is None:
@@ -280,20 +280,21 @@ def resolve(pipe: Pipeline) -> ResolvedPipeline:
         gate=load_gate_policy(gate_src or {}), compat=load_compat_policy(compat_src))
 
 
-def _candidate(pipe: Pipeline, name: str, value: str | dict) -> Candidate:
-    """A recipe (file, multi-stage file or mapping) with its models resolved."""
+def _candidate(pipe: Pipeline, name: str | None, value: str | dict) -> Candidate:
+    """A recipe (file, multi-stage file or mapping) with its models resolved; named `name`, or
+    by its (final) merge method."""
     from mergeline.merge.multistage import is_multistage, load_stages
     from mergeline.merge.recipe import load_recipe
     from mergeline.tasks.recipes import resolve as resolve_recipe
 
-    if isinstance(value, dict):
-        return Candidate(name=name, recipe=resolve_recipe(load_recipe(dict(value)), pipe.source_dir))
-    path = pipe.path(value)
-    if not is_multistage(path):
-        return Candidate(name=name, recipe=resolve_recipe(load_recipe(path)))
+    if isinstance(value, dict) or not is_multistage(pipe.path(value)):
+        recipe = load_recipe(dict(value)) if isinstance(value, dict) else load_recipe(pipe.path(value))
+        recipe = resolve_recipe(recipe, pipe.source_dir)
+        return Candidate(name=name or recipe.merge_method, recipe=recipe)
     # The final model goes where the merge task puts it (content-addressed under models/); the
     # earlier stages under stages/<candidate>/, where a rerun finds them.
-    work = pipe.workdir_path
+    path, work = pipe.path(value), pipe.workdir_path
+    name = name or load_stages(path, work / "models")[-1].recipe.merge_method
     stages = load_stages(path, work / "models" / name, work / "stages" / name)
     pending = frozenset(str(s.out) for s in stages if not s.final)
     stages = [s.model_copy(update={"recipe": resolve_recipe(s.recipe, pending=pending)}) for s in stages]
