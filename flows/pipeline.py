@@ -27,7 +27,8 @@ from prefect.context import get_run_context
 from prefect.futures import as_completed
 
 from mergeline.flows import workdir as workdir_state
-from mergeline.flows.pipeline_config import Candidate, Pipeline, ResolvedPipeline, load_pipeline, resolve
+from mergeline.flows.pipeline_config import (Candidate, Pipeline, ResolvedPipeline, load_pipeline, read_pipeline,
+                                             resolve)
 from mergeline.flows.progress import Counter, say
 from mergeline.flows.servers import check_servers, default_environment, resolve_tracking
 from mergeline.flows.workdir import workdir_lock
@@ -307,7 +308,7 @@ def run_pipeline(path: str | Path, refresh: bool = False) -> dict:
     Raises PipelineError, ServerUnreachable, WorkdirBusy, ... (flows.errors.input_errors())
     before any heavy work."""
     default_environment()
-    pipe = load_pipeline(path)
+    pipe = read_pipeline(path)  # the file alone: the servers are checked before its models are read
     with workdir_lock(pipe.workdir_path) if workdir_state.active != pipe.workdir_path else _held():
         from prefect.settings import PREFECT_API_URL
 
@@ -315,6 +316,7 @@ def run_pipeline(path: str | Path, refresh: bool = False) -> dict:
         track = resolve_tracking(pipe.workdir_path, pipe.tracking.mlflow_tracking_uri,
                                  pipe.tracking.prefect_api_url or api)
         check_servers(track)
+        pipe = resolve(pipe)  # everything the file names, once: the flow run takes this one
         say(f"pipeline {pipe.name}: workdir {pipe.workdir_path}")
         if not track.prefect_api_url:
             say("prefect: starting its temporary server (~20 s; set PREFECT_API_URL to use a running one)")
