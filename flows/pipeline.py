@@ -107,11 +107,7 @@ def stages(pipe: ResolvedPipeline, log: RunLog, opts: dict) -> dict:
         return _nogo_at_check(log, compat)
     merged, smoke, tables = _merge_smoke_evaluate(pipe, log, opts, recipes, states)
     if tables is None:
-        reasons = stopped_by_smoke(log, primary, smoke[primary])
-        get_run_logger().warning(f"{primary} failed the smoke test; not evaluated, not registered:\n" + "\n".join(reasons))
-        return {"decision": "NO-GO", "stage": "smoke", "primary": primary, "reasons": reasons,
-                "report": str(Path(log.run_dir) / "report.md"), "models": {n: m["path"] for n, m in merged.items()},
-                "registered": None, "states": states, "smoke": smoke_summary(smoke), "lm_eval_runs": 0}
+        return _nogo_at_smoke(log, primary, merged, smoke, states)
     say("report: metrics, plots and the gate's decision")
     main_hash = recipe_hash(canonical(main.recipe))
     fresh_runs = sum(t.runs for n, t in tables.items() if states[f"evaluate:{n}"] != "Cached")
@@ -169,6 +165,14 @@ def _nogo_at_check(log: RunLog, compat: dict) -> dict:
     get_run_logger().warning("compatibility gate failed; no merge computed:\n" + "\n".join(reasons))
     return {"decision": "NO-GO", "stage": "check", "reasons": reasons, "report": str(Path(log.run_dir) / "report.md"),
             "models": {}, "registered": None}
+
+
+def _nogo_at_smoke(log: RunLog, primary: str, merged: dict, smoke: dict, states: dict) -> dict:
+    reasons = stopped_by_smoke(log, primary, smoke[primary])
+    get_run_logger().warning(f"{primary} failed the smoke test; not evaluated, not registered:\n" + "\n".join(reasons))
+    return {"decision": "NO-GO", "stage": "smoke", "primary": primary, "reasons": reasons,
+            "report": str(Path(log.run_dir) / "report.md"), "models": {n: m["path"] for n, m in merged.items()},
+            "registered": None, "states": states, "smoke": smoke_summary(smoke), "lm_eval_runs": 0}
 
 
 def _settings(pipe: Pipeline) -> dict:
