@@ -35,13 +35,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergeline.evaluation.policy import GatePolicy
 from mergeline.evaluation.suite import EvalSuite
-from mergeline.merge.compat.policy import CompatPolicy
-from mergeline.merge.multistage import Stage
-from mergeline.merge.recipe import MergeRecipe
-
 from mergeline.flows.errors import InputError, read_text, yaml_error_line
 from mergeline.merge import config_files
+from mergeline.merge.compat.policy import CompatPolicy
 from mergeline.merge.config_files import parse_yaml_mapping
+from mergeline.merge.multistage import Stage
+from mergeline.merge.recipe import MergeRecipe
 
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -173,7 +172,9 @@ class Candidate(BaseModel):
 
 
 class ResolvedPipeline(Pipeline):
-    """The pipeline file with everything it names loaded and typed (`load_pipeline`)."""
+    """The pipeline file with everything it names loaded and typed (`load_pipeline`). Whether the
+    suite's retention names are models of the recipe is left to the run, after the compatibility
+    check: a recipe of a fine-tune from another base stops there, at NO-GO, whatever the suite says."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
     primary_name: str = Field(exclude=True)
@@ -268,11 +269,6 @@ def resolve(pipe: Pipeline) -> ResolvedPipeline:
     suite = load_suite(pipe.path(pipe.eval_suite) if isinstance(pipe.eval_suite, str) else pipe.eval_suite,
                        pipe.placeholders)
     check_ready(suite)
-    leaves = candidates[primary].leaves()
-    finetunes = sorted(n for n in leaves if n != candidates[primary].base())
-    if unknown := sorted(set(suite.retention) - set(finetunes)):
-        raise PipelineError(f"eval suite: retention names {unknown} are not models of the recipe "
-                            f"(models: {finetunes}); name the fine-tune folders alike")
     gate_src = pipe.path(pipe.gate_policy) if isinstance(pipe.gate_policy, str) else pipe.gate_policy
     compat_src = pipe.path(pipe.compat_policy) if isinstance(pipe.compat_policy, str) else pipe.compat_policy
     return ResolvedPipeline.model_construct(
