@@ -7,20 +7,19 @@ Verdicts and check statuses are badges: GO/pass green, NO-GO/fail red, INCONCLUS
 not applicable grey. Tables sit in a horizontal scroll box and wrap long paths and hashes, so the
 page fits a 1400-pixel window.
 
-    render_html(report: dict) -> str
+    render_html(report: EvaluationReport, decision: Decision | None = None) -> str
 
-    python -m mergeline.evaluation.html_report report.json > report.html
+    python -m mergeline.evaluation.html_report report.json > report.html   # with decision.json beside it
 """
 from __future__ import annotations
 
 import base64
 import html
-import json
 import re
 import sys
-from pathlib import Path
 
 from mergeline.evaluation.plots import PLOTS, draw
+from mergeline.evaluation.schema import Decision, EvaluationReport
 from mergeline.evaluation.tables import Code, Ival, Plots, Section, Status, Table, cell_text, document
 
 CSS = """
@@ -96,36 +95,38 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def _plot(report: dict, key: str) -> str:
+def _plot(report: EvaluationReport, decision: Decision | None, key: str) -> str:
     title = PLOTS[key][0]
-    png = draw(key, report)
+    png = draw(key, report, decision)
     if png is None:
         return f"<p class='meta'>{_e(title)}: no data in this report.</p>"
     return f"<figure>{_img(png, title)}<figcaption>{_e(title)}</figcaption></figure>"
 
 
-def _section(report: dict, sec: Section) -> str:
+def _section(report: EvaluationReport, decision: Decision | None, sec: Section) -> str:
     badge = f"<span class='badge {_e(sec.badge.key)}'>{_e(sec.badge.word)}</span>" if sec.badge is not None else ""
     parts = [f"<h2>{_e(sec.title)}{badge}</h2>"]
     for b in sec.blocks:
         if isinstance(b, Table):
             parts.append(html_table(b))
         elif isinstance(b, Plots):
-            parts += [_plot(report, key) for key in PLOTS]
+            parts += [_plot(report, decision, key) for key in PLOTS]
         else:
             parts.append(f"<p class='para'>{_e(b)}</p>")
     return "\n".join(parts)
 
 
-def render_html(report: dict) -> str:
-    meta, sections = document(report)
+def render_html(report: EvaluationReport, decision: Decision | None = None) -> str:
+    meta, sections = document(report, decision)
     body = [f"<h1>mergeline evaluation report</h1><p class='meta'>{' · '.join(_e(m) for m in meta)}</p>"]
-    body += [_section(report, sec) for sec in sections]
+    body += [_section(report, decision, sec) for sec in sections]
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
-            f"<title>mergeline report: {_e(report['primary'])}</title>"
+            f"<title>mergeline report: {_e(report.primary)}</title>"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
 if __name__ == "__main__":
-    print(render_html(json.loads(Path(sys.argv[1]).read_text())), end="")
+    from mergeline.evaluation.report import load_outputs
+
+    print(render_html(*load_outputs(sys.argv[1])), end="")

@@ -1,5 +1,6 @@
-"""The report's plots, drawn from a report dict: `draw(key, report)` gives PNG bytes (None when the
-report has no data for it), `figure(key, report)` the matplotlib Figure.
+"""The report's plots, drawn from a typed report (evaluation/schema.py) and, where a threshold is
+drawn, its decision: `draw(key, report, decision=None)` gives PNG bytes (None when the report has
+no data for it), `figure(key, report, decision=None)` the matplotlib Figure.
 
 Uses `matplotlib.figure.Figure` directly (no pyplot): no global state, safe in worker threads,
 no display needed. Every text is drawn literally (`parse_math=False`): a model folder or task
@@ -15,14 +16,13 @@ legible, and every estimate with an interval carries it as an error bar.
     delta_norms(report)          bars: relative delta norm per model, and their cosine similarities
 
 The two sign-election plots cover only merges whose method elects signs
-(`evaluation.tables.SIGN_ELECTING_METHODS`).
+(`evaluation.metrics.SIGN_ELECTING_METHODS`; the others have no sign-conflict proxy).
 
     python -m mergeline.evaluation.plots report.json OUT_DIR     # write the PNGs
 """
 from __future__ import annotations
 
 import io
-import json
 import math
 import sys
 import textwrap
@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from matplotlib.text import Text
 
+from mergeline.evaluation.schema import CompatSummary, Decision, EvaluationReport
 from mergeline.evaluation.tables import Ival, candidate_order, elects_signs, ival, per_model
 
 COLORS = ["#1f6fb4", "#e8862a", "#2e9e57", "#c4393b", "#8c62b8", "#8a5a4d", "#d36fb9", "#7b7b7b"]
@@ -76,9 +77,8 @@ def _literal(fig: Figure) -> None:
         t.set_parse_math(False)
 
 
-def _confidence(report: dict) -> str:
-    c = report.get("confidence")
-    return f"{c:.0%} interval" if isinstance(c, (int, float)) else "interval"
+def _confidence(report: EvaluationReport) -> str:
+    return f"{report.confidence:.0%} interval"
 
 
 def _has_bounds(v) -> bool:
@@ -132,17 +132,19 @@ def _bar_height(groups: list[str], n_series: int) -> float:
     return 1.3 + sum(per_group)
 
 
-def _per_task(report: dict, section: str, field: str, interval_key: str, signed: bool) -> tuple[list[str], dict]:
+def _per_task(report: EvaluationReport, section: str, field: str, interval_key: str,
+              signed: bool) -> tuple[list[str], dict]:
     """The primary candidate's tasks in `section`, and each candidate's value (Ival) per task."""
-    tasks = [r["task"] for r in report["candidates"][report["primary"]].get(section, [])]
+    tasks = [r.task for r in getattr(report.candidates[report.primary], section)]
     series = {}
     for c in candidate_order(report):
-        rows = {r["task"]: r for r in report["candidates"][c].get(section, [])}
-        series[c] = [ival(rows[t].get(field), rows[t].get(interval_key), signed) if t in rows else None for t in tasks]
+        rows = {r.task: r for r in getattr(report.candidates[c], section)}
+        series[c] = [ival(getattr(rows[t], field), getattr(rows[t], interval_key), signed) if t in rows else None
+                     for t in tasks]
     return tasks, series
 
 
-def _task_chart(report: dict, section: str, field: str, interval_key: str, signed: bool):
+def _task_chart(report: EvaluationReport, section: str, field: str, interval_key: str, signed: bool):
     tasks, series = _per_task(report, section, field, interval_key, signed)
     if not tasks:
         return None
@@ -153,7 +155,7 @@ def _task_chart(report: dict, section: str, field: str, interval_key: str, signe
     return fig, ax, series
 
 
-def retention_per_task(report: dict) -> Figure | None:
+def retention_per_task(report: EvaluationReport, decision: Decision | None = None) -> Figure | None:
     chart = _task_chart(report, "retention", "retention", "retention_interval", signed=False)
     if chart is None:
         return None
@@ -167,7 +169,7 @@ def retention_per_task(report: dict) -> Figure | None:
     return fig
 
 
-def regression_vs_base(report: dict) -> Figure | None:
+def regression_vs_base(report: EvaluationReport, decision: Decision | None = None) -> Figure | None:
     chart = _task_chart(report, "regression", "delta", "delta_interval", signed=True)
     if chart is None:
         return None
@@ -179,32 +181,30 @@ def regression_vs_base(report: dict) -> Figure | None:
     return fig
 
 
-def _baseline_threshold(report: dict, baseline: str) -> float | None:
-    for c in (report.get("decision") or {}).get("checks", []):
-        if c.get("rule") == f"baseline[{baseline}]" and isinstance(c.get("threshold"), (int, float)):
-            return float(c["threshold"])
-    return None
+def _baseline_threshold(decision: Decision | None, baseline: str) -> float | None:
+    check = decision.check(f"baseline[{baseline}]") if decision is not None else None
+    return None if check is None else check.threshold
 
 
-def baseline_differences(report: dict) -> Figure | None:
-    comps = (report.get("baselines") or {}).get("comparisons") or []
+def baseline_differences(report: EvaluationReport, decision: Decision | None = None) -> Figure | None:
+    comps = report.baselines.comparisons
     if not comps:
         return None
-    p = report["primary"]
-    names = [c["baseline"] for c in comps]
+    p = report.primary
+    names = [c.baseline for c in comps]
     fig = _figure(11, _bar_height(names, 1) + 0.5)
     axes = fig.subplots(1, 2, sharey=True)
     for ax, (field, key, label) in zip(axes, [("difference", "difference_interval", "mean retention"),
                                               ("regression_difference", "regression_difference_interval",
                                                "mean regression")]):
-        series = {p: [ival(c.get(field), c.get(key), signed=True) for c in comps]}
+        series = {p: [ival(getattr(c, field), getattr(c, key), signed=True) for c in comps]}
         _hbars(ax, names, series, digits=3)
         ax.axvline(0.0, color="black", lw=0.8)
         _xlim(ax, series, (-0.05, 0.05))
         ax.set_xlabel(f"{label}: primary − baseline", fontsize=9)
         ax.set_title(f"{label} difference", fontsize=10)
     for i, name in enumerate(names):
-        t = _baseline_threshold(report, name)
+        t = _baseline_threshold(decision, name)
         if t is not None:
             axes[0].plot([t, t], [i - 0.45, i + 0.45], color="#c4393b", lw=1.5, ls=":")
     axes[1].tick_params(labelleft=False)
@@ -213,17 +213,17 @@ def baseline_differences(report: dict) -> Figure | None:
     return fig
 
 
-def retention_and_dropped(report: dict) -> Figure | None:
+def retention_and_dropped(report: EvaluationReport, decision: Decision | None = None) -> Figure | None:
     cands = [c for c in candidate_order(report) if elects_signs(report, c) and per_model(report, c)]
     if not cands:
         return None
-    heights = [_bar_height([m["finetune"] for m in per_model(report, c)], 1) + 0.3 for c in cands]
+    heights = [_bar_height([m.finetune for m in per_model(report, c)], 1) + 0.3 for c in cands]
     fig = _figure(10, sum(heights))
     for sub, c in zip(fig.subfigures(len(cands), 1, height_ratios=heights, squeeze=False)[:, 0], cands):
         rows = per_model(report, c)
-        names = [m["finetune"] for m in rows]
-        ret = {c: [ival(m.get("retention"), m.get("retention_interval")) for m in rows]}
-        drop = {c: [ival(m.get("dropped_fraction_of_kept")) for m in rows]}
+        names = [m.finetune for m in rows]
+        ret = {c: [ival(m.retention, m.retention_interval) for m in rows]}
+        drop = {c: [ival(m.dropped_fraction_of_kept) for m in rows]}
         ax_r, ax_d = sub.subplots(1, 2, sharey=True)
         _hbars(ax_r, names, ret, colors=["#1f6fb4"])
         _hbars(ax_d, names, drop, colors=["#8c62b8"])
@@ -245,18 +245,16 @@ def _layer_order(key: str) -> tuple:
     return ({"embed": 0, "other": 2, "head": 3}.get(key, 2), 0, key)
 
 
-def dropped_by_layer(report: dict) -> Figure | None:
-    cands = [c for c in candidate_order(report)
-             if elects_signs(report, c) and report["candidates"][c]["sign_conflict"].get("per_layer")]
+def dropped_by_layer(report: EvaluationReport, decision: Decision | None = None) -> Figure | None:
+    cands = [c for c in candidate_order(report) if elects_signs(report, c) and report.candidates[c].signs.per_layer]
     if not cands:
         return None
     fig = _figure(10, 3.2 * len(cands) + 0.4)
     axes = fig.subplots(len(cands), 1, squeeze=False)[:, 0]
     handles = {}
     for ax, c in zip(axes, cands):
-        top = max([v for vs in report["candidates"][c]["sign_conflict"]["per_layer"].values()
-                   for v in vs.values() if v is not None] + [0.05]) * 1.1
-        per_layer = report["candidates"][c]["sign_conflict"]["per_layer"]
+        per_layer = report.candidates[c].signs.per_layer
+        top = max([v for vs in per_layer.values() for v in vs.values() if v is not None] + [0.05]) * 1.1
         layers = sorted(per_layer, key=_layer_order)
         models = list(dict.fromkeys(m for layer in layers for m in per_layer[layer]))
         for i, m in enumerate(models):
@@ -277,12 +275,10 @@ def dropped_by_layer(report: dict) -> Figure | None:
     return fig
 
 
-def delta_norms(report: dict) -> Figure | None:
-    norms = (report.get("compat") or {}).get("norms") or {}
-    per_model_norms = norms.get("per_model") or {}
-    if not per_model_norms:
+def delta_norms(report: EvaluationReport, decision: Decision | None = None) -> Figure | None:
+    if not isinstance(report.compat, CompatSummary) or not report.compat.norms.per_model:
         return None
-    cos = norms.get("cosine") or {}
+    per_model_norms, cos = report.compat.norms.per_model, report.compat.norms.cosine
     names = list(per_model_norms)
     side = max(3.5, 0.5 * len(names) + 2.2)
     fig = _figure(5.5 + (side + 1 if cos else 0), max(_bar_height(names, 1), side if cos else 0))
@@ -321,28 +317,30 @@ PLOTS = {
 }
 
 
-def figure(key: str, report: dict) -> Figure | None:
+def figure(key: str, report: EvaluationReport, decision: Decision | None = None) -> Figure | None:
     """The plot `key` of PLOTS as a Figure, every text literal; None when the report has no data."""
-    fig = PLOTS[key][1](report)
+    fig = PLOTS[key][1](report, decision)
     if fig is not None:
         _literal(fig)
     return fig
 
 
-def draw(key: str, report: dict) -> bytes | None:
+def draw(key: str, report: EvaluationReport, decision: Decision | None = None) -> bytes | None:
     """The plot `key` as PNG bytes (None when the report has no data for it)."""
-    fig = figure(key, report)
+    fig = figure(key, report, decision)
     return None if fig is None else _png(fig)
 
 
-def all_plots(report: dict) -> dict[str, bytes | None]:
-    return {key: draw(key, report) for key in PLOTS}
+def all_plots(report: EvaluationReport, decision: Decision | None = None) -> dict[str, bytes | None]:
+    return {key: draw(key, report, decision) for key in PLOTS}
 
 
 if __name__ == "__main__":
-    rep, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
+    from mergeline.evaluation.report import load_outputs
+
+    (rep, dec), out = load_outputs(sys.argv[1]), Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
-    for key, png in all_plots(rep).items():
+    for key, png in all_plots(rep, dec).items():
         if png:
             (out / f"{key}.png").write_bytes(png)
             print(out / f"{key}.png")

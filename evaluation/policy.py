@@ -32,7 +32,7 @@ misjudged can reach k x (1 - confidence). For a family-wise bound alpha over k r
 `confidence: 1 - alpha / k` (Bonferroni; e.g. 0.99 for 5 rules at 0.05). `confidence: none`
 keeps the point-estimate gate (no interval, no INCONCLUSIVE). Sign-conflict and compatibility
 rules read counts from the merge, not samples: they pass or fail on their values. The report
-must be built at the same confidence (build_report(policy=...) does).
+must be built at the same confidence (build_report(confidence=policy.confidence); the pipeline does).
 
 The interference rule flags a task-conditional failure relative to the other fine-tunes: some
 fine-tune's retention above another's by at least `min_gap`, their intervals not overlapping

@@ -1,23 +1,26 @@
-"""report.md from a report dict, and the writer of report.json + report.md + report.html.
+"""report.md from a report and its decision, and the writer of report.json, decision.json,
+report.md and report.html (the types: evaluation/schema.py).
 
 Both renderers walk the same document (`evaluation.tables.document`). Every value from the
 report is escaped for Markdown: `<` and `&` become entities (no HTML tag), and the characters
 that would end a table cell or start markup (| \\ ` * a link's ]( and a word-edge _) get a
 backslash, so a crafted model or task name cannot inject markup or break a table.
 
-    render_markdown(report: dict) -> str
-    write_reports(report: dict, out_dir: Path, *, overwrite=False) -> {"json": Path, "md": Path, "html": Path}
+    render_markdown(report: EvaluationReport, decision: Decision | None = None) -> str
+    write_reports(report, decision, out_dir: Path, *, overwrite=False, html=True)
+        -> {"json": report.json, "decision": decision.json (with a decision), "md": report.md, "html": report.html}
 
     python -m mergeline.evaluation.render report.json OUT_DIR     # re-render md + html from a report.json
+                                                                  # (and the decision.json beside it)
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
 from pathlib import Path
 
+from mergeline.evaluation.schema import Decision, EvaluationReport
 from mergeline.evaluation.tables import Plots, Section, Table, cell_text, document
 
 # `](` is what every Markdown link and image needs; a bracket alone ("[0.80, 0.97]") is plain text.
@@ -53,33 +56,42 @@ def _section(sec: Section) -> list[str]:
     return out
 
 
-def render_markdown(report: dict) -> str:
-    meta, sections = document(report)
+def render_markdown(report: EvaluationReport, decision: Decision | None = None) -> str:
+    meta, sections = document(report, decision)
     out = ["# mergeline evaluation report\n", " · ".join(md_escape(m) for m in meta) + "\n"]
     for sec in sections:
         out += _section(sec)
     return "\n".join(out)
 
 
-def write_reports(report: dict, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Path]:
-    """Write report.json, report.md and report.html; each to a temp name, then renamed."""
-    from mergeline.evaluation.html_report import render_html  # matplotlib: only when writing
+def write_reports(report: EvaluationReport, decision: Decision | None, out_dir: str | Path, *,
+                  overwrite: bool = False, html: bool = True) -> dict[str, Path]:
+    """Write report.json, decision.json (when there is a decision), report.md and, unless
+    html=False, report.html; each to a temp name, then renamed. Every text is made before the
+    first file is written, so a renderer that fails leaves no file behind."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    targets = {"json": out_dir / "report.json", "md": out_dir / "report.md", "html": out_dir / "report.html"}
+    texts = {"json": report.model_dump_json(indent=2)}
+    if decision is not None:
+        texts["decision"] = decision.model_dump_json(indent=2)
+    texts["md"] = render_markdown(report, decision)
+    if html:
+        from mergeline.evaluation.html_report import render_html  # matplotlib: only when drawing
+        texts["html"] = render_html(report, decision)
+    names = {"json": "report.json", "decision": "decision.json", "md": "report.md", "html": "report.html"}
+    targets = {kind: out_dir / names[kind] for kind in texts}
     existing = [str(p) for p in targets.values() if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"report(s) already exist: {existing} (pass overwrite=True to replace)")
-    texts = {"json": json.dumps(report, indent=2, default=str), "md": render_markdown(report),
-             "html": render_html(report)}
+    out_dir.mkdir(parents=True, exist_ok=True)
     for kind, path in targets.items():
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(texts[kind], encoding="utf-8")
+        tmp.write_text(texts[kind] + "\n", encoding="utf-8")
         os.replace(tmp, path)
     return targets
 
 
 if __name__ == "__main__":
-    rep = json.loads(Path(sys.argv[1]).read_text())
-    for k, v in write_reports(rep, sys.argv[2], overwrite=True).items():
+    from mergeline.evaluation.report import load_outputs
+
+    for k, v in write_reports(*load_outputs(sys.argv[1]), sys.argv[2], overwrite=True).items():
         print(k, v)

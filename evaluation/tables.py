@@ -1,28 +1,28 @@
 """The report as a document: sections of paragraphs, tables and plots, built once from a report
-dict and rendered by both report.md (`evaluation.render`) and report.html (`evaluation.html_report`),
-so the two always say the same thing (issue #13: one table model for Markdown and HTML).
+and its decision (evaluation/schema.py) and rendered by both report.md (`evaluation.render`) and
+report.html (`evaluation.html_report`), so the two always say the same thing (issue #13: one
+table model for Markdown and HTML).
 
 A table cell is a plain value (None, bool, int, float, str) or one of:
     Ival(estimate, low, high)   a number with its interval, shown "0.925 [0.801, 0.974]"
     Status("inconclusive")      a verdict or check status, drawn as a coloured badge in HTML
     Code("/long/path")          a path or hash: monospace, wrapped anywhere
 
-Renderers escape every cell; nothing here is markup. Reports of schema v1 (no intervals, checks
-with `passed` instead of `status`) render with plain numbers.
+Renderers escape every cell; nothing here is markup. Without a decision (no policy given) the
+Decision section says so.
 
     python -m mergeline.evaluation.tables report.json      # print the document as plain text
+                                                           # (with decision.json when it lies beside it)
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-# Methods that elect a sign per coordinate: only their merges have "dropped by sign election" to
-# show (tests/evaluation/test_render.py checks it against consensus=True in merge/methods/registry.py).
-from mergeline.evaluation.metrics import SIGN_ELECTING_METHODS
+from mergeline.evaluation.schema import (
+    CompatSummary, Decision, EvaluationReport, Interference, Interval, PerModel, SeedSpread, absent,
+)
 
 
 MODELS_PER_TABLE = 6
@@ -100,107 +100,74 @@ def cell_text(x, digits: int = 3) -> str:
     return str(x)
 
 
-def ival(value, interval: dict | None = None, signed: bool = False):
-    """A cell for `value` with its interval dict ({estimate, low, high, ...}) when there is one."""
-    if isinstance(interval, dict) and interval.get("estimate") is not None:
-        return Ival(interval["estimate"], interval.get("low"), interval.get("high"), signed)
+def ival(value, interval: Interval | None = None, signed: bool = False):
+    """A cell for `value` with its interval when there is one."""
+    if interval is not None and interval.estimate is not None:
+        return Ival(interval.estimate, interval.low, interval.high, signed)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return Ival(float(value), signed=signed)
     return value
 
 
-def check_status(check: dict) -> Status:
-    """v2 checks carry `status`; v1 checks a `passed` bool."""
-    if check.get("status"):
-        return Status(check["status"])
-    return Status("pass" if check.get("passed") else "fail")
+def items_needed_text(value: int | None) -> str | None:
+    """'≈ 240 items per task' for an inconclusive rule."""
+    return None if value is None else f"≈ {value} items per task"
 
 
-def items_needed_text(value) -> str | None:
-    """'≈ 240 items per task' or 't_add: 240, t_rev: 90' for an inconclusive rule."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        return ", ".join(f"{k}: {v if v is not None else '–'}" for k, v in value.items())
-    return f"≈ {value} items per task"
+def elects_signs(report: EvaluationReport, candidate: str) -> bool:
+    return report.candidates[candidate].signs is not None
 
 
-def elects_signs(report: dict, candidate: str) -> bool:
-    sc = report["candidates"][candidate].get("sign_conflict") or {}
-    if "elects_signs" in sc:  # v2
-        return bool(sc.get("available") and sc["elects_signs"])
-    return bool(sc.get("available")) and sc.get("method") in SIGN_ELECTING_METHODS
-
-
-def candidate_order(report: dict) -> list[str]:
+def candidate_order(report: EvaluationReport) -> list[str]:
     """Primary first, then the baselines in report order."""
-    p = report["primary"]
-    return [p] + [n for n in report["candidates"] if n != p]
+    p = report.primary
+    return [p] + [n for n in report.candidates if n != p]
 
 
-def per_model(report: dict, candidate: str) -> list[dict]:
+def per_model(report: EvaluationReport, candidate: str) -> list[PerModel]:
     """Each fine-tune's retention (with interval) beside the fraction of its kept deltas that sign
-    election dropped: interference.per_model in v2, assembled from per_finetune and the sign
-    conflict proxy in v1."""
-    c = report["candidates"][candidate]
-    inter = c.get("interference") or {}
-    if inter.get("per_model") is not None:
-        return inter["per_model"]
-    dropped = (c.get("sign_conflict") or {}).get("per_model") or {}
-    return [{"finetune": ft, "retention": r, "retention_interval": None,
-             "dropped_fraction_of_kept": (dropped.get(ft) or {}).get("dropped_fraction_of_kept")}
-            for ft, r in (inter.get("per_finetune") or {}).items()]
+    election dropped."""
+    return report.candidates[candidate].interference.per_model
 
 
-def score_matrix(report: dict) -> tuple[list[str], list[str], dict]:
+def score_matrix(report: EvaluationReport) -> tuple[list[str], list[str], dict]:
     """Models, tasks, and {(model, task): cell} of the primary metric with its interval."""
-    models = list(report["inputs"]["models"])
-    tasks = list(dict.fromkeys(s["task"] for s in report["scores"]))
-    values = {(s["model"], s["task"]): ival(s["value"], s.get("interval")) for s in report["scores"]}
+    models = list(report.inputs.models)
+    tasks = list(dict.fromkeys(s.task for s in report.scores))
+    values = {(s.model, s.task): ival(s.value, s.interval) for s in report.scores}
     return models, tasks, values
 
 
 # ---------------------------------------------------------------- sections
 
-def document(report: dict) -> tuple[list[str], list[Section]]:
+def document(report: EvaluationReport, decision: Decision | None = None) -> tuple[list[str], list[Section]]:
     """The report's header lines and its sections, in reading order."""
-    meta = [f"primary candidate: {report['primary']}", f"created {report.get('created', '–')}",
-            f"lm-eval {report.get('lm_eval_version', '–')}", f"schema v{report.get('schema_version', '–')}"]
-    if report.get("confidence") is not None:
-        meta.append(f"intervals at {report['confidence']:.0%} confidence")
-    suite = (report.get("inputs") or {}).get("suite") or {}
-    if suite.get("splits"):  # tuned on one part of the items, judged on another: say which
+    meta = [f"primary candidate: {report.primary}", f"created {report.created}",
+            f"lm-eval {report.lm_eval_version or '–'}", f"schema v{report.schema_version}",
+            f"intervals at {report.confidence:.0%} confidence"]
+    if report.inputs.suite.splits:  # tuned on one part of the items, judged on another: say which
         from mergeline.evaluation.splits import describe
-        from mergeline.evaluation.suite import EvalSuite
 
-        meta.append("scored on " + describe(EvalSuite.model_validate(suite)))
-    return meta, [decision_section(report), baseline_section(report), plots_section(),
+        meta.append("scored on " + describe(report.inputs.suite))
+    return meta, [decision_section(decision), baseline_section(report), plots_section(),
                   scores_section(report), retention_section(report), regression_section(report),
                   interference_section(report), sign_conflict_section(report), compat_section(report),
                   inputs_section(report)]
 
 
-def verdict(report: dict) -> Status | None:
-    d = report.get("decision")
-    if not d:
-        return None
-    return Status(d.get("verdict") or ("GO" if d.get("go") else "NO-GO"))
-
-
-def decision_section(report: dict) -> Section:
-    d = report.get("decision")
-    if not d:
+def decision_section(d: Decision | None) -> Section:
+    if d is None:
         return Section("Decision", ["no gate decision: no policy was given"])
-    conf = d.get("confidence")
-    line = (f"candidate {d.get('candidate')} under policy {d.get('policy')}"
-            + (f", intervals at {conf:.0%} confidence" if isinstance(conf, (int, float)) else ""))
-    rows = [[c.get("rule"), check_status(c), ival(None, c.get("interval")), c.get("threshold"),
-             items_needed_text(c.get("items_needed")), c.get("message")] for c in d.get("checks", [])]
+    line = (f"candidate {d.candidate} under policy {d.policy}"
+            + (f", intervals at {d.confidence:.0%} confidence" if d.confidence is not None else
+               ", on point estimates"))
+    rows = [[c.rule, Status(c.status), ival(None, c.interval), c.threshold, items_needed_text(c.items_needed),
+             c.message] for c in d.checks]
     headers = ["check", "status", "estimate [interval]", "threshold", "items to settle it", "detail"]
     blocks = [line, Table(headers, rows)]
     if not rows:
         blocks.append("the policy sets no rules")
-    return Section("Decision", blocks, badge=verdict(report))
+    return Section("Decision", blocks, badge=Status(d.verdict))
 
 
 SUMMARY_KEYS = [("mean retention", "mean_retention", "mean_retention_interval", False),
@@ -213,23 +180,22 @@ SUMMARY_KEYS = [("mean retention", "mean_retention", "mean_retention_interval", 
                 ("max dropped fraction", "max_dropped_fraction", None, False)]
 
 
-def baseline_section(report: dict) -> Section:
-    p, b = report["primary"], report.get("baselines") or {}
-    comparisons = b.get("comparisons") or []
-    blocks = [b.get("answer") or "no baseline comparison in this report"]
+def baseline_section(report: EvaluationReport) -> Section:
+    p, comparisons = report.primary, report.baselines.comparisons
+    blocks = [report.baselines.answer]
     if comparisons:
         blocks.append(Table(
             ["baseline", f"{p} mean retention", "baseline mean retention", "retention difference",
              "regression difference", f"{p} beats it"],
-            [[c["baseline"], c.get("primary_mean_retention"), c.get("baseline_mean_retention"),
-              ival(c.get("difference"), c.get("difference_interval"), signed=True),
-              ival(c.get("regression_difference"), c.get("regression_difference_interval"), signed=True),
-              c.get("primary_beats")] for c in comparisons]))
+            [[c.baseline, c.primary_mean_retention, c.baseline_mean_retention,
+              ival(c.difference, c.difference_interval, signed=True),
+              ival(c.regression_difference, c.regression_difference_interval, signed=True),
+              c.primary_beats] for c in comparisons]))
     rows = []
     for n in candidate_order(report):
-        s = report["candidates"][n].get("summary") or {}
-        rows.append([n] + [ival(s.get(k), s.get(ik), signed) if ik or signed else s.get(k)
-                           for _, k, ik, signed in SUMMARY_KEYS])
+        s = report.candidates[n].summary
+        rows.append([n] + [ival(getattr(s, k), getattr(s, ik) if ik else None, signed) if ik or signed
+                           else getattr(s, k) for _, k, ik, signed in SUMMARY_KEYS])
     blocks.append(Table(["candidate"] + [h for h, *_ in SUMMARY_KEYS], rows))
     return Section(f"Does {p} beat averaging?", blocks)
 
@@ -238,30 +204,25 @@ def plots_section() -> Section:
     return Section("Plots", [Plots()])
 
 
-def scores_section(report: dict) -> Section:
+def scores_section(report: EvaluationReport) -> Section:
     models, tasks, values = score_matrix(report)
-    types = report.get("task_types") or {}
+    types = report.task_types
     # At most MODELS_PER_TABLE model columns a table, so a score matrix of many models still fits a
     # 1400-pixel window: several tables one under the other instead of one that scrolls.
     size = math.ceil(len(models) / math.ceil(len(models) / MODELS_PER_TABLE)) if models else 1  # even split
     blocks = [Table(["task", "type", *chunk], [[t, types.get(t), *(values.get((m, t)) for m in chunk)]
                                                for t in tasks])
               for chunk in (models[i:i + size] for i in range(0, len(models), size))]
-    spreads = [[s["model"], s["task"], _spread_text(s["seed_spread"])] for s in report["scores"]
-               if s.get("seed_spread") is not None]
+    spreads = [[s.model, s.task, _spread_text(s.seed_spread)] for s in report.scores if s.seed_spread is not None]
     if spreads:
         blocks += ["Spread across merge seeds (random methods):", Table(["model", "task", "seed spread"], spreads)]
     return Section("Scores (primary metric)", blocks)
 
 
-def _spread_text(spread) -> str:
-    """'0.700 to 0.750 (std 0.035, 2 seeds)' from {seeds, values, min, max, std}."""
-    if isinstance(spread, dict) and {"min", "max"} <= set(spread):
-        seeds = spread.get("seeds")
-        n = len(seeds) if isinstance(seeds, list) else seeds
-        return (f"{cell_text(spread['min'])} to {cell_text(spread['max'])} (std {cell_text(spread.get('std'))}"
-                + (f", {n} seeds)" if n is not None else ")"))
-    return cell_text(spread)
+def _spread_text(spread: SeedSpread) -> str:
+    """'0.700 to 0.750 (std 0.035, 2 seeds)'."""
+    return (f"{cell_text(spread.min)} to {cell_text(spread.max)} (std {cell_text(spread.std)}, "
+            f"{len(spread.seeds)} seeds)")
 
 
 def _with_spread(headers: list[str], rows: list[list], spreads: list) -> Table:
@@ -272,106 +233,98 @@ def _with_spread(headers: list[str], rows: list[list], spreads: list) -> Table:
     return Table(headers, rows)
 
 
-def retention_section(report: dict) -> Section:
+def retention_section(report: EvaluationReport) -> Section:
     rows, spreads = [], []
-    for c in report["candidates"].values():
-        for r in c.get("retention", []):
-            merged_minus_ft = None if r.get("drop") is None else -r["drop"]
-            rows.append([r["candidate"], r["finetune"], r["task"], r.get("task_type"), r.get("finetune_score"),
-                         r.get("merged_score"), ival(r.get("retention"), r.get("retention_interval")),
-                         ival(merged_minus_ft, r.get("difference_interval"), signed=True)])
-            spreads.append(r.get("seed_spread"))
+    for c in report.candidates.values():
+        for r in c.retention:
+            rows.append([r.candidate, r.finetune, r.task, r.task_type, r.finetune_score, r.merged_score,
+                         ival(r.retention, r.retention_interval),
+                         ival(-r.drop, r.difference_interval, signed=True)])
+            spreads.append(r.seed_spread)
     headers = ["candidate", "fine-tune", "task", "type", "fine-tune score", "merged", "retention",
                "merged − fine-tune"]
     return Section("Retention (merged / fine-tune on its own task)", [_with_spread(headers, rows, spreads)])
 
 
-def regression_section(report: dict) -> Section:
-    regs = [r for c in report["candidates"].values() for r in c.get("regression", [])]
-    rows = [[r["candidate"], r["task"], r.get("base_score"), r.get("merged_score"),
-             ival(r.get("delta"), r.get("delta_interval"), signed=True)] for r in regs]
+def regression_section(report: EvaluationReport) -> Section:
+    regs = [r for c in report.candidates.values() for r in c.regression]
+    rows = [[r.candidate, r.task, r.base_score, r.merged_score, ival(r.delta, r.delta_interval, signed=True)]
+            for r in regs]
     return Section("Regression (merged − base on general tasks)",
                    [_with_spread(["candidate", "task", "base", "merged", "merged − base"], rows,
-                                 [r.get("seed_spread") for r in regs])])
+                                 [r.seed_spread for r in regs])])
 
 
-def _pattern(i: dict):
+def _pattern(i: Interference):
     """The interference pattern: FLAGGED (a skill kept, another lost, intervals apart), SUSPECTED
     (the gap is there but the intervals overlap) or 'no'."""
-    if i.get("flag"):
+    if i.flag:
         return Status("flagged")
-    if i.get("suspected"):
-        return Status("suspected")
-    return "no" if "flag" in i else None
+    return Status("suspected") if i.suspected else "no"
 
 
-def interference_section(report: dict) -> Section:
+def interference_section(report: EvaluationReport) -> Section:
     rows, models = [], []
     for n in candidate_order(report):
-        i = report["candidates"][n].get("interference") or {}
-        s = i.get("spread") or {}
-        by_type = ", ".join(f"{k} {cell_text(v.get('mean_retention'))}"
-                            for k, v in (i.get("by_type") or {}).items())
-        rows.append([n, s.get("min"), s.get("max"), s.get("std"), ", ".join(i.get("kept") or []) or None,
-                     ", ".join(i.get("lost") or []) or None, _pattern(i),
-                     i.get("explanation") or i.get("flag_explanation"), by_type or None, i.get("total_flips")])
-        models += [[n, m.get("finetune"), ival(m.get("retention"), m.get("retention_interval")),
-                    m.get("dropped_fraction_of_kept") if elects_signs(report, n) else "no sign election"]
+        i = report.candidates[n].interference
+        by_type = ", ".join(f"{k} {cell_text(v.mean_retention)}" for k, v in i.by_type.items())
+        rows.append([n, i.spread.min, i.spread.max, i.spread.std, ", ".join(i.kept) or None,
+                     ", ".join(i.lost) or None, _pattern(i), i.explanation, by_type or None, i.total_flips])
+        models += [[n, m.finetune, ival(m.retention, m.retention_interval),
+                    m.dropped_fraction_of_kept if elects_signs(report, n) else "no sign election"]
                    for m in per_model(report, n)]
     blocks = [Table(["candidate", "min", "max", "std", "kept", "lost", "pattern", "why", "retention by type",
                      "flips"], rows)]
     if models:
         blocks += ["Each fine-tune's retention beside the fraction of its kept deltas that sign election dropped:",
                    Table(["candidate", "fine-tune", "retention", "dropped by election (of kept)"], models)]
-    flips = [[n, f["task"], f["reference"], f["items"], f["reference_correct"], f["flips"], f["gains"], f["flip_rate"]]
-             for n in candidate_order(report)
-             for f in (report["candidates"][n].get("interference") or {}).get("flips", [])]
+    flips = [[n, f.task, f.reference, f.items, f.reference_correct, f.flips, f.gains, f.flip_rate]
+             for n in candidate_order(report) for f in report.candidates[n].interference.flips]
     blocks += ["Per-item flips: items the reference got right and the merge got wrong (gains: the reverse):",
                Table(["candidate", "task", "reference", "items", "reference right", "flips", "gains", "flip rate"],
                      flips)]
     return Section("Interference", blocks)
 
 
-def sign_conflict_table(report: dict) -> Table:
-    """One row per candidate and merged model; candidates that elect no sign say so."""
+def sign_conflict_table(report: EvaluationReport) -> Table:
+    """One row per candidate and merged model; a candidate without the proxy says why."""
     rows = []
     for n in candidate_order(report):
-        sc = report["candidates"][n].get("sign_conflict") or {}
-        if not sc.get("available"):
-            rows.append([n, None, None, "no merge stats", None, None, None])
-        elif not elects_signs(report, n):
-            rows.append([n, sc.get("method"), None, f"{sc.get('method')} elects no sign", None, None, None])
+        sc = report.candidates[n].sign_conflict
+        method = report.merge_stats[n].method if n in report.merge_stats else None
+        if absent(sc) is not None:
+            rows.append([n, method, None, absent(sc), None, None, None])
+        elif sc.elects_signs is False:  # an older report without the typed absence
+            rows.append([n, sc.method, None, f"{sc.method} elects no sign", None, None, None])
         else:
-            for m, v in (sc.get("per_model") or {}).items():
-                rows.append([n, sc.get("method"), sc.get("rate"), m, v.get("kept_fraction"),
-                             v.get("dropped_fraction_of_kept"), v.get("dropped_magnitude_share")])
+            for m, v in sc.per_model.items():
+                rows.append([n, sc.method, sc.rate, m, v.kept_fraction, v.dropped_fraction_of_kept,
+                             v.dropped_magnitude_share])
     return Table(["candidate", "method", "conflict rate", "model", "kept fraction", "dropped by election (of kept)",
                   "dropped magnitude share"], rows)
 
 
-def sign_conflict_section(report: dict) -> Section:
+def sign_conflict_section(report: EvaluationReport) -> Section:
     return Section("Sign-conflict proxy (from merge_stats.json)", [sign_conflict_table(report)])
 
 
-def compat_section(report: dict) -> Section:
-    comp = report.get("compat")
-    if not comp:
-        return Section("Compatibility", ["no compatibility report was given"])
-    rows = [[c.get("name"), Status(c.get("status") or "–"),
-             (c.get("message") or "") + (" (waived)" if c.get("waived") else "")] for c in comp.get("checks", [])]
-    return Section("Compatibility", [Table(["check", "status", "message"], rows)],
-                   badge=Status(comp.get("status") or "–"))
+def compat_section(report: EvaluationReport) -> Section:
+    comp = report.compat
+    if not isinstance(comp, CompatSummary):
+        return Section("Compatibility", [absent(comp)])
+    rows = [[c.name, Status(c.status), c.message + (" (waived)" if c.waived else "")] for c in comp.checks]
+    return Section("Compatibility", [Table(["check", "status", "message"], rows)], badge=Status(comp.status))
 
 
-def inputs_section(report: dict) -> Section:
-    models = (report.get("inputs") or {}).get("models") or {}
-    rows = [[n, m.get("role"), Code(m.get("content_hash") or "–"), Code(m.get("path") or "–")]
-            for n, m in models.items()]
+def inputs_section(report: EvaluationReport) -> Section:
+    rows = [[n, m.role, Code(m.content_hash or "–"), Code(m.path or "–")] for n, m in report.inputs.models.items()]
     return Section("Inputs", [Table(["model", "role", "content hash", "path"], rows)])
 
 
 if __name__ == "__main__":
-    meta, sections = document(json.loads(Path(sys.argv[1]).read_text()))
+    from mergeline.evaluation.report import load_outputs
+
+    meta, sections = document(*load_outputs(sys.argv[1]))
     print(" · ".join(meta))
     for sec in sections:
         print(f"\n== {sec.title}")

@@ -297,27 +297,24 @@ def evaluate(
 def gate(
     report: Path = typer.Argument(..., help="A report.json written by mergeline."),
     policy: Path = typer.Option(..., help="Gate policy YAML."),
-    json_out: bool = typer.Option(False, "--json", help="Print the decision as JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Print the decision as JSON (decision.json's shape)."),
 ):
     """Decide from a report and a policy: exit 0 GO, 1 NO-GO, 3 INCONCLUSIVE, 2 unusable input."""
-    import json
-
     from mergeline.evaluation.gate import ReportError, decide, load_report
     from mergeline.evaluation.policy import PolicyError, load_policy
 
     try:
-        decision = decide(load_report(report), load_policy(policy))
+        # The report is typed (evaluation/schema.py): a broken or renamed key is a ReportError
+        # naming the file and the key, never a KeyError deep in the gate.
+        gate_policy = load_policy(policy)
+        decision = decide(load_report(report), gate_policy)
     except (ReportError, PolicyError) as e:
         fail(str(e))
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
-        # A report with the right version but broken content is unusable input, not a NO-GO.
-        fail(f"{report}: malformed report ({type(e).__name__}: {e})")
     if json_out:
-        print(json.dumps(decision.to_dict(), indent=2))
+        print(decision.model_dump_json(indent=2))
     else:
         Console().print(decision.text(), highlight=False, soft_wrap=True, markup=False)
-    verdict = getattr(decision, "verdict", None) or decision.to_dict().get("verdict") or ("GO" if decision.go else "NO-GO")
-    raise typer.Exit(exit_code_for(verdict))
+    raise typer.Exit(exit_code_for(decision.verdict))
 
 
 @app.command()

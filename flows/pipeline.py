@@ -41,7 +41,7 @@ from mergeline.tasks.merge_tasks import merge_stage, multistage_step
 from mergeline.tasks.recipes import canonical, inputs
 from mergeline.tasks.register_tasks import register_stage
 from mergeline.tasks.report_tasks import (report_stage, smoke_markdown, smoke_summary, stopped_by_compat,
-                                          stopped_by_smoke, verdict)
+                                          stopped_by_smoke)
 from mergeline.tasks.smoke_tasks import smoke_stage
 from mergeline.tasks.tracking import RunLog
 
@@ -111,16 +111,17 @@ def stages(pipe: ResolvedPipeline, log: RunLog, opts: dict) -> dict:
     say("report: metrics, plots and the gate's decision")
     main_hash = recipe_hash(canonical(main.recipe))
     fresh_runs = sum(t.runs for n, t in tables.items() if states[f"evaluate:{n}"] != "Cached")
-    report, paths, problems = report_stage(
+    report, decision, paths, problems = report_stage(
         log, pipe.suite, combine(list(tables.values())), primary, merged, compat, pipe.gate, fresh_runs,
         {"pipeline": pipe.name, "recipe_hash": main_hash, "mlflow_run_id": log.parent}, smoke_markdown(smoke))
-    decision = report["decision"]
-    say(f"gate: {verdict(decision)}")
-    registered = register_stage(log, pipe.tracking.register_as, merged[primary], verdict(decision), main_hash)
-    get_run_logger().info(decision.get("reasons") and "\n".join(decision["reasons"]) or "all gate rules passed")
+    for problem in problems:
+        get_run_logger().warning(problem)
+    say(f"gate: {decision.verdict}")
+    registered = register_stage(log, pipe.tracking.register_as, merged[primary], decision.verdict, main_hash)
+    get_run_logger().info("\n".join(decision.reasons) or "all gate rules passed")
     reused = _reused(merged, states)
-    return {"decision": verdict(decision), "stage": "gate", "primary": primary,
-            "reasons": decision["reasons"], "report": str(paths.get("md") or next(iter(paths.values()))),
+    return {"decision": decision.verdict, "stage": "gate", "primary": primary,
+            "reasons": decision.reasons, "report": str(paths.get("md") or next(iter(paths.values()))),
             "reports": {k: str(v) for k, v in paths.items()},
             "models": {n: m["path"] for n, m in merged.items()}, "registered": registered,
             "lm_eval_runs": fresh_runs, "states": states, "problems": problems,

@@ -136,15 +136,17 @@ def _producer(plan: Plan, device: torch.device, out_q: queue.Queue, stop: thread
         for job in plan.jobs:
             if stop.is_set():
                 return
-            tensors = [s.reader.read(src, pin=cuda) for s, src in zip(plan.inputs, job.sources)]
+            # src None: a frankenmerge slot the job's slice leaves empty (slices of different sizes)
+            tensors = [s.reader.read(src, pin=cuda) if src is not None else None
+                       for s, src in zip(plan.inputs, job.sources)]
             if feed is not None:
                 feed(job, tensors)
             if job.floating:
                 if cuda:
                     with torch.cuda.stream(stream):
-                        tensors = [t.to(device, non_blocking=True) for t in tensors]
+                        tensors = [t.to(device, non_blocking=True) if t is not None else None for t in tensors]
                     stream.synchronize()
-                tensors = [t.to(job.compute_dtype) for t in tensors]
+                tensors = [t.to(job.compute_dtype) if t is not None else None for t in tensors]
             out_q.put((job, tensors))
     except BaseException as e:  # surfaced by the consumer
         out_q.put((None, e))
@@ -214,7 +216,8 @@ def run_merge(recipe: MergeRecipe | str | Path | Mapping, out_dir: str | Path, *
             out_q: queue.Queue = queue.Queue(maxsize=2)
             stop, write_errors = threading.Event(), []
             feed = (_NormFeed(gate, plan) if gate is not None and gate.norm_skip_reason() is None
-            and not plan.stacked else None)  # a frankenmerge's inputs are layer slots, not models
+            and not plan.stacked and not any(j.module for j in plan.jobs) else None)  # slots, not models; or
+            # modules that merge different models (merge/modules.py)
             producer = threading.Thread(target=_producer, args=(plan, dev, in_q, stop, feed), daemon=True)
             wthread = threading.Thread(target=_writer_loop, args=(writer, out_q, write_errors), daemon=True)
             producer.start()
@@ -234,7 +237,7 @@ def run_merge(recipe: MergeRecipe | str | Path | Mapping, out_dir: str | Path, *
                         raise write_errors[0]
                     result = _merge_one(plan, job, tensors, dev, seed, thresholds)
                     if result.stats is not None:
-                        agg.add(job.name, result.stats)
+                        agg.add(job.name, result.stats, plan.merged_names(job))
                     del tensors
                     out_q.put((job.name, result.tensor.to(job.out.dtype).cpu()))
                     if bar is not None:
@@ -302,10 +305,10 @@ def _merge_one(plan: Plan, job: TensorJob, tensors: list[torch.Tensor], dev: tor
                thresholds: list[float] | None):
     if not job.floating:  # integer buffers: copied from the reference, as mergekit copies them
         ref_i = plan.inputs.index(plan.reference)
-        return _Result(tensors[ref_i], None)
+        return _Result(tensors[ref_i] if tensors[ref_i] is not None else next(t for t in tensors if t is not None), None)
     per_model, gparams = tensor_params(plan, job)
     base = tensors[plan.base_index] if plan.base_index is not None else None
-    models = [t for i, t in enumerate(tensors) if i != plan.base_index]
+    models = [t for i, t in enumerate(tensors) if i != plan.base_index and t is not None]
     gen = None
     if plan.method.randomized:
         gen = torch.Generator(device=dev)
@@ -320,7 +323,7 @@ def _merge_one(plan: Plan, job: TensorJob, tensors: list[torch.Tensor], dev: tor
         # Checked only on failure, so finite merges pay nothing; methods that merely propagate
         # NaN are stopped by the norm checks when the merge ends.
         for slot, t in zip(plan.inputs, tensors):
-            if t.is_floating_point() and not torch.isfinite(t).all():
+            if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
                 raise MergeError(f"{slot.ref}: tensor {job.name!r} holds NaN or Inf values; "
                                  f"{plan.method.name} cannot merge non-finite weights") from None
         raise

@@ -12,12 +12,16 @@ print([j.name for j in build_plan(load_recipe('configs/recipes/frankenmerge/orca
 """
 from __future__ import annotations
 
+import logging
+
 from mergeline.merge.parameters import layer_index, num_layers, rename_layer, set_num_layers
 from mergeline.merge.plan import TIED_HEADS, MergeError, Plan, Source, TensorJob, open_reader, source_name, tensor_job
 from mergeline.merge.recipe import MergeRecipe, model_names
 from mergeline.merge.slices import is_pre_weight, output_layers
 from mergeline.merge.tensor_views import View, ViewReader
 from mergeline.merge.tokenizer_merge import VOCAB_TENSORS, recipe_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def build_stacked(recipe: MergeRecipe, method, allow_pickle: bool) -> Plan:
@@ -28,18 +32,11 @@ def build_stacked(recipe: MergeRecipe, method, allow_pickle: bool) -> Plan:
     names = model_names(recipe)
     refs = list(dict.fromkeys([s.model for sl in slices for s in sl.sources]))
     readers = {ref: open_reader(ref, recipe, allow_pickle) for ref in refs}
-    slots = []  # per slice, its sources in slot order (the base last, for methods that take one)
-    for k, sl in enumerate(slices):
-        srcs = list(sl.sources)
-        if method.requires_base:
-            base = sl.base_model or recipe.base_model
-            b = next((s for s in srcs if s.model == base), None)
-            if b is None:
-                raise MergeError(f"slices[{k}]: the base model {base!r} is not among the slice's sources; a slice "
-                                 f"that moves layers must list the base with its layer_range for {method.name!r}")
-            srcs = [s for s in srcs if s is not b] + [b]
-        slots.append(srcs)
-    n_slots = len(slots[0])
+    slots = [_ordered(sl.sources, sl.base_model or recipe.base_model, method, k) for k, sl in enumerate(slices)]
+    # Slices may list different numbers of models (mergekit merges each slice's own sources): the
+    # plan has as many slots as the largest slice, and a job of a smaller slice leaves the rest
+    # empty (None). The base, for methods that take one, is always the last slot.
+    n_slots = max(len(s) for s in slots)
     reference_ref = recipe.base_model if recipe.base_model in readers else slices[0].sources[0].model
     ref_reader = readers[reference_ref]
 
@@ -58,19 +55,35 @@ def build_stacked(recipe: MergeRecipe, method, allow_pickle: bool) -> Plan:
 
     views: list[dict[str, View]] = [{} for _ in range(n_slots)]
     jobs: list[TensorJob] = []
+    used: list[list[str]] = [[] for _ in range(n_slots)]  # per slot, the models it reads, in order
     rebuilt_rows = recipe_tokenizer(recipe) is not None  # token rows may differ in number (tokenizer_merge.py)
 
-    def add(out_name: str, k: int, picks: list[tuple[str, str]], t: float) -> None:
-        """picks: per slot, (model ref, its tensor name)."""
+    def place(items: list) -> list:
+        """A slice's items (in slot order, base last) spread over the plan's slots: None where empty."""
+        if len(items) == n_slots:
+            return list(items)
+        if method.requires_base:
+            return list(items[:-1]) + [None] * (n_slots - len(items)) + [items[-1]]
+        return list(items) + [None] * (n_slots - len(items))
+
+    def add(out_name: str, k: int, picks: list[tuple[str, str | None]], t: float) -> None:
+        """picks: per source of the slice (slot order), (model ref, its tensor name)."""
         found = []
-        for (ref, src), v in zip(picks, views):
+        for ref, src in picks:
             if src is None:
                 raise MergeError(f"model {ref!r} has no tensor {out_name!r} (slices[{k}])")
-            v[out_name] = View(readers[ref], src, readers[ref].infos[src])
             found.append((ref, readers[ref], src))
         job = tensor_job(recipe, out_name, found, t, k, rebuilt_rows and out_name in VOCAB_TENSORS)
-        job.sources = [out_name] * n_slots  # each slot's ViewReader knows where to read it
-        job.refs, job.input_names = [ref for ref, _ in picks], [src for _, src in picks]
+        placed = place(picks)
+        for slot, (pick, v) in enumerate(zip(placed, views)):
+            if pick is not None:
+                ref, src = pick
+                v[out_name] = View(readers[ref], src, readers[ref].infos[src])
+                if ref not in used[slot]:
+                    used[slot].append(ref)
+        job.sources = [out_name if p is not None else None for p in placed]  # each slot's ViewReader knows where
+        job.refs = [p[0] if p is not None else None for p in placed]
+        job.input_names = [p[1] if p is not None else None for p in placed]
         jobs.append(job)
 
     outside = [n for n in ref_reader.infos if layer_index(n) is None]
@@ -98,16 +111,17 @@ def build_stacked(recipe: MergeRecipe, method, allow_pickle: bool) -> Plan:
             if extra:
                 raise MergeError(f"slices[{k}]: model {s.model!r} layer {s.layer_range[0] + j} has tensor "
                                  f"{sorted(extra)[0]!r} that {first.model!r} lacks: not the same architecture")
+    last = _post_sources(slices, recipe, method)
     for name in post:
-        add(name, len(slices) - 1, [(s.model, source_name(readers[s.model], name)) for s in slots[-1]], 0.0)
+        add(name, len(slices) - 1, [(s.model, source_name(readers[s.model], name)) for s in last], 0.0)
 
     inputs = []
     for i in range(n_slots):
-        used = list(dict.fromkeys(sl[i].model for sl in slots))
-        ckpt = readers[reference_ref if reference_ref in used else used[0]].ckpt
-        label = "|".join(names[r] for r in used)
+        ckpt = readers[reference_ref if reference_ref in used[i] else used[i][0]].ckpt
+        label = "|".join(names[r] for r in used[i])
         is_base = method.requires_base and i == n_slots - 1
-        inputs.append(Source(used[0] if len(used) == 1 else label, label, ViewReader(ckpt, views[i]), None, is_base))
+        inputs.append(Source(used[i][0] if len(used[i]) == 1 else label, label, ViewReader(ckpt, views[i]), None,
+                             is_base))
     base_index = n_slots - 1 if method.requires_base else None
     reference = next((s for s in inputs if s.reader.ckpt is ref_reader.ckpt), inputs[0])
     try:
@@ -116,3 +130,34 @@ def build_stacked(recipe: MergeRecipe, method, allow_pickle: bool) -> Plan:
         raise MergeError(f"model {reference_ref!r}: {e}") from None
     return Plan(recipe, method, inputs, base_index, reference, jobs, out_config=out_config, models=readers,
                 stacked=True)
+
+
+def _ordered(sources: list, base: str | None, method, k: int) -> list:
+    """A slice's sources in slot order: as listed, the base moved last for methods that take one."""
+    srcs = list(sources)
+    if not method.requires_base:
+        return srcs
+    b = next((s for s in srcs if s.model == base), None)
+    if b is None:
+        raise MergeError(f"slices[{k}]: the base model {base!r} is not among the slice's sources; a slice "
+                         f"that moves layers must list the base with its layer_range for {method.name!r}")
+    return [s for s in srcs if s is not b] + [b]
+
+
+def _post_sources(slices: list, recipe: MergeRecipe, method) -> list:
+    """The models the final norm and head are merged from: the last slice's sources, as mergekit
+    plans them. mergekit pairs the last slice's models with as many tensors as the FIRST slice
+    has sources (`plan_module`), so a last slice with more models than the first merges only its
+    first ones into these tensors; mergeline does the same (parity) and says so."""
+    last, keep = list(slices[-1].sources), len(slices[0].sources)
+    if len(last) > keep:
+        log.warning("slices[%d] lists %d models but slices[0] lists %d: as in mergekit, the final norm and head "
+                    "merge only the first %d of the last slice (%s)", len(slices) - 1, len(last), keep, keep,
+                    ", ".join(s.model for s in last[:keep]))
+        last = last[:keep]
+    try:
+        return _ordered(last, slices[-1].base_model or recipe.base_model, method, len(slices) - 1)
+    except MergeError:
+        raise MergeError(f"slices[{len(slices) - 1}] lists more models than slices[0]; mergekit then merges the "
+                         f"final norm and head from the first {keep} of them only, which leaves out the base: "
+                         "list the base first in the last slice, or give the slices the same number of models") from None

@@ -31,6 +31,7 @@ from mergeline.merge.reader import TensorReader
 from mergeline.merge.recipe import MergeRecipe, RecipeError, model_names
 from mergeline.merge.recipe_checks import check_weight_sum, get_method_or_error
 from mergeline.merge.resolve import resolve_model
+from mergeline.merge.modules import PREFIXES, module_layers, module_of, module_prefixes
 from mergeline.merge.slices import is_aligned, layer_count, locate, parameter_sources
 from mergeline.merge.tensor_views import View, ViewReader, identity_views
 from mergeline.merge.tokenizer_merge import VOCAB_TENSORS, RowRemapper, check_token_sources, recipe_tokenizer, tokenizer_for
@@ -72,6 +73,7 @@ class TensorJob:
     # (parameter filters match it); None: plan.inputs[i].ref and sources[i].
     refs: list[str] | None = None
     input_names: list[str] | None = None
+    module: str | None = None  # multimodal `modules:` recipes: the module owning it (merge/modules.py)
 
 
 @dataclass
@@ -90,6 +92,10 @@ class Plan:
     @property
     def merged(self) -> list[Source]:
         return [s for i, s in enumerate(self.inputs) if i != self.base_index]
+
+    def merged_names(self, job: TensorJob) -> list[str]:
+        """Display names of the models merged into this job (a frankenmerge slice may fill fewer slots)."""
+        return [s.name for i, s in enumerate(self.inputs) if i != self.base_index and job.sources[i] is not None]
 
 
 def torch_dtype(name: str | None) -> torch.dtype | None:
@@ -183,19 +189,54 @@ def _build_aligned(recipe: MergeRecipe, method, allow_pickle: bool) -> Plan:
         raise MergeError(f"the slices cover layers [0, {layer_count(recipe.slices)}) but {reference.ref!r} has "
                          f"{n_layers}: slices that keep layers in place must cover them all")
     vocab = recipe_tokenizer(recipe) is not None
+    prefixes, members, module_n = _modules(recipe, reference, out_names)
+    prefixes_auto = None  # a multimodal model merged whole: gradients still run per module, as in mergekit
+    if prefixes is None and (arch := (reference.reader.ckpt.config.get("architectures") or [None])[0]) in PREFIXES:
+        prefixes_auto = PREFIXES[arch]
+        module_n = module_layers(out_names, prefixes_auto)
     for name in out_names:
-        found = []
+        module = None
+        if prefixes is not None:
+            module = module_of(name, prefixes)
+            if module is None:
+                raise MergeError(f"tensor {name!r} of {reference.ref!r} belongs to none of the modules "
+                                 f"({', '.join(f'{m}: {p}*' for m, p in prefixes.items())})")
+        found, placed = [], []
         for s in inputs:
+            if module is not None and s.ref not in members[module]:  # not merged into this module
+                placed.append(None)
+                continue
             src = source_name(s.reader, name)
             if src is None:
                 raise MergeError(f"model {s.ref!r} has no tensor {name!r} (found in {reference.ref!r})")
             found.append((s.ref, s.reader, src))
+            placed.append(src)
         t, scope = layer_t(name, n_layers), None
         if recipe.slices:
             sl, t = locate(recipe.slices, name)
             scope = recipe.slices.index(sl)
-        plan.jobs.append(tensor_job(recipe, name, found, t, scope, vocab and name in VOCAB_TENSORS))
+        own_module = module if module is not None else (module_of(name, prefixes_auto) if prefixes_auto else None)
+        if own_module is not None and not recipe.slices:
+            t = layer_t(name, module_n[own_module])  # a gradient runs over the module's own layers (mergekit)
+        job = tensor_job(recipe, name, found, t, scope, vocab and name in VOCAB_TENSORS)
+        if module is not None:
+            job.sources, job.module = placed, module
+        plan.jobs.append(job)
     return plan
+
+
+def _modules(recipe: MergeRecipe, reference: Source, names: list[str]):
+    """Multimodal `modules:` (merge/modules.py): module -> weight prefix, module -> the models it
+    merges (the base in every one, as mergekit adds it), module -> its layer count."""
+    if not recipe.modules:
+        return None, None, None
+    try:
+        prefixes = module_prefixes(reference.reader.ckpt.config, list(recipe.modules), reference.ref)
+    except ValueError as e:
+        raise MergeError(str(e)) from None
+    members = {m: {x.model for x in spec.models} | ({recipe.base_model} if recipe.base_model else set())
+               for m, spec in recipe.modules.items()}
+    return prefixes, members, module_layers(names, prefixes)
 
 
 def _rebuild_vocabulary(plan: Plan) -> None:
@@ -231,20 +272,22 @@ def _rebuild_vocabulary(plan: Plan) -> None:
         job.input_names = job.input_names or list(job.sources)  # parameter filters see the real names
         refs = job.refs or [s.ref for s in plan.inputs]
         base = r.slices[job.slice_index].base_model if job.slice_index is not None else None
-        remap = RowRemapper(info, [(s.reader, src, ref) for s, src, ref in zip(plan.inputs, job.sources, refs)],
+        present = [i for i, src in enumerate(job.sources) if src is not None]  # a frankenmerge may leave slots empty
+        remap = RowRemapper(info, [(plan.inputs[i].reader, job.sources[i], refs[i]) for i in present],
                             base or r.base_model, spec[1])
         shape = (info.vocab_size, *job.out.shape[1:])
-        dtypes = [DTYPES[s.reader.infos[src].dtype] for s, src in zip(plan.inputs, job.sources)]
+        dtypes = [DTYPES[plan.inputs[i].reader.infos[job.sources[i]].dtype] for i in present]
         promoted = dtypes[0]
         for d in dtypes[1:]:
             promoted = torch.promote_types(promoted, d)
         key = f"vocab:{job.name}"
-        for i, s in enumerate(plan.inputs):
+        for k, i in enumerate(present):
+            s = plan.inputs[i]
             if not isinstance(s.reader, ViewReader):
                 s.reader = ViewReader(s.reader.ckpt, identity_views(s.reader))
             under = s.reader.views[job.sources[i]]  # where the rows really lie (for position and close)
             view = View(under.reader, under.name, TensorInfo(_DTYPE_NAMES[promoted], shape, under.info.file),
-                        load=lambda i=i, remap=remap: remap.load(i))
+                        load=lambda k=k, remap=remap: remap.load(k))
             s.reader.views[key] = view
             s.reader.infos[key] = view.info
             job.sources[i] = key
@@ -255,7 +298,7 @@ def _same_vocab_rows(plan: Plan) -> None:
     """Without a rebuilt vocabulary, every input's token rows must line up: equal shapes."""
     for job in plan.jobs:
         if job.name in VOCAB_TENSORS:
-            shapes = {tuple(s.reader.infos[src].shape) for s, src in zip(plan.inputs, job.sources)}
+            shapes = {tuple(s.reader.infos[src].shape) for s, src in zip(plan.inputs, job.sources) if src is not None}
             if len(shapes) > 1:
                 raise MergeError(f"tensor {job.name!r}: shapes {sorted(map(list, shapes))} differ and the tokenizers "
                                  "cannot be loaded to merge the rows token by token")
@@ -282,9 +325,14 @@ def tensor_params(plan: Plan, job: TensorJob) -> tuple[list, Any]:
     r, m = plan.recipe, plan.method
     scope = r.slices[job.slice_index] if job.slice_index is not None else None
 
+    module = r.modules[job.module] if job.module is not None else None
+
     def sources(s: Source | None, ref: str | None = None) -> list:  # highest precedence first, as mergekit
         if scope is not None:
             return parameter_sources(scope, ref if s else None, r.parameters)
+        if module is not None:  # the model's settings in its module, the module's, the recipe's
+            own = next((m.parameters for m in module.models if m.model == ref), None) if s else None
+            return ([own] if s else []) + [module.parameters, r.parameters]
         return [s.parameters, r.parameters] if s else [r.parameters]
 
     global_keys = [f.alias or n for n, f in m.global_params.model_fields.items()]
@@ -292,7 +340,7 @@ def tensor_params(plan: Plan, job: TensorJob) -> tuple[list, Any]:
     model_keys = [f.alias or n for n, f in m.model_params.model_fields.items()]
     per_model, merged_sources = [], []
     for i, s in enumerate(plan.inputs):
-        if i == plan.base_index:
+        if i == plan.base_index or job.sources[i] is None:  # None: a frankenmerge slot this slice leaves empty
             continue
         src = job.input_names[i] if job.input_names else job.sources[i]
         ref = job.refs[i] if job.refs else s.ref

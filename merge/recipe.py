@@ -18,10 +18,10 @@ Everything is checked when the recipe is read, before any tensor is touched (her
 values out of range (each error names the key and what is allowed). `slices:` scope settings
 by layer or stack layers into a frankenmerge (`merge/slices.py`); `tokenizer_source` and
 `tokenizer:` build the output vocabulary (`merge/tokenizer_merge.py`); `modules:` runs for a
-one-module (text-only) model; `BASE+ADAPTER` references merge a LoRA adapter into its base
+one-module (text-only) model and, module by module, for the multimodal architectures of
+`merge/modules.py`; `BASE+ADAPTER` references merge a LoRA adapter into its base
 (`merge/lora.py`). Several documents with `name:` are a multi-stage recipe
-(`merge/multistage.py`). Forms mergekit has and mergeline does not run (modules of a
-multimodal model) are refused, never misread.
+(`merge/multistage.py`). Forms mergekit has and mergeline does not run are refused, never misread.
 Differences from mergekit are deliberate: mergekit ignores unknown keys and parameters.
 
     python -m mergeline.merge.recipe configs/recipes/ties.yaml
@@ -86,6 +86,14 @@ class OutputSlice(BaseModel):
     parameters: dict[str, Any] | None = None
 
 
+class ModuleSpec(BaseModel):
+    """One module of a multimodal `modules:` recipe (merge/modules.py): its models and settings."""
+
+    model_config = ConfigDict(extra="forbid")
+    models: list[InputModel]
+    parameters: dict[str, Any] | None = None
+
+
 class TokenizerSpec(BaseModel):
     """mergekit's `tokenizer:` block (merge/tokenizer_merge.py): the output vocabulary's source
     ('union', 'base' or a model), tokens to add and where their rows come from, padding."""
@@ -113,7 +121,8 @@ class MergeRecipe(BaseModel):
     # TIES paper (Yadav et al. 2023, sec. 3), instead of per tensor as mergekit does.
     trim_scope: Literal["tensor", "model"] = "tensor"
     slices: list[OutputSlice] | None = None
-    modules: Any = None
+    # several modules of a multimodal model (merge/modules.py); `models` then lists their union
+    modules: dict[str, ModuleSpec] | None = None
     # Where relative model paths are also looked up (the recipe file's folder); not a YAML key.
     source_dir: str | None = None
     # A multi-stage recipe's final stage: every stage (merge/multistage.py), for the lineage;
@@ -151,9 +160,11 @@ class MergeRecipe(BaseModel):
         return self.base_model or self.inputs()[0].model
 
     def to_yaml(self) -> str:
-        data = self.model_dump(exclude_none=True, exclude={"source_dir", "modules", "stages"})
+        data = self.model_dump(exclude_none=True, exclude={"source_dir", "stages"})
         if self.trim_scope == "tensor":
             data.pop("trim_scope")
+        if "modules" in data:  # the union in `models` is derived, not written
+            data.pop("models", None)
         return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -201,7 +212,16 @@ def load_recipe(path_or_dict: str | Path | Mapping[str, Any], validate: bool = T
     if validate:
         from mergeline.merge.recipe_checks import check_recipe_semantics  # imports this module: not at the top
 
-        check_recipe_semantics(recipe, where)
+        if not recipe.modules:
+            check_recipe_semantics(recipe, where)
+        elif recipe.trim_scope == "model":
+            raise RecipeError(f"{where}: trim_scope 'model' takes one density per model over the whole model; "
+                              "write the recipe in the `models:` form (modules merge different models)")
+        for name, module in (recipe.modules or {}).items():  # each module is a merge of its own
+            shared = {**(recipe.parameters or {}), **(module.parameters or {})}
+            check_recipe_semantics(recipe.model_copy(update={"models": module.models, "modules": None,
+                                                             "parameters": shared or None}),
+                                   f"{where}: modules.{name}")
     return recipe
 
 
@@ -217,10 +237,10 @@ def _single_module(data: dict, where: str) -> dict:
     modules = data.get("modules")
     if modules is None:
         return data
-    if not isinstance(modules, dict) or set(modules) != {"default"}:
-        shown = sorted(modules) if isinstance(modules, dict) else type(modules).__name__
-        raise RecipeError(f"{where}: modules {shown}: only the single module 'default' (a text-only model) is "
-                          "supported; models with several modules (vision tower, projector) are not")
+    if not isinstance(modules, dict) or not modules:
+        raise RecipeError(f"{where}: modules must map module names to their 'models' (or, for 'default', 'slices')")
+    if set(modules) != {"default"}:
+        return _several_modules(data, modules, where)
     module = modules["default"]
     if not isinstance(module, dict):
         raise RecipeError(f"{where}: modules.default must be a mapping with 'models' or 'slices'")
@@ -243,6 +263,30 @@ def _single_module(data: dict, where: str) -> dict:
     if own:
         out["parameters"] = {**shared, **own}
     return out
+
+
+def _several_modules(data: dict, modules: dict, where: str) -> dict:
+    """A multimodal `modules:` recipe (merge/modules.py): kept as `modules`, with `models` set to
+    the union of the modules' models (without settings: those are per module), the plan's
+    inputs. Each module is checked as a recipe of its own (load_recipe)."""
+    if data.get("models") or data.get("slices"):
+        raise RecipeError(f"{where}: give either 'modules' or 'models'/'slices', not both (as in mergekit)")
+    union: dict[str, dict] = {}
+    for name, module in modules.items():
+        if not isinstance(module, dict):
+            raise RecipeError(f"{where}: modules.{name} must be a mapping with 'models'")
+        if module.get("slices"):
+            raise RecipeError(f"{where}: modules.{name}.slices: slices inside one of several modules are not "
+                              "supported; give the module a 'models' list")
+        extra = sorted(set(module) - {"models", "parameters"})
+        if extra:
+            raise RecipeError(f"{where}: modules.{name}.{extra[0]}: unknown key (allowed: models, parameters)")
+        if not module.get("models") or not isinstance(module["models"], list):
+            raise RecipeError(f"{where}: modules.{name} must list its 'models'")
+        for m in module["models"]:
+            if isinstance(m, dict) and isinstance(m.get("model"), str) and m["model"] not in union:
+                union[m["model"]] = {"model": m["model"]}  # settings stay per module (merge/plan.py)
+    return {**data, "models": list(union.values())}
 
 
 def model_names(recipe: MergeRecipe) -> dict[str, str]:

@@ -24,8 +24,8 @@ Two shapes, both planned exactly as mergekit's planner does (`mergekit/plan.py`)
   numbered in slice order: slice k's j-th layer reads layer `layer_range[0] + j` of each of its
   sources and is written under its new index; the config's layer count becomes the sum of the
   slice lengths. Every source of a slice spans the same number of layers, as mergekit requires;
-  mergeline also asks every slice to list the same number of models (the method sees the same
-  inputs throughout), with the slice's base among them when the method takes one.
+  slices may list different numbers of models (each slice merges its own sources, as in
+  mergekit), with the slice's base among them when the method takes one.
 
 Per tensor the parameter sources are the model's own settings in the slice, then the slice's
 `parameters`, then the recipe's; a gradient's t runs from 0 to 1 over the slice's layers; the
@@ -49,11 +49,9 @@ def is_pre_weight(name: str) -> bool:
 
 
 def check_slices(slices: list, base_model: str | None) -> None:
-    """What mergekit requires of any slices, plus mergeline's same-count rule; ValueError naming
-    the slice."""
+    """What mergekit requires of any slices; ValueError naming the slice."""
     if not slices:
         raise ValueError("'slices' must list at least one slice")
-    count = None
     for i, sl in enumerate(slices):
         where = f"slices[{i}]"
         if not sl.sources:
@@ -71,10 +69,6 @@ def check_slices(slices: list, base_model: str | None) -> None:
         refs = [s.model for s in sl.sources]
         if len(set(refs)) != len(refs):
             raise ValueError(f"{where}: lists a model twice ({refs})")
-        if count is not None and len(refs) != count:
-            raise ValueError(f"{where}: lists {len(refs)} models, but slices[0] lists {count}: every slice must "
-                             "list the same number of models (the same models, for slices that keep every layer)")
-        count = len(refs)
 
 
 def is_aligned(slices: list, base_model: str | None) -> bool:

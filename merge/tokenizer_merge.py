@@ -393,7 +393,8 @@ def check_token_sources(info: TokenizerInfo, tokens: dict[str, TokenSpec], model
             own = info.original_vocabs.get(model, {})
             if src.token is not None and src.token not in own:
                 raise ValueError(f"tokens[{token!r}].source: token {src.token!r} is not in model {model!r}")
-            if src.token_id is not None and not 0 <= src.token_id < len(info.permutations[model]):
+            # the model's own ids (its vocabulary, not the output's: `permutations` is keyed by output id)
+            if src.token_id is not None and not 0 <= src.token_id < max(len(own), len(info.permutations[model])):
                 raise ValueError(f"tokens[{token!r}].source: token_id {src.token_id} is out of range for {model!r}")
 
 

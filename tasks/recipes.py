@@ -3,8 +3,8 @@ an absolute folder.
 
 A task may run in another thread, process or machine (Dask), from another working folder, so the
 pipeline resolves every model reference once (`merge.resolve.resolve_model`): `models`, `base_model`,
-`slices[].sources`, `slices[].base_model`, `tokenizer_source`, `tokenizer.source` and
-`tokenizer.tokens[*].source`. Cache keys and lineage read `canonical(recipe)`, the typed recipe's
+`slices[].sources`, `slices[].base_model`, `modules.*.models`, `tokenizer_source`, `tokenizer.source`
+and `tokenizer.tokens[*].source`. Cache keys and lineage read `canonical(recipe)`, the typed recipe's
 stable JSON dump, so a recipe given as a mapping (the tuner's trials) keys alike. Baselines reuse
 the main recipe's models with a plain method.
 
@@ -35,8 +35,11 @@ def typed(recipe: MergeRecipe | Mapping, validate: bool = True) -> MergeRecipe:
 def canonical(recipe: MergeRecipe | Mapping) -> dict:
     """What a cache key or a lineage record reads: the typed recipe's JSON dump, without the
     source folder and the multi-stage records (the inputs' content hashes cover those)."""
-    return typed(recipe, validate=False).model_dump(mode="json", exclude_none=True,
+    data = typed(recipe, validate=False).model_dump(mode="json", exclude_none=True,
                                                     exclude={"source_dir", "stages"})
+    if "modules" in data:  # `models` is then the modules' union, derived when the recipe is read
+        data.pop("models", None)
+    return data
 
 
 def resolve(recipe: MergeRecipe, source_dir: str | Path | None = None,
@@ -66,6 +69,11 @@ def resolve(recipe: MergeRecipe, source_dir: str | Path | None = None,
             for sl in recipe.slices]
     def tokenizer_at(ref: str | None) -> str | None:
         return ref if ref in _NOT_MODELS else at(ref)
+
+    if recipe.modules:  # a multimodal recipe: each module lists its own models (merge/modules.py)
+        update["modules"] = {name: module.model_copy(update={
+            "models": [m.model_copy(update={"model": at(m.model)}) for m in module.models]})
+            for name, module in recipe.modules.items()}
 
     if recipe.tokenizer_source:
         update["tokenizer_source"] = tokenizer_at(recipe.tokenizer_source)

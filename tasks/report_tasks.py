@@ -2,36 +2,34 @@
 in the MLflow child run `gate`; and the short NO-GO reports of a run stopped before the gate (by
 the compatibility check or by the primary's smoke test).
 
-The decision must not die with a drawing: a report or plot that cannot be drawn (matplotlib reads a
-model name with two '$' as math text) is named in `problems`, and report.json / report.md are
-written without it.
+The report is evidence only (evaluation/report.py); the gate's decision is taken on it afterwards
+(`decide(report, policy)`) and written beside it as decision.json. The decision must not die with
+a drawing: a report or plot that cannot be drawn (matplotlib reads a model name with two '$' as
+math text) is named in `problems`, and report.json / decision.json / report.md are written without it.
 
     from mergeline.tasks.report_tasks import report_stage
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from mergeline.evaluation.policy import GatePolicy
 from mergeline.tasks import tracking
 from mergeline.tasks.tracking import RunLog
 
 
-def verdict(decision: dict) -> str:
-    """GO / NO-GO / INCONCLUSIVE, from a decision with or without the `verdict` key."""
-    return decision.get("verdict") or ("GO" if decision.get("go") else "NO-GO")
-
-
 @task(name="report-stage", cache_policy=NO_CACHE)
-def report_stage(log: RunLog, suite, table, primary: str, merged: dict, compat: dict, gate_policy,
+def report_stage(log: RunLog, suite, table, primary: str, merged: dict, compat: dict, gate_policy: GatePolicy,
                  fresh_runs: int, extra_inputs: dict, appendix: str = ""):
-    """The report and the gate's decision in the child run `gate`; `appendix` (markdown: the smoke
-    tests) is added to report.md. Returns (report, {kind: path}, problems)."""
+    """The report (evidence only), then the gate's decision on it (evaluation.gate.decide), in the
+    child run `gate`; `appendix` (markdown: the smoke tests) is added to report.md.
+    Returns (EvaluationReport, Decision, {kind: path}, problems)."""
+    from mergeline.evaluation.gate import decide
     from mergeline.evaluation.plots import all_plots
     from mergeline.evaluation.report import build_report, render_markdown, write_reports
 
@@ -39,32 +37,32 @@ def report_stage(log: RunLog, suite, table, primary: str, merged: dict, compat: 
     with log.child("gate") as (c, run):
         report = build_report(suite, table, primary=primary,
                               merge_stats={n: m["stats"] for n, m in merged.items()}, compat=compat,
-                              policy=gate_policy, extra_inputs=extra_inputs)
-        decision = report["decision"]
+                              confidence=gate_policy.confidence, extra_inputs=extra_inputs)
+        decision = decide(report, gate_policy)
         problems: list[str] = []
         names = set(merged) | set(table.scores["model"]) | set((compat.get("norms") or {}).get("per_model") or {})
         try:
-            paths = write_reports(report, run_dir / "report")
+            paths = write_reports(report, decision, run_dir / "report")
         except Exception as e:  # noqa: BLE001 - the decision must not die with a drawing
             problems.append(report_problem("the HTML report", e, names))
-            paths = plain_reports(report, run_dir / "report")
+            paths = write_reports(report, decision, run_dir / "report", overwrite=True, html=False)
         if appendix and paths.get("md"):
             with open(paths["md"], "a", encoding="utf-8") as f:
                 f.write(appendix)
         plots_dir = run_dir / "report" / "plots"
         plots_dir.mkdir(exist_ok=True)
         try:
-            for pname, png in all_plots(report).items():
+            for pname, png in all_plots(report, decision).items():
                 if png:
                     (plots_dir / f"{pname}.png").write_bytes(png)
         except Exception as e:  # noqa: BLE001
             problems.append(report_problem("the plots", e, names))
-        summaries = {n: cand.get("summary", {}) for n, cand in report["candidates"].items()}
-        tracking.log_metrics(c, run, {"scores": {f"{s['model']}.{s['task']}": s["value"] for s in report["scores"]},
-                                      "lm_eval_runs": fresh_runs, "go": decision["go"]})
+        summaries = {n: cand.summary.model_dump() for n, cand in report.candidates.items()}
+        tracking.log_metrics(c, run, {"scores": {f"{s.model}.{s.task}": s.value for s in report.scores},
+                                      "lm_eval_runs": fresh_runs, "go": decision.go})
         tracking.log_metrics(c, run, summaries)
-        tracking.set_tags(c, run, {"decision": verdict(decision)})
-        tracking.log_json(c, run, decision, "decision.json")
+        tracking.set_tags(c, run, {"decision": decision.verdict})
+        tracking.log_json(c, run, decision.model_dump(mode="json"), "decision.json")
         for p in paths.values():
             tracking.log_artifact(c, run, Path(p), "report")
         tracking.log_artifact(c, run, plots_dir, "report/plots")
@@ -72,8 +70,8 @@ def report_stage(log: RunLog, suite, table, primary: str, merged: dict, compat: 
     tracking.log_metrics(c, log.parent, summaries)
     if problems:
         tracking.set_tags(c, log.parent, {"mergeline.report_problems": "; ".join(problems)[:5000]})
-    prefect_artifacts(render_markdown(report) + appendix, report["scores"])
-    return report, paths, problems
+    prefect_artifacts(render_markdown(report, decision) + appendix, [s.model_dump(mode="json") for s in report.scores])
+    return report, decision, paths, problems
 
 
 def report_problem(what: str, e: Exception, names: set[str]) -> str:
@@ -85,20 +83,6 @@ def report_problem(what: str, e: Exception, names: set[str]) -> str:
     msg = " ".join(str(e).split())
     msg = msg if len(msg) <= 160 else msg[:160] + "..."
     return f"{what} could not be drawn ({type(e).__name__}: {msg}){culprit}; the decision stands, see report.md"
-
-
-def plain_reports(report: dict, out_dir: Path) -> dict[str, Path]:
-    """report.json and report.md without the HTML (its plots failed)."""
-    from mergeline.evaluation.report import render_markdown
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md"}
-    texts = {"json": json.dumps(report, indent=2, default=str), "md": render_markdown(report)}
-    for kind, path in paths.items():
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(texts[kind], encoding="utf-8")
-        os.replace(tmp, path)
-    return paths
 
 
 def smoke_markdown(smoke: dict) -> str:

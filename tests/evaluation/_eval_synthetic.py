@@ -4,10 +4,11 @@ Three fine-tunes (addition, reverse, facts), one general task, and two candidate
 "ties" keeps most of every skill, "linear" (plain averaging) loses most of them.
 
 `table_from_items` builds a ScoreTable from per-item 0/1 answers whose truth is known, for the
-gate's three verdicts. Run as a script it writes a realistic report.json (two seeds, a DARE-TIES
-candidate merged once per seed, an INCONCLUSIVE decision) for the report renderers:
+gate's three verdicts. Run as a script it writes a realistic example_report.json (two seeds, a
+DARE-TIES candidate merged once per seed) and its example_decision.json (INCONCLUSIVE) for the
+report renderers:
 
-    .venv/bin/python tests/evaluation/_eval_synthetic.py tests/evaluation/example_report.json
+    .venv/bin/python tests/evaluation/_eval_synthetic.py tests/evaluation/
 """
 from __future__ import annotations
 
@@ -150,7 +151,18 @@ def example_table(n: int = 40) -> ScoreTable:
     return t
 
 
-def example_report() -> dict:
+EXAMPLE_POLICY = {"name": "example", "confidence": 0.95,
+                  "retention": {"min_per_task": 0.8, "min_mean": 0.9},
+                  "regression": {"max_drop_per_task": 0.1},
+                  "sign_conflict": {"max_dropped_fraction_per_model": 0.5},
+                  "interference": {"fail_on_flag": True},
+                  "compatibility": {"must_pass": True},
+                  "baseline": {"must_beat": "linear", "margin": 0.0}}
+
+
+def example_report():
+    """(EvaluationReport, Decision) of the example: built and judged by the code of today."""
+    from mergeline.evaluation.gate import decide
     from mergeline.evaluation.report import build_report
 
     data = {**SUITE, "limit": 40, "seeds": [0, 1]}
@@ -158,18 +170,32 @@ def example_report() -> dict:
              "dare_ties": merge_stats("dare_ties", {"addition": 0.12, "reverse": 0.40, "facts": 0.15}),
              "linear": merge_stats("linear", {})}
     stats["linear"].update(per_model={}, per_layer={}, sign_conflict={})
-    policy = {"name": "example", "confidence": 0.95,
-              "retention": {"min_per_task": 0.8, "min_mean": 0.9},
-              "regression": {"max_drop_per_task": 0.1},
-              "sign_conflict": {"max_dropped_fraction_per_model": 0.5},
-              "interference": {"fail_on_flag": True},
-              "compatibility": {"must_pass": True},
-              "baseline": {"must_beat": "linear", "margin": 0.0}}
-    return build_report(suite(data), example_table(), primary="ties", merge_stats=stats, compat=COMPAT_PASS,
-                        policy=policy, extra_inputs={"example": "tests/evaluation/_eval_synthetic.py"})
+    report = build_report(suite(data), example_table(), primary="ties", merge_stats=stats, compat=COMPAT_PASS,
+                          confidence=EXAMPLE_POLICY["confidence"],
+                          extra_inputs={"example": "tests/evaluation/_eval_synthetic.py"})
+    return report, decide(report, EXAMPLE_POLICY)
+
+
+HERE = Path(__file__).parent
+
+
+def stored_example():
+    """The stored example_report.json and example_decision.json, read back typed."""
+    from mergeline.evaluation.schema import load_decision, load_report
+
+    return load_report(HERE / "example_report.json"), load_decision(HERE / "example_decision.json")
+
+
+def example_decision():
+    from mergeline.evaluation.schema import load_decision
+
+    return load_decision(HERE / "example_decision.json")
 
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "example_report.json")
-    out.write_text(json.dumps(example_report(), indent=2, allow_nan=False) + "\n")
-    print(out)
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    report, decision = example_report()
+    for name, model in (("example_report.json", report), ("example_decision.json", decision)):
+        json.loads(model.model_dump_json(), parse_constant=lambda c: sys.exit(f"{name}: {c} in the JSON"))
+        (out / name).write_text(model.model_dump_json(indent=2) + "\n")
+        print(out / name)

@@ -1,13 +1,18 @@
-"""Hand-made reports in the schema v2 shape (intervals everywhere, three verdicts) for the
-renderer tests, without models or lm-eval. Intervals come from evaluation.stats.
+"""Hand-made reports and decisions (intervals everywhere, three verdicts) for the renderer
+tests, without models or lm-eval. Intervals come from evaluation.stats; the shape is the typed
+schema's (evaluation/schema.py), so every report made here validates.
 
-    report(verdict="GO" | "NO-GO" | "INCONCLUSIVE", finetunes=[...], general=[...], items=40)
+    data(verdict="GO" | "NO-GO" | "INCONCLUSIVE", finetunes=[...], general=[...], items=40)
+        -> (report dict, decision dict), to edit (crafted names, messages) before typing
+    typed(report_dict, decision_dict) -> (EvaluationReport, Decision)
+    report(...) = typed(*data(...))
 """
 from __future__ import annotations
 
 import copy
 
 from mergeline.evaluation import stats
+from mergeline.evaluation.schema import Decision, EvaluationReport
 
 CANDIDATES = {"ties": "ties", "linear": "linear", "dare_ties": "dare_ties"}
 
@@ -35,8 +40,17 @@ def _ratio(a_right: int, b_right: int, n: int) -> dict:
 
 
 def report(verdict: str = "GO", finetunes: list[str] | None = None, general: list[str] | None = None,
-           items: int = 40, names: dict[str, str] | None = None) -> dict:
-    """A v2 report; `names` renames models and tasks (for crafted or long names)."""
+           items: int = 40, names: dict[str, str] | None = None) -> tuple[EvaluationReport, Decision]:
+    return typed(*data(verdict, finetunes, general, items, names))
+
+
+def typed(report_dict: dict, decision_dict: dict) -> tuple[EvaluationReport, Decision]:
+    return EvaluationReport.model_validate(report_dict), Decision.model_validate(decision_dict)
+
+
+def data(verdict: str = "GO", finetunes: list[str] | None = None, general: list[str] | None = None,
+         items: int = 40, names: dict[str, str] | None = None) -> tuple[dict, dict]:
+    """A report and its decision as dicts; `names` renames models and tasks (for crafted or long names)."""
     finetunes = finetunes or ["addition", "reverse", "facts"]
     general = general or ["t_gen"]
     tasks = {ft: f"t_{ft}" for ft in finetunes}
@@ -58,7 +72,8 @@ def report(verdict: str = "GO", finetunes: list[str] | None = None, general: lis
             k = ft_right[ft] if m == ft else right[m][ft] if m in right else n // 10
             v, iv = _score(k, n)
             scores.append({"model": m, "role": role, "task": t, "value": v, "interval": iv,
-                           "seed_spread": {"seeds": 3, "min": v - 0.02, "max": v + 0.01} if m == "dare_ties" else None})
+                           "seed_spread": ({"seeds": [0, 1, 2], "values": [v - 0.02, v + 0.01, v], "min": v - 0.02,
+                                            "max": v + 0.01, "std": 0.015} if m == "dare_ties" else None)})
         for g in general:
             k = cand_gen[m][g] if m in cand_gen else base_gen[g]
             v, iv = _score(k, n)
@@ -91,18 +106,19 @@ def report(verdict: str = "GO", finetunes: list[str] | None = None, general: lis
             "interference": {
                 "by_type": {"generation": {"mean_retention": sum(rets) / len(rets), "tasks": len(rets)}},
                 "spread": {"min": min(rets), "max": max(rets), "mean": sum(rets) / len(rets), "std": 0.02},
-                "per_finetune": {r["finetune"]: r["retention"] for r in ret},
-                "marks": {"high": 0.9, "low": 0.5}, "kept": kept, "lost": lost, "flag": bool(kept and lost),
-                "flag_explanation": (f"keeps {kept} (retention >= 0.9) while losing {lost} (<= 0.5)"
-                                     if kept and lost else "no fine-tune kept while another is lost"),
-                "flips": [{"task": r["task"], "reference": r["finetune"], "items": n,
+                "kept": kept, "lost": lost, "flag": bool(kept and lost),
+                "pairs": [{"kept": k, "lost": lo, "gap": 0.5} for k in kept for lo in lost], "suspected": [],
+                "gap": 0.5,
+                "explanation": (f"keeps {kept} (retention >= 0.9) while losing {lost} (<= 0.5)"
+                                if kept and lost else "no fine-tune kept while another is lost"),
+                "flips": [{"candidate": c, "task": r["task"], "reference": r["finetune"], "items": n,
                            "reference_correct": ft_right[r["finetune"]], "flips": ft_right[r["finetune"]] - right[c][r["finetune"]],
                            "gains": 0, "flip_rate": (ft_right[r["finetune"]] - right[c][r["finetune"]]) / ft_right[r["finetune"]]}
                           for r in ret],
                 "total_flips": sum(ft_right[ft] - right[c][ft] for ft in finetunes),
                 "per_model": per_model},
-            "sign_conflict": {
-                "available": True, "method": method, "rate": 0.12 if elect else None,
+            "sign_conflict": {"not_applicable": f"method {method!r} elects no signs"} if not elect else {
+                "method": method, "elects_signs": True, "rate": 0.12 if elect else None,
                 "per_model": {ft: {"kept_fraction": 0.2, "trimmed_fraction": 0.8,
                                    "dropped_fraction_of_kept": dropped[ft] if elect else 0.0,
                                    "dropped_magnitude_share": dropped[ft] / 2 if elect else 0.0} for ft in finetunes},
@@ -142,8 +158,7 @@ def report(verdict: str = "GO", finetunes: list[str] | None = None, general: lis
     status = {"GO": "pass", "NO-GO": "fail", "INCONCLUSIVE": "inconclusive"}[verdict]
     checks.append({"rule": "retention.mean", "status": status, "message": f"mean retention against 0.85 ({first})",
                    "interval": mean_iv, "threshold": 0.85,
-                   "items_needed": ({t: 120 + 10 * i for i, t in enumerate(tasks.values())}
-                                    if verdict == "INCONCLUSIVE" else None)})
+                   "items_needed": 120 if verdict == "INCONCLUSIVE" else None})
     checks.append({"rule": f"regression[{general[0]}]", "status": "pass" if verdict != "NO-GO" else "fail",
                    "message": "merged - base against -0.10", "interval": candidates["ties"]["regression"][0]["delta_interval"],
                    "threshold": -0.10, "items_needed": None})
@@ -153,19 +168,16 @@ def report(verdict: str = "GO", finetunes: list[str] | None = None, general: lis
     checks.append({"rule": "baseline[linear]", "status": "pass" if comparisons[0]["primary_beats"] else "fail",
                    "message": "mean retention difference against margin 0.0",
                    "interval": comparisons[0]["difference_interval"], "threshold": 0.0, "items_needed": None})
-    go = verdict == "GO"
-    decision = {"verdict": verdict, "go": go, "exit_code": {"GO": 0, "NO-GO": 1, "INCONCLUSIVE": 3}[verdict],
-                "candidate": "ties", "policy": "default", "confidence": 0.95, "checks": checks,
-                "reasons": [f"{c['rule']}: {c['message']}" for c in checks if c["status"] == "fail"],
-                "passed": [f"{c['rule']}: {c['message']}" for c in checks if c["status"] == "pass"],
-                "inconclusive": [f"{c['rule']}: {c['message']}" for c in checks if c["status"] == "inconclusive"]}
+    decision = {"verdict": verdict, "exit_code": {"GO": 0, "NO-GO": 1, "INCONCLUSIVE": 3}[verdict],
+                "candidate": "ties", "policy": "default", "confidence": 0.95, "checks": checks}
 
     rep = {
-        "schema_version": 2, "kind": "mergeline.evaluation_report", "created": "2026-11-28T18:00:00Z",
+        "schema_version": 3, "kind": "mergeline.evaluation_report", "created": "2026-11-28T18:00:00Z",
         "lm_eval_version": "0.4.13", "primary": "ties", "confidence": 0.95,
         "inputs": {"models": {m: {"role": role, "path": f"/work/runs/zoo/models/{m}/snapshots/" + "0123456789abcdef" * 4,
                                   "content_hash": "sha256:" + "ab" * 32} for m, role in roles.items()},
-                   "suite": {}, "extra": {}},
+                   "suite": {"name": "v2", "retention": {ft: [t] for ft, t in tasks.items()}, "general": general},
+                   "extra": {}},
         "task_types": {**{t: "generation" for t in tasks.values()}, **{g: "multiple_choice" for g in general}},
         "scores": scores, "candidates": candidates,
         "baselines": {"primary": "ties", "comparisons": comparisons,
@@ -175,9 +187,9 @@ def report(verdict: str = "GO", finetunes: list[str] | None = None, general: lis
                                                  "waived": False}],
                    "norms": {"per_model": {ft: {"relative_delta": 0.03 + 0.01 * i} for i, ft in enumerate(finetunes)},
                              "cosine": {a: {b: 1.0 if a == b else 0.05 for b in finetunes} for a in finetunes}}},
-        "merge_stats": {}, "decision": decision,
+        "merge_stats": {},
     }
-    return rename(rep, names) if names else rep
+    return (rename(rep, names), rename(decision, names)) if names else (rep, decision)
 
 
 def rename(report: dict, names: dict[str, str]) -> dict:

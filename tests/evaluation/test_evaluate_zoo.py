@@ -65,14 +65,14 @@ def world(zoo, tmp_path_factory):
             "compat_bad": check_models(zoo.base, bad_inputs).to_dict()}
 
 
-def _report(world, primary: str, compat: dict, drop: str | None = None, policy=None) -> dict:
+def _report(world, primary: str, compat: dict, drop: str | None = None):
     t = world["table"]
     if drop:  # one report per judged merge: the other TIES variant is not a baseline
         from dataclasses import replace
         keep = [m for m in t.models if m != drop]
         t = replace(t, scores=t.scores[t.scores.model.isin(keep)], samples=t.samples[t.samples.model.isin(keep)],
                     models={m: t.models[m] for m in keep})
-    return build_report(world["suite"], t, primary=primary, compat=compat, policy=policy)
+    return build_report(world["suite"], t, primary=primary, compat=compat)
 
 
 def test_each_finetune_scores_high_on_its_own_tasks(world):
@@ -102,20 +102,21 @@ def test_second_evaluation_hits_the_cache(world):
 # lower bounds >= 0.5) and the general skill (drops within 0.10), plain averaging keeps almost
 # none of the skills: GO under configs/gate_policy.yaml.
 def test_ties_merge_is_go_under_the_default_policy(world, tmp_path):
-    report = _report(world, "ties", world["compat"], drop="ties_bad", policy=REPO / "configs/gate_policy.yaml")
-    print(json.dumps({n: c["summary"] for n, c in report["candidates"].items()}, indent=1))
-    print(report["baselines"]["answer"])
-    print("\n".join(report["decision"]["passed"] + report["decision"]["reasons"]))
-    assert report["decision"]["go"], report["decision"]["reasons"]
+    report = _report(world, "ties", world["compat"], drop="ties_bad")
+    decision = decide(report, REPO / "configs/gate_policy.yaml")
+    print(json.dumps({n: c.summary.model_dump(mode="json") for n, c in report.candidates.items()}, indent=1))
+    print(report.baselines.answer)
+    print("\n".join(decision.passed + decision.reasons))
+    assert decision.go, decision.reasons
     # All four axes and the baselines are in the report.
-    ties = report["candidates"]["ties"]
-    assert {r["task"] for r in ties["retention"]} == set(world["suite"].retention_task_names())
-    assert [r["task"] for r in ties["regression"]] == world["suite"].general
-    assert {"generation", "multiple_choice"} <= set(ties["interference"]["by_type"])
-    assert ties["sign_conflict"]["available"] and ties["sign_conflict"]["rate"] is not None
-    assert {"linear", "task_arithmetic"} <= set(report["candidates"])
+    ties = report.candidates["ties"]
+    assert {r.task for r in ties.retention} == set(world["suite"].retention_task_names())
+    assert [r.task for r in ties.regression] == world["suite"].general
+    assert {"generation", "multiple_choice"} <= set(ties.interference.by_type)
+    assert ties.signs is not None and ties.signs.rate is not None
+    assert {"linear", "task_arithmetic"} <= set(report.candidates)
 
-    paths = write_reports(report, tmp_path)
+    paths = write_reports(report, decision, tmp_path)
     html = paths["html"].read_text()
     assert len(re.findall(r'<img alt="[^"]+" src="data:image/png;base64,', html)) == 6  # every plot
 

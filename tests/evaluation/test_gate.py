@@ -6,6 +6,7 @@ from typer.testing import CliRunner
 
 import _eval_synthetic as syn
 from mergeline.evaluation.gate import REPORT_SCHEMA_VERSION, ReportError, decide
+from mergeline.evaluation.schema import CompatSummary, Decision, Missing
 from mergeline.evaluation.policy import PolicyError, load_policy
 from mergeline.evaluation.report import build_report
 from mergeline.flows.cli import app
@@ -60,11 +61,24 @@ def test_failed_compatibility_and_missing_evidence_fail():
         "compatibility: status 'fail', failed checks: ['same_base']"]
     d = decide(_report(compat=None), {"compatibility": {"must_pass": True}, "baseline": {"must_beat": "dare"}})
     assert not d.go and len(d.reasons) == 2
+    # each absence is typed in the report, with its reason, and the check says it
+    assert d.reasons[0] == "compatibility: no compatibility report was given"
     assert "baseline 'dare' was not evaluated" in d.reasons[1]
+
+
+def test_missing_merge_statistics_fail_the_sign_rules_saying_so():
+    rep = _report(stats={"ties": None, "linear": None})
+    assert rep.candidates["ties"].sign_conflict == Missing(
+        missing="no merge statistics for 'ties' (no merge_stats.json beside the merge)")
+    d = decide(rep, {"sign_conflict": {"max_dropped_fraction_per_model": 0.5, "max_conflict_rate": 0.5}})
+    assert [(c.rule, c.status) for c in d.checks] == [("sign_conflict.dropped_fraction", "fail"),
+                                                      ("sign_conflict.rate", "fail")]
+    assert all("no merge statistics for 'ties'" in c.message for c in d.checks)
 
 
 def test_warn_status_obeys_allow_warn():
     rep = _report(compat={**syn.COMPAT_PASS, "status": "warn"})
+    assert isinstance(rep.compat, CompatSummary) and rep.compat.status == "warn"
     assert decide(rep, {"compatibility": {"must_pass": True, "allow_warn": True}}).go
     assert not decide(rep, {"compatibility": {"must_pass": True, "allow_warn": False}}).go
 
@@ -93,8 +107,8 @@ def test_policy_errors_name_the_key(tmp_path):
 @pytest.fixture
 def report_files(tmp_path):
     good, bad = tmp_path / "good.json", tmp_path / "bad.json"
-    good.write_text(json.dumps(_report()))
-    bad.write_text(json.dumps(_report(compat=syn.COMPAT_FAIL)))
+    good.write_text(_report().model_dump_json())
+    bad.write_text(_report(compat=syn.COMPAT_FAIL).model_dump_json())
     return good, bad
 
 
@@ -111,6 +125,7 @@ def test_gate_cli_exit_codes(report_files, tmp_path):
 
     r = runner.invoke(app, ["gate", str(bad), "--policy", policy, "--json"])
     assert r.exit_code == 1 and json.loads(r.stdout)["verdict"] == "NO-GO"
+    assert Decision.model_validate_json(r.stdout).reasons  # the decision.json shape, typed
 
 
 def test_gate_cli_unusable_input_exits_2(report_files, tmp_path):
@@ -123,12 +138,18 @@ def test_gate_cli_unusable_input_exits_2(report_files, tmp_path):
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"schema_version": 99}))
     broken = tmp_path / "broken.json"
-    broken.write_text(json.dumps({"schema_version": REPORT_SCHEMA_VERSION, "primary": "ties", "confidence": 0.95, "candidates": {"ties": {"retention": [{}]}}}))
+    broken.write_text(json.dumps({"schema_version": REPORT_SCHEMA_VERSION, "primary": "ties", "confidence": 0.95,
+                                  "candidates": {"ties": {"retention": [{}]}}}))
+    data = json.loads(good.read_text())
+    data["candidates"]["ties"]["summary"]["mean_retentoin"] = data["candidates"]["ties"]["summary"].pop("mean_retention")
+    renamed = tmp_path / "renamed.json"
+    renamed.write_text(json.dumps(data))
     cases = {
         (str(tmp_path / "missing.json"), str(policy)): "report not found",
         (str(not_json), str(policy)): "not valid JSON",
         (str(old), str(policy)): "schema_version 99",
-        (str(broken), str(policy)): "malformed report",
+        (str(broken), str(policy)): "missing required key 'created'",
+        (str(renamed), str(policy)): "unknown key 'candidates.ties.summary.mean_retentoin'",
         (str(good), str(typo)): "unknown key 'regresion'",
         (str(good), str(tmp_path / "nope.yaml")): "policy file not found",
     }
@@ -136,6 +157,8 @@ def test_gate_cli_unusable_input_exits_2(report_files, tmp_path):
         r = runner.invoke(app, ["gate", rep, "--policy", pol])
         assert r.exit_code == 2, (rep, pol, r.output)
         assert message in r.output.replace("\n", ""), r.output
+        if pol == str(policy):  # one line, naming the report file and then what is wrong with it
+            assert r.output.startswith(f"error: {rep}: ") and r.output.count("\n") == 1, r.output
 
 
 # ---- three verdicts on per-item data whose truth is known
@@ -146,7 +169,7 @@ def _one_skill(merged_right: int, n: int, policy: dict, ft_right: int | None = N
     t = syn.table_from_items({"base": {"t": syn.first_right(0, n)},
                               "ft": {"t": syn.first_right(n if ft_right is None else ft_right, n)},
                               "ties": {"t": syn.first_right(merged_right, n)}})
-    return build_report(s, t, primary="ties", policy=policy)["decision"]
+    return decide(build_report(s, t, primary="ties"), policy)
 
 
 RETAIN_80 = {"retention": {"min_per_task": 0.8}}
@@ -154,13 +177,13 @@ RETAIN_80 = {"retention": {"min_per_task": 0.8}}
 
 def test_clearly_above_is_go_clearly_below_is_nogo():
     above = _one_skill(190, 200, RETAIN_80)                 # retention 0.95, interval well above 0.8
-    assert above["verdict"] == "GO" and above["exit_code"] == 0 and above["go"] is True
-    [c] = above["checks"]
-    assert c["status"] == "pass" and c["interval"]["low"] >= 0.8 and c["threshold"] == 0.8
+    assert above.verdict == "GO" and above.exit_code == 0 and above.go is True
+    [c] = above.checks
+    assert c.status == "pass" and c.interval.low >= 0.8 and c.threshold == 0.8
     below = _one_skill(100, 200, RETAIN_80)                 # retention 0.5, interval well below 0.8
-    assert below["verdict"] == "NO-GO" and below["exit_code"] == 1 and below["go"] is False
-    assert below["checks"][0]["status"] == "fail" and below["checks"][0]["interval"]["high"] < 0.8
-    assert below["reasons"] and not below["inconclusive"]
+    assert below.verdict == "NO-GO" and below.exit_code == 1 and below.go is False
+    assert below.checks[0].status == "fail" and below.checks[0].interval.high < 0.8
+    assert below.reasons and not below.inconclusive
 
 
 def test_straddling_is_inconclusive_and_says_how_many_items_would_settle_it():
@@ -168,28 +191,28 @@ def test_straddling_is_inconclusive_and_says_how_many_items_would_settle_it():
 
     n, p = 50, 0.86
     d = _one_skill(round(p * n), n, RETAIN_80)
-    assert d["verdict"] == "INCONCLUSIVE" and d["exit_code"] == 3 and d["go"] is False
-    [c] = d["checks"]
-    assert c["status"] == "inconclusive" and c["interval"]["low"] < 0.8 <= c["interval"]["high"]
-    assert d["inconclusive"] == [f"retention[t]: {c['message']}"] and d["reasons"] == []
+    assert d.verdict == "INCONCLUSIVE" and d.exit_code == 3 and d.go is False
+    [c] = d.checks
+    assert c.status == "inconclusive" and c.interval.low < 0.8 <= c.interval.high
+    assert d.inconclusive == [f"retention[t]: {c.message}"] and d.reasons == []
     # The figure: at sd = sqrt(p(1-p)) and distance p - 0.8, n = (1.96 sd / d)^2; the Wilson
     # interval's lower reach at 50 items is longer than the normal one (skewed towards 0.5), so
     # the figure read from it lies above the textbook's, never below ...
     textbook = ceil((1.96 * (p * (1 - p)) ** 0.5 / (p - 0.8)) ** 2)
-    assert 0.9 * textbook <= c["items_needed"] <= 2 * textbook, (c["items_needed"], textbook)
-    assert c["items_needed"] > n
+    assert 0.9 * textbook <= c.items_needed <= 2 * textbook, (c.items_needed, textbook)
+    assert c.items_needed > n
     # ... and the same effect on that many items settles it (at exactly that many the lower bound
     # sits on the threshold, half the time below; half as many again clears it).
-    m = ceil(1.5 * c["items_needed"])
+    m = ceil(1.5 * c.items_needed)
     settled = _one_skill(round(p * m), m, RETAIN_80)
-    assert settled["verdict"] == "GO", settled["checks"]
+    assert settled.verdict == "GO", settled.checks
 
 
 def test_confidence_none_judges_the_point_estimates():
     point = {**RETAIN_80, "confidence": "none"}
     d = _one_skill(43, 50, point)                           # 0.86 >= 0.8: the point gate says GO
-    assert d["verdict"] == "GO" and d["confidence"] is None and d["checks"][0]["items_needed"] is None
-    assert _one_skill(39, 50, point)["verdict"] == "NO-GO"  # 0.78 < 0.8
+    assert d.verdict == "GO" and d.confidence is None and d.checks[0].items_needed is None
+    assert _one_skill(39, 50, point).verdict == "NO-GO"  # 0.78 < 0.8
     assert load_policy({"confidence": None}).confidence is None
     with pytest.raises(PolicyError, match="confidence"):
         load_policy({"confidence": 1.5})
@@ -208,22 +231,22 @@ def test_issue_example_ties_093_vs_averaging_098_on_100_items_is_inconclusive_no
                               "linear": {"t": syn.first_right(98, n)}})
     assert mcnemar_p(syn.first_right(93, n), syn.first_right(98, n)) == pytest.approx(0.0625)
     policy = {"retention": {"min_per_task": 0.5}, "baseline": {"must_beat": "linear"}}
-    report = build_report(s, t, primary="ties", policy=policy)
-    d = report["decision"]
-    assert d["verdict"] == "INCONCLUSIVE", d["checks"]
-    [b] = [c for c in d["checks"] if c["rule"] == "baseline[linear]"]
-    assert b["status"] == "inconclusive" and b["interval"]["method"] == "paired score"
-    assert b["interval"]["low"] < 0 < b["interval"]["high"] and b["interval"]["estimate"] < 0
-    assert b["items_needed"] > n
+    report = build_report(s, t, primary="ties")
+    d = decide(report, policy)
+    assert d.verdict == "INCONCLUSIVE", d.checks
+    [b] = [c for c in d.checks if c.rule == "baseline[linear]"]
+    assert b.status == "inconclusive" and b.interval.method == "paired score"
+    assert b.interval.low < 0 < b.interval.high and b.interval.estimate < 0
+    assert b.items_needed > n
     # both fine-tunes of the one task get their own retention rule
-    assert {c["rule"] for c in d["checks"]} >= {"retention[t, ft_a]", "retention[t, ft_b]"}
+    assert {c.rule for c in d.checks} >= {"retention[t, ft_a]", "retention[t, ft_b]"}
     # the point-estimate gate said NO-GO
     assert decide(report, {**policy, "confidence": "none"}).verdict == "NO-GO"
 
 
 def test_policy_and_report_must_agree_on_the_confidence():
     rep = _report()
-    assert rep["confidence"] == 0.95
+    assert rep.confidence == 0.95
     with pytest.raises(ReportError, match="confidence 0.95.*0.99"):
         decide(rep, {"confidence": 0.99})
     assert decide(rep, {"confidence": "none"}).confidence is None   # points need no intervals
@@ -247,33 +270,33 @@ def _three_skills(merged: dict[str, int], n: int = 40):
     for t in "abc":
         items[f"ft_{t}"] = {u: syn.first_right(n if u == t else 0, n) for u in "abc"}
     items["ties"] = {t: syn.first_right(merged[t], n) for t in "abc"}
-    return build_report(s, syn.table_from_items(items), primary="ties",
-                        policy={"interference": {"fail_on_flag": True}})
+    rep = build_report(s, syn.table_from_items(items), primary="ties")
+    return rep, decide(rep, {"interference": {"fail_on_flag": True}})
 
 
 def test_one_skill_kept_at_075_while_the_others_fall_to_0_raises_the_flag():
-    rep = _three_skills({"a": 30, "b": 0, "c": 0})
-    i = rep["candidates"]["ties"]["interference"]
-    assert i["flag"] is True and i["kept"] == ["ft_a"] and i["lost"] == ["ft_b", "ft_c"]
-    assert "keeps ft_a 0.750" in i["explanation"]
-    assert [m["finetune"] for m in i["per_model"]] == ["ft_a", "ft_b", "ft_c"]
-    assert i["per_model"][0]["retention_interval"]["low"] > i["per_model"][1]["retention_interval"]["high"]
-    assert rep["decision"]["verdict"] == "NO-GO"
-    assert rep["decision"]["checks"][0]["status"] == "fail"
+    rep, d = _three_skills({"a": 30, "b": 0, "c": 0})
+    i = rep.candidates["ties"].interference
+    assert i.flag is True and i.kept == ["ft_a"] and i.lost == ["ft_b", "ft_c"]
+    assert "keeps ft_a 0.750" in i.explanation
+    assert [m.finetune for m in i.per_model] == ["ft_a", "ft_b", "ft_c"]
+    assert i.per_model[0].retention_interval.low > i.per_model[1].retention_interval.high
+    assert d.verdict == "NO-GO"
+    assert d.checks[0].status == "fail"
 
 
 def test_the_flag_is_relative_not_fixed_marks():
     # 0.85 / 0.30 / 0.30: under the old marks (kept >= 0.9) no flag; the gap of 0.55 is one.
-    assert _three_skills({"a": 34, "b": 12, "c": 12})["candidates"]["ties"]["interference"]["flag"] is True
+    assert _three_skills({"a": 34, "b": 12, "c": 12})[0].candidates["ties"].interference.flag is True
     # all skills lost alike: no task-conditional pattern (retention rules catch the loss)
-    even = _three_skills({"a": 4, "b": 2, "c": 3})
-    assert even["candidates"]["ties"]["interference"]["flag"] is False
-    assert even["decision"]["verdict"] == "GO"
+    even, d = _three_skills({"a": 4, "b": 2, "c": 3})
+    assert even.candidates["ties"].interference.flag is False
+    assert d.verdict == "GO"
 
 
 def test_a_gap_the_items_cannot_settle_is_inconclusive():
-    rep = _three_skills({"a": 4, "b": 1, "c": 4}, n=5)      # 0.8 vs 0.2 on 5 items: gap, overlapping intervals
-    i = rep["candidates"]["ties"]["interference"]
-    assert i["flag"] is False and i["suspected"]
-    assert rep["decision"]["verdict"] == "INCONCLUSIVE"
-    assert "cannot yet tell" in rep["decision"]["checks"][0]["message"]
+    rep, d = _three_skills({"a": 4, "b": 1, "c": 4}, n=5)      # 0.8 vs 0.2 on 5 items: gap, overlapping intervals
+    i = rep.candidates["ties"].interference
+    assert i.flag is False and i.suspected
+    assert d.verdict == "INCONCLUSIVE"
+    assert "cannot yet tell" in d.checks[0].message

@@ -4,7 +4,6 @@ from html.parser import HTMLParser
 
 import _report_v2 as v2
 from mergeline.evaluation.html_report import CSS, render_html
-from mergeline.evaluation.stats import Interval
 
 ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "span", "div", "table",
                 "thead", "tbody", "tr", "th", "td", "figure", "img", "figcaption", "wbr"}
@@ -46,13 +45,13 @@ def _parse(page: str) -> _Tags:
 def test_a_crafted_report_cannot_inject_markup():
     names = {"ties": SCRIPT, "addition": f"<td>{SCRIPT}", "t_reverse": "<img src=x onerror=alert(1)>",
              "default": f"policy {SCRIPT}", "t_gen": "x\" onmouseover=\"alert(1)"}
-    rep = v2.report("NO-GO", names=names)
-    for c in rep["decision"]["checks"]:
+    rep, dec = v2.data("NO-GO", names=names)
+    for c in dec["checks"]:
         c["message"] = f"<td class='pass'>{SCRIPT}</td>"   # the cell render_html used to copy in raw
         c["rule"] = f"<td>{c['rule']}"
     rep["baselines"]["answer"] = SCRIPT
     rep["compat"]["checks"][0]["message"] = SCRIPT
-    page = render_html(rep)
+    page = render_html(*v2.typed(rep, dec))
     parsed = _parse(page)
     assert set(parsed.tags) <= ALLOWED_TAGS
     assert not [a for a, _ in parsed.attrs if a.startswith("on")]
@@ -78,23 +77,22 @@ def test_three_verdicts_have_three_badges():
     assert len({colours["go"], colours["no-go"], colours["inconclusive"], colours["not_applicable"]}) == 4
     assert colours["go"] == colours["pass"] and colours["no-go"] == colours["fail"]
     for verdict, cls in (("GO", "go"), ("NO-GO", "no-go"), ("INCONCLUSIVE", "inconclusive")):
-        page = render_html(v2.report(verdict))
+        page = render_html(*v2.report(verdict))
         assert f"<h2>Decision<span class='badge {cls}'>{verdict}</span></h2>" in page
 
 
 def test_each_check_shows_status_interval_threshold_and_items_needed():
-    rep = v2.report("INCONCLUSIVE")
-    rows = {r[0]: r for r in _parse(render_html(rep)).cells if r}
-    mean = next(c for c in rep["decision"]["checks"] if c["rule"] == "retention.mean")
-    assert rows["retention.mean"][1:5] == ["INCONCLUSIVE", Interval(**mean["interval"]).text(), "0.850",
-                                            "t_addition: 120, t_reverse: 130, t_facts: 140"]
+    rep, dec = v2.report("INCONCLUSIVE")
+    rows = {r[0]: r for r in _parse(render_html(rep, dec)).cells if r}
+    mean = dec.check("retention.mean")
+    assert rows["retention.mean"][1:5] == ["INCONCLUSIVE", mean.interval.text(), "0.850", "≈ 120 items per task"]
     assert rows["sign_conflict.rate"][1:3] == ["N/A", "–"]
-    page = render_html(rep)
+    page = render_html(rep, dec)
     assert page.count("class='badge inconclusive'") >= 2   # the verdict and the rule
 
 
 def test_paths_and_hashes_wrap_and_tables_scroll():
-    page = render_html(v2.report("GO"))
+    page = render_html(*v2.report("GO"))
     assert "<td class='code'>/<wbr>work/<wbr>runs/<wbr>zoo/<wbr>models/<wbr>ties/<wbr>snapshots/<wbr>0123" in page
     assert re.search(r"td\.code\{[^}]*overflow-wrap:anywhere", CSS)
     assert re.search(r"\.tw\{overflow-x:auto", CSS)

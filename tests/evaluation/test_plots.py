@@ -9,6 +9,7 @@ from matplotlib.text import Text
 import _eval_synthetic as syn
 import _report_v2 as v2
 from mergeline.evaluation.plots import PLOTS, all_plots, figure
+from mergeline.evaluation.schema import NotApplicable
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # Names matplotlib's math-text parser refuses or misreads when parse_math is on.
@@ -18,8 +19,8 @@ LONG = [f"task_{i}_" + "abcdefghijklmnopqrstuvwxyz"[: 30 - 7 - len(str(i))] for 
 
 
 def test_names_with_math_text_characters_render_literally():
-    rep = v2.report("NO-GO", names=MATH_NAMES)
-    pngs = all_plots(rep)
+    rep, dec = v2.report("NO-GO", names=MATH_NAMES)
+    pngs = all_plots(rep, dec)
     assert set(pngs) == set(PLOTS)
     assert all(p is not None and p.startswith(PNG) for p in pngs.values())
     fig = figure("retention", rep)
@@ -48,8 +49,8 @@ def test_eight_tasks_with_thirty_character_names_do_not_overlap(key, monkeypatch
     finetunes = [n[:-2] for n in LONG]
     names = {f"t_{ft}": n for ft, n in zip(finetunes, LONG)}
     names.update({"ties": "ties_" + "x" * 25, "dare_ties": "dare_ties_candidate_with_a_long_name"})
-    rep = v2.report("GO", finetunes=finetunes, general=["general_knowledge_benchmark_v2_x"], names=names)
-    fig = figure(key, rep)
+    rep, dec = v2.report("GO", finetunes=finetunes, general=["general_knowledge_benchmark_v2_x"], names=names)
+    fig = figure(key, rep, dec)
     assert fig is not None
     texts = _drawn_texts(fig, monkeypatch)
     assert len(texts) > 8
@@ -64,7 +65,7 @@ def example():
 
 @pytest.mark.parametrize("key", list(PLOTS))
 def test_the_example_report_draws_every_plot_without_overlaps(key, example, monkeypatch):
-    texts = _drawn_texts(figure(key, example), monkeypatch)
+    texts = _drawn_texts(figure(key, *example), monkeypatch)
     for (a, ea), (b, eb) in itertools.combinations(texts, 2):
         assert not ea.padded(2).overlaps(eb), f"{key}: {a!r} overlaps {b!r} (or comes within 2 pixels)"
 
@@ -81,22 +82,31 @@ def _error_segments(ax):
 
 
 def test_intervals_are_error_bars_in_retention_regression_and_baseline_plots():
-    rep = v2.report("INCONCLUSIVE")
-    first = rep["candidates"]["ties"]["retention"][0]["retention_interval"]
-    delta = rep["candidates"]["ties"]["regression"][0]["delta_interval"]
-    diff = rep["baselines"]["comparisons"][0]["difference_interval"]
+    rep, dec = v2.report("INCONCLUSIVE")
+    first = rep.candidates["ties"].retention[0].retention_interval
+    delta = rep.candidates["ties"].regression[0].delta_interval
+    diff = rep.baselines.comparisons[0].difference_interval
     for key, iv in (("retention", first), ("regression", delta), ("baseline", diff)):
-        segs = _error_segments(figure(key, rep).axes[0])
-        assert any(lo == pytest.approx(iv["low"]) and hi == pytest.approx(iv["high"]) for lo, hi in segs), key
+        segs = _error_segments(figure(key, rep, dec).axes[0])
+        assert any(lo == pytest.approx(iv.low) and hi == pytest.approx(iv.high) for lo, hi in segs), key
+
+
+def test_the_baseline_plot_marks_the_threshold_of_the_decision_it_is_given():
+    rep, dec = v2.report("GO")
+    dotted = [ln for ln in figure("baseline", rep, dec).axes[0].get_lines() if ln.get_linestyle() == ":"]
+    assert [ln.get_xdata()[0] for ln in dotted] == [dec.check("baseline[linear]").threshold]
+    assert not [ln for ln in figure("baseline", rep).axes[0].get_lines() if ln.get_linestyle() == ":"]
 
 
 def test_sign_election_plots_only_for_methods_that_elect_signs():
-    rep = v2.report("GO")
+    rep, _ = v2.report("GO")
     fig = figure("retention_and_dropped", rep)
     titles = [sub.get_suptitle() for sub in fig.subfigs]
     assert [t.split(":")[0] for t in titles] == ["ties", "dare_ties"]
     titles = [ax.get_title() for ax in figure("dropped_by_layer", rep).axes]
     assert len(titles) == 2 and not any(t.startswith("linear") for t in titles)
-    for c in rep["candidates"].values():
-        c["sign_conflict"]["method"] = "task_arithmetic"
+    none_elect = rep.model_copy(update={"candidates": {
+        n: c.model_copy(update={"sign_conflict": NotApplicable(not_applicable="method 'task_arithmetic' elects no signs")})
+        for n, c in rep.candidates.items()}})
+    rep = none_elect
     assert figure("retention_and_dropped", rep) is None and figure("dropped_by_layer", rep) is None

@@ -143,11 +143,6 @@ def test_bad_frankenmerges_are_refused_by_name(llamas):
             {"sources": [{"model": a, "layer_range": [0, 2], "parameters": {"weight": 1}}]},
             {"sources": [{"model": a, "layer_range": [0, 2], "parameters": {"weight": 1}},
                          {"model": b, "layer_range": [0, 3], "parameters": {"weight": 1}}]}]})
-    with pytest.raises(RecipeError, match=r"slices\[1\]: lists 2 models, but slices\[0\] lists 1"):
-        load_recipe({"merge_method": "linear", "slices": [
-            {"sources": [{"model": a, "layer_range": [0, 2], "parameters": {"weight": 1}}]},
-            {"sources": [{"model": a, "layer_range": [0, 2], "parameters": {"weight": 1}},
-                         {"model": b, "layer_range": [1, 3], "parameters": {"weight": 1}}]}]})
     with pytest.raises(MergeError, match=r"slices\[0\].*has 4 layers"):
         build_plan(load_recipe({"merge_method": "passthrough",
                                 "slices": [{"sources": [{"model": a, "layer_range": [2, 6]}]}]}))
@@ -155,7 +150,7 @@ def test_bad_frankenmerges_are_refused_by_name(llamas):
         load_recipe({"merge_method": "ties", "base_model": b, "parameters": {"density": 0.5},
                      "modules": {"default": {"parameters": {"density": 0.4}, "models": [
                          {"model": a, "parameters": {"weight": 1}}]}}})
-    with pytest.raises(RecipeError, match=r"modules \['text_decoder', 'vision_tower'\]"):
+    with pytest.raises(RecipeError, match=r"modules\.text_decoder must list its 'models'"):
         load_recipe({"merge_method": "linear", "modules": {"text_decoder": {}, "vision_tower": {}}})
     with pytest.raises(RecipeError, match=r"passthrough.*exactly 1 model"):
         load_recipe({"merge_method": "passthrough", "slices": [

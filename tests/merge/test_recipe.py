@@ -155,7 +155,8 @@ def test_bad_dtype_lists_allowed():
 
 @pytest.mark.parametrize("over, words", [
     ({"slices": [{"sources": []}], "models": None}, ["slices[0]", "at least one model"]),
-    ({"modules": {"text": {}}}, ["modules ['text']", "only the single module 'default'"]),
+    ({"modules": {"text": {}}}, ["either 'modules' or 'models'/'slices'"]),
+    ({"modules": {"text": {}}, "models": None}, ["modules.text must list its 'models'"]),
     ({"tokenizer": {"source": "union", "tokens": {"<x>": {"force": "maybe"}}}}, ["tokenizer", "force"]),
     ({"tokenizer_source": "org/zzz"}, ["tokenizer_source", "org/zzz"]),
 ])

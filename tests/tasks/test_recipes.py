@@ -74,3 +74,20 @@ def test_cache_keys_read_the_typed_recipe(tmp_path):
         (tmp_path / name / "config.json").write_text("{}")
     typed = resolve(load_recipe(slices_recipe()), source_dir=tmp_path)
     assert merge_key(typed, 0) == merge_key(canonical(typed), 0) != merge_key(typed, 1)
+
+
+def test_modules_of_a_multimodal_recipe_are_resolved(tmp_path):
+    """`modules.*.models` are model references too; the canonical mapping reads back as the recipe."""
+    from mergeline.tasks.recipes import canonical, resolve
+
+    for name in ("base", "ft_a", "ft_b"):
+        (tmp_path / name).mkdir()
+    models = [{"model": "ft_a", "parameters": {"weight": 0.5}}, {"model": "ft_b", "parameters": {"weight": 0.5}}]
+    recipe = load_recipe({"merge_method": "linear", "modules": {"text_decoder": {"models": models},
+                                                                 "vision_tower": {"models": models[:1]}}})
+    out = resolve(recipe, source_dir=tmp_path)
+    at = {n: str((tmp_path / n).resolve()) for n in ("ft_a", "ft_b")}
+    assert [m.model for m in out.modules["text_decoder"].models] == [at["ft_a"], at["ft_b"]]
+    assert [m.model for m in out.modules["vision_tower"].models] == [at["ft_a"]]
+    assert {m.model for m in out.models} == set(at.values())
+    assert load_recipe(canonical(out)) == out
