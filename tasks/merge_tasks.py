@@ -74,23 +74,25 @@ def merge_model(name: str, recipe: MergeRecipe | dict, models_dir: str, key: str
 def merge_stage(log: RunLog, name: str, recipe: MergeRecipe, models_dir: str, seed: int, settings: dict,
                 compat_policy, opts: dict) -> dict:
     """One merge in its own child run `merge:<name>`: the merge's result plus `state`, the cached
-    work's Prefect state ("Cached" when a earlier run's result was reused)."""
+    work's Prefect state ("Cached" when an earlier run's result was reused)."""
     with log.child(f"merge:{name}") as (c, run):
         state = merge_model.with_options(**opts)(
             name=name, recipe=recipe, models_dir=models_dir, key=merge_key(recipe, seed), seed=seed,
             compat_policy=compat_policy, mlflow_run_id=log.parent, refresh=opts.get("refresh_cache", False),
             return_state=True, **settings)
         m = state.result()
-        _log_merge(c, run, recipe, m)
+        _log_merge(c, run, recipe, m, cached=state.name == "Cached")
     return {**m, "state": state.name}
 
 
-def _log_merge(c, run: str, recipe: MergeRecipe, m: dict) -> None:
+def _log_merge(c, run: str, recipe: MergeRecipe, m: dict, cached: bool) -> None:
     data = canonical(recipe)
     tracking.log_params(c, run, {"recipe": data, "content_hash": m["content_hash"]})
     tracking.log_text(c, run, yaml.safe_dump(data, sort_keys=False), "recipe.yaml")
+    tracking.set_tags(c, run, {"mergeline.cached": cached, "mergeline.reused": bool(m.get("reused"))})
     stats = m["stats"] or {}
-    tracking.log_metrics(c, run, {"seconds": m["seconds"],
+    # seconds merging in this run: none when an earlier run's merge was reused
+    tracking.log_metrics(c, run, {"seconds": 0.0 if cached else m["seconds"],
                                   "sign_conflict_rate": (stats.get("sign_conflict") or {}).get("rate"),
                                   "per_model": stats.get("per_model") or {}})
     for f in ("merge_stats.json", "merge_stats_tensors.csv", "lineage.json", "README.md"):
@@ -130,8 +132,9 @@ def multistage_step(log: RunLog, stage: Stage, seed: int, settings: dict, compat
                                                 **settings)
         m = state.result()
         tracking.log_params(c, run, {"recipe": canonical(stage.recipe), "needs": stage.needs, "key": skey})
-        tracking.log_metrics(c, run, {"seconds": m["seconds"]})
-        tracking.set_tags(c, run, {"mergeline.stage": stage.name, "mergeline.reused": m["reused"]})
+        tracking.log_metrics(c, run, {"seconds": 0.0 if state.name == "Cached" else m["seconds"]})
+        tracking.set_tags(c, run, {"mergeline.stage": stage.name, "mergeline.cached": state.name == "Cached",
+                                   "mergeline.reused": m["reused"]})
         for f in ("merge_stats.json", "lineage.json", "mergeline_stages.json"):
             tracking.log_artifact(c, run, Path(m["path"]) / f, "stage")
     return {**m, "state": state.name, "record": stage_record(stage, skey)}

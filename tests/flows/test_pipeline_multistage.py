@@ -88,4 +88,8 @@ def test_two_stage_recipe_in_the_pipeline(zoo, prefect_server, tmp_path, monkeyp
     assert set(s2["states"].values()) == {"Cached"}, s2["states"]
     assert s2["models"] == s["models"] and s2["lm_eval_runs"] == 0
     assert (stage_dir / "mergeline_stages.json").stat().st_mtime_ns == stamp  # not written again
+    rerun = {x.info.run_name: x for x in c.search_runs([c.get_experiment_by_name("two-stage").experiment_id])
+             if x.data.tags.get("mlflow.parentRunId") == s2["mlflow_run_id"]}
+    for name in ("stage:add-rev", "merge:ties"):  # nothing merged in this run, and the run says so
+        assert rerun[name].data.tags["mergeline.cached"] == "True" and rerun[name].data.metrics["seconds"] == 0.0
     assert s2["registered"]["reused"] is True
