@@ -136,8 +136,8 @@ def _log_inputs(pipe: ResolvedPipeline, log: RunLog) -> None:
         "gate_policy": pipe.gate.model_dump(mode="json", exclude_none=True),
         "compat_policy": pipe.compat.model_dump(mode="json", exclude_none=True), "seed": pipe.merge.seed})
     tracking.log_json(c, log.parent, {n: canonical(cand.recipe) for n, cand in pipe.candidates.items()}, "recipes.json")
-    stages = {n: [stage_record(s, "") | {"key": None} for s in cand.stages] for n, cand in pipe.candidates.items()
-              if cand.stages}
+    stages = {n: [{"name": s.name, "needs": s.needs, "out": str(s.out)} for s in cand.stages]
+              for n, cand in pipe.candidates.items() if cand.stages}
     if stages:
         tracking.log_json(c, log.parent, stages, "stages.json")
 
