@@ -1,56 +1,151 @@
-"""What a tuning trial costs on the demo zoo, cold and as a repeated point (served from the caches).
+"""Does tuning help on items it never saw? Untuned TIES vs tuned (Optuna over weights and
+densities) vs sign-guided TIES (greedy validation-chosen signs per layer group; Yadav et al. 2023,
+arXiv:2306.01708, sec. 7), judged on held-out test items, with the search's cost.
 
-Runs the search flow of `mergeline tune` (flows/tune.py, without the final pipeline) on the zoo
-with a split suite, twice in one workdir: a fresh search of N trials, then the same N points again
-(a fresh in-memory study with the same seed proposes them again), whose merges and evaluations
-come from the content-keyed caches. Prints seconds per trial for both, with 1 and with 2 workers
-(`runner.max_workers`: trials of a batch merge side by side; lm-eval runs one at a time per
-process, tasks/eval_tasks.py).
+Two sets, both the demo zoo's three fine-tunes (base + addition, reverse, facts):
+- demo: the demo recipe (TIES, density 0.5, weights 0.5, lambda 1.15);
+- conflicting: the same fine-tunes merged where their task vectors interfere most: no trimming
+  (density 1.0, so every small redundant delta votes in the sign election) at weight 1.0 with
+  lambda 1.0 (a task-arithmetic-sized sum; zoo/build.py describes the shared coordinates).
+Each set runs `mergeline tune` twice (flows/tune.py `run_tune`, the final pipeline included) in
+one workdir: weights/densities (TPE, `--trials`), then the recipe with `sign_source: validation`.
+The suite's items are split: validation [0, V) tunes, test [V, 150) judges (facts has 48 items).
+The final runs' reports give, on test items, mean retention of each recipe and the paired
+difference to the untuned recipe with its 95% interval (evaluation/metrics.py `pooled_difference`
+over evaluation/stats.py, paired per item). Validation figures come from the searches (the
+untuned TIES merge is the sign search's first candidate, all groups elected). Cost: candidates
+tried, seconds of the trial loop, evaluations served from the score cache.
 
-Run: python benchmarks/bench_tune.py [--trials 4] [--validation 12]
+Run: python benchmarks/bench_tune.py [--trials 12] [--validation 20] [--sets demo,conflicting]
+     python benchmarks/bench_tune.py --trial-cost [--trials 4]   # s/trial, cold vs a repeated point
 """
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
 
+CONFLICTING = {"parameters": {"density": 1.0, "lambda": 1.0, "normalize": True}, "weight": 1.0}
 
-def pipeline(root: Path, workers: int, validation: int) -> Path:
-    from mergeline.zoo import build_zoo
+
+def pipeline(root: Path, workers: int, validation: int, name: str = "demo", recipe: str = "demo",
+             signs: bool = False, test_end: int | None = None) -> Path:
+    """The demo pipeline on the zoo, its suite split; `recipe` "conflicting" swaps the recipe's
+    numbers, `signs` asks for validation-guided signs."""
     from mergeline.flows.demo import CONFIGS, write_pipeline, zoo_values
+    from mergeline.zoo import build_zoo
 
+    root.mkdir(parents=True, exist_ok=True)
     path = write_pipeline(CONFIGS / "pipeline_demo.yaml", root, zoo_values(build_zoo()))
     data = yaml.safe_load(path.read_text())
+    data["name"] = name
     data["runner"] = {"kind": "threads", "max_workers": workers}
+    data["baselines"] = ["linear"]  # the gate policy compares with it (without it: NO-GO)
+    r = data["recipe"] = yaml.safe_load(Path(data["recipe"]).read_text())
+    if recipe == "conflicting":
+        r["parameters"] = dict(CONFLICTING["parameters"])
+        for m in r["models"]:
+            m["parameters"] = {"weight": CONFLICTING["weight"]}
+    if signs:
+        r.setdefault("parameters", {})["sign_source"] = "validation"
     suite_path = Path(data["eval_suite"])
     suite = yaml.safe_load(suite_path.read_text())
     suite.pop("limit", None)
-    suite["splits"] = {"validation": [0, validation], "test": [validation, 2 * validation]}
+    suite["splits"] = {"validation": [0, validation], "test": [validation, test_end or 2 * validation]}
     suite_path.write_text(yaml.safe_dump(suite, sort_keys=False))
+    path = path.with_name(f"pipeline-{name}.yaml")
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
-def search(path: Path, trials: int, storage: str) -> tuple[float, int]:
-    """(seconds per trial of the trial loop, trials served from the caches); the references'
-    evaluations before the loop are not counted."""
+def compare(workdir: Path, kind: str, trials: int, validation: int) -> dict:
+    """Tune one set both ways; the figures of the table's rows."""
+    from mergeline.flows.tune import run_tune
+
+    rows = {}
+    for how in ("tuned", "signs"):
+        path = pipeline(workdir, 2, validation, name=f"{kind}-{how}", recipe=kind, signs=how == "signs",
+                        test_end=150)
+        t0 = time.time()
+        out = run_tune(path, trials=trials, seed=0, storage="memory")
+        wall = time.time() - t0
+        search = out["search"]
+        report = json.loads(Path(out["report"]).with_suffix(".json").read_text())
+        rows[how] = {"search": search, "test": report["test"], "decision": out["final"]["decision"],
+                     "reasons": out["final"].get("reasons"), "wall": wall}
+    start = rows["signs"]["search"]["trials_run"][0]  # all groups elected: the untuned TIES merge
+    return {"set": kind, "untuned_validation": start["objective"], **rows}
+
+
+def _iv(iv: dict | None) -> str:
+    from mergeline.evaluation.stats import Interval
+
+    return Interval(**iv).text() if iv and iv.get("low") is not None else "n/a"
+
+
+def _f(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def table(results: list[dict], trials: int, validation: int) -> str:
+    lines = [f"validation items [0, {validation}) per task tune; test items [{validation}, 150) judge "
+             f"(facts: 48 items in all); TPE {trials} trials",
+             "",
+             "| set | recipe | validation objective (mean retention) | test mean retention | test worst regression "
+             "| test difference vs untuned [95% CI] | gate | candidates (cache hits) | trial loop s | tune wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        u, start = res["tuned"]["test"]["untuned"], res["signs"]["search"]["trials_run"][0]
+        lines.append(f"| {res['set']} | untuned TIES | {_f(start['objective'])} ({_f(start['mean_retention'])}) | "
+                     f"{_f(u.get('mean_retention'))} | {_f(u.get('worst_regression'))} | | | | | |")
+        for how, label in (("tuned", "tuned (TPE)"), ("signs", "sign-guided")):
+            r = res[how]
+            s, test, best = r["search"], r["test"], r["search"]["best"]
+            row = next(t for t in s["trials_run"] if t["trial"] == best["trial"]) if s["trials_run"] else {}
+            lines.append(
+                f"| {res['set']} | {label} | {_f(best['objective'])} ({_f(row.get('mean_retention'))}) | "
+                f"{_f(test['tuned'].get('mean_retention'))} | {_f(test['tuned'].get('worst_regression'))} | "
+                f"{_iv(test['difference_interval'])} | {r['decision']} | {s['trials_finished']} ({s['trials_cached']}) | "
+                f"{s['seconds']['trials']:.0f} | {r['wall']:.0f} |")
+        chosen = ", ".join(f"{g}={m}" for g, m in res["signs"]["search"]["best"]["values"].items())
+        lines.append(f"| {res['set']} | signs chosen: {chosen} | | | | | | | | |")
+    return "\n".join(lines)
+
+
+def trial_cost(trials: int, validation: int) -> None:
+    """The earlier measurement: seconds per trial, cold and as a repeated point (both caches)."""
     from mergeline.flows.pipeline import task_runner
     from mergeline.flows.pipeline_config import load_pipeline
     from mergeline.flows.tune import tune_flow
 
-    flow_fn = tune_flow.with_options(task_runner=task_runner(load_pipeline(path)))
-    out = flow_fn(pipeline=str(path), trials=trials, storage=storage)
-    assert out["trials_finished"] == trials and not out["trials_failed"], out
-    return out["seconds"]["trials"] / trials, out["trials_cached"]
+    def search(path: Path, storage: str) -> tuple[float, int]:
+        flow_fn = tune_flow.with_options(task_runner=task_runner(load_pipeline(path)))
+        out = flow_fn(pipeline=str(path), trials=trials, storage=storage)
+        assert out["trials_finished"] == trials and not out["trials_failed"], out
+        return out["seconds"]["trials"] / trials, out["trials_cached"]
+
+    rows = []
+    for workers in (1, 2):
+        path = pipeline(Path(tempfile.mkdtemp(prefix=f"bench-tune-{workers}-")), workers, validation)
+        (cold, c1), (warm, c2) = search(path, "sqlite"), search(path, "memory")
+        rows.append((workers, cold, warm, c1, c2))
+    print(f"\n{trials} trials, {validation} validation items per task; trial loop only")
+    print(f"{'workers':>7} | {'cold s/trial':>12} | {'repeat s/trial':>14} | cached (cold, repeat)")
+    for workers, cold, warm, c1, c2 in rows:
+        print(f"{workers:>7} | {cold:>12.2f} | {warm:>14.2f} | {c1}, {c2}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials", type=int, default=4)
-    ap.add_argument("--validation", type=int, default=12, help="validation items per task")
+    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--validation", type=int, default=20, help="validation items per task")
+    ap.add_argument("--sets", default="demo,conflicting")
+    ap.add_argument("--trial-cost", action="store_true", help="the per-trial cost measurement instead")
+    ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
     from mergeline.flows.progress import quiet
     from mergeline.flows.servers import default_environment
@@ -64,17 +159,16 @@ def main() -> None:
         """Starts Prefect's temporary server (20-30 s here) before anything is timed."""
 
     warm_up()
-    rows = []
-    for workers in (1, 2):
-        root = Path(tempfile.mkdtemp(prefix=f"bench-tune-{workers}-"))
-        path = pipeline(root, workers, args.validation)
-        (cold, c1), (warm, c2) = search(path, args.trials, "sqlite"), search(path, args.trials, "memory")
-        rows.append((workers, cold, warm, c1, c2))
-    print(f"\n{args.trials} trials, {args.validation} validation items per task; trial loop only "
-          "(the base's and fine-tunes' evaluations before it are not counted)")
-    print(f"{'workers':>7} | {'cold s/trial':>12} | {'repeat s/trial':>14} | cached (cold, repeat)")
-    for workers, cold, warm, c1, c2 in rows:
-        print(f"{workers:>7} | {cold:>12.2f} | {warm:>14.2f} | {c1}, {c2}")
+    if args.trial_cost:
+        trial_cost(args.trials, args.validation)
+        return
+    results = []
+    for kind in args.sets.split(","):
+        results.append(compare(Path(tempfile.mkdtemp(prefix=f"bench-tune-{kind}-")), kind, args.trials,
+                               args.validation))
+        print(table(results, args.trials, args.validation), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -32,9 +32,10 @@ from typing import Callable
 
 import pandas as pd
 
-from mergeline.evaluation.score_cache import ScoreCache, cache_key, lm_eval_version, model_hash, task_fingerprint
+from mergeline.evaluation.score_cache import ScoreCache, cache_key, lm_eval_version, task_fingerprint
 from mergeline.evaluation.splits import restrict
 from mergeline.evaluation.suite import EvalSuite, check_ready
+from mergeline.merge.hashing import content_hash
 from mergeline.merge.resolve import split_adapter
 
 ROLES = ("base", "finetune", "candidate")
@@ -127,7 +128,7 @@ def evaluate_models(suite: EvalSuite, models: dict[str, str | Path | dict[int, s
 
     score_frames, sample_frames, info, task_types, runs = [], [], {}, dict(suite.task_types), 0
     for name, per_seed in folders.items():
-        hashes = {seed: model_hash(path) for seed, path in per_seed.items()}
+        hashes = {seed: content_hash(path) for seed, path in per_seed.items()}
         first = suite.seeds[0]
         info[name] = {"role": roles[name], "path": str(Path(per_seed[first]).resolve()),
                       "content_hash": hashes[first], "cache": []}

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mergeline.merge.hashing import content_hash, text_hash
+from mergeline.merge.hashing import text_hash
 
 CACHE_FORMAT = 1
 
@@ -136,10 +136,6 @@ def _plain(obj):
 
 def _dump(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, default=_plain, sort_keys=True))
-
-
-def model_hash(model_dir: str | Path) -> str:
-    return content_hash(model_dir)
 
 
 if __name__ == "__main__":

@@ -458,10 +458,14 @@ def tune(
     storage: str = typer.Option("sqlite", "--storage", help="sqlite (WORKDIR/tune/optuna.db, resumable) or memory."),
     allow_no_split: bool = typer.Option(False, "--allow-no-split",
                                         help="Tune on the gate's own items when the suite has no splits (recorded)."),
+    sign_block: Optional[int] = typer.Option(None, "--sign-block", min=1,
+                                             help="Layers per group of the sign search (a TIES recipe with "
+                                                  "sign_source: validation); default: at most 4 layer groups."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show lm-eval's, Prefect's and MLflow's own output."),
 ):
-    """Search the recipe's weights and densities on validation items (Optuna), then run the
-    pipeline on the best recipe, judged on test items, with the untuned recipe as a baseline.
+    """Search the recipe's weights and densities on validation items (Optuna), or for a TIES
+    recipe with `sign_source: validation` its sign vector per layer group, then run the pipeline
+    on the best recipe, judged on test items, with the untuned recipe as a baseline.
 
     Exit 0 GO, 1 NO-GO, 3 INCONCLUSIVE (the tuned recipe's gate), 2 unusable input."""
     from mergeline.flows.progress import quiet
@@ -469,7 +473,7 @@ def tune(
 
     quiet(verbose)
     out = run_tune(pipeline, trials=trials, minutes=minutes, sampler=sampler, seed=seed, storage=storage,
-                   allow_no_split=allow_no_split)
+                   allow_no_split=allow_no_split, sign_block=sign_block)
     _print_summary(out["final"])
     best = out["search"]["best"]
     Console(soft_wrap=True).print(f"best trial {best['trial']}: objective {best['objective']:.3f} on validation; "

@@ -45,8 +45,6 @@ def input_errors() -> tuple[type[Exception], ...]:
     from mergeline.evaluation.gate import ReportError
     from mergeline.evaluation.policy import PolicyError as GatePolicyError
     from mergeline.evaluation.suite import SuiteError
-    from mergeline.flows.pipeline_config import PipelineError
-    from mergeline.flows.servers import ServerUnreachable
     from mergeline.merge.checkpoint import CheckpointError
     from mergeline.merge.compat import CompatInputError
     from mergeline.merge.compat.policy import PolicyError as CompatPolicyError
@@ -56,7 +54,9 @@ def input_errors() -> tuple[type[Exception], ...]:
     from mergeline.merge.resolve import ModelNotFound
     from mergeline.merge.writer import OutputError
 
-    return (InputError, PipelineError, ServerUnreachable, RecipeError, ModelNotFound, CheckpointError,
+    # InputError covers the flows layer's own (PipelineError, ServerUnreachable, ...): they
+    # subclass it, so this module imports none of the modules that import it.
+    return (InputError, RecipeError, ModelNotFound, CheckpointError,
             CompatInputError, CompatPolicyError, GatePolicyError, SuiteError, ReportError, MergeError,
             DeviceError, OutputError)
 

@@ -46,7 +46,7 @@ from mergeline.merge.recipe import MergeRecipe
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-class PipelineError(ValueError):
+class PipelineError(InputError):
     """A pipeline file that cannot be used; the message names the file and the key."""
 
 

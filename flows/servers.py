@@ -7,6 +7,12 @@ http://127.0.0.1:5000) points the same pipeline at real servers. Both are checke
 well under a second, before any merge or evaluation is started: an unreachable server should
 cost the user a clear message, not a half-finished run.
 
+A Dask cluster of worker processes (`runner: {kind: dask, dask_address: tcp://HOST:8786}`, the
+README's multi-machine section) is checked the same way (`check_dask`): its scheduler answers and
+has workers, each worker runs the same mergeline code and sees the workdir and the model folders
+at the same paths, and Prefect is a real server the workers can reach (they report their task
+runs to it; the temporary in-process server is not reachable from another process).
+
     python -m mergeline.flows.servers            # prints what a pipeline run would use, and checks it
 """
 from __future__ import annotations
@@ -21,8 +27,12 @@ from urllib.parse import urlsplit
 from mergeline.flows.errors import InputError
 
 
-class ServerUnreachable(RuntimeError):
+class ServerUnreachable(InputError):
     """A configured Prefect or MLflow server did not answer its health check."""
+
+
+class DaskClusterError(ServerUnreachable):
+    """A Dask cluster (runner.dask_address) the run cannot use; the message says why and what to do."""
 
 
 class TrackingURIError(InputError):
@@ -50,6 +60,9 @@ def default_environment() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network calls
+    # An MLflow server makes every finished run print a "View run ... at: URL" line to stdout;
+    # the progress lines say what happened, and the summary names the UI.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(var, "1")
 
@@ -136,6 +149,72 @@ def check_mlflow(uri: str, timeout: float = 5.0) -> None:
 def check_servers(tracking: Tracking, timeout: float = 5.0) -> None:
     check_mlflow(tracking.mlflow_uri, timeout)
     check_prefect(tracking.prefect_api_url, timeout)
+
+
+def _loopback(url: str) -> bool:
+    host = (urlsplit(url if "://" in url else f"tcp://{url}").hostname or "").lower()
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def check_dask(address: str, tracking: Tracking, paths: list[str | Path], timeout: float = 10.0) -> int:
+    """Raise DaskClusterError unless the Dask scheduler at `address` can run the pipeline's tasks:
+    it answers within `timeout` and has workers; Prefect is a real server (workers report their
+    task runs there), reachable from other machines when the scheduler is not on this one (and
+    so is MLflow, which the stage tasks write to); every worker imports the same mergeline code
+    as this process and sees every path in `paths` (the workdir, the models). Returns the number
+    of workers."""
+    setting = f"runner.dask_address={address}"
+    if not tracking.prefect_api_url:
+        raise DaskClusterError(
+            f"{setting}: Dask worker processes report their task runs to Prefect, so they need a real "
+            "server: start `prefect server start` and set PREFECT_API_URL (e.g. http://HOST:4200/api); "
+            "the temporary in-process server is not reachable from them")
+    if not _loopback(address):
+        if _loopback(tracking.prefect_api_url):
+            raise DaskClusterError(
+                f"PREFECT_API_URL={tracking.prefect_api_url} is a loopback address but the Dask scheduler "
+                f"({address}) is not: workers on other machines cannot reach it; use the server's host name")
+        uri = tracking.mlflow_uri
+        if not uri.startswith(("http://", "https://", "postgresql", "mysql", "mssql", "databricks")) or _loopback(uri):
+            raise DaskClusterError(
+                f"MLFLOW_TRACKING_URI={uri} cannot be reached from workers on other machines (Dask scheduler "
+                f"{address}); start `mlflow server --host 0.0.0.0` and set MLFLOW_TRACKING_URI=http://HOST:5000")
+    from distributed import Client
+
+    try:
+        client = Client(address, timeout=timeout, set_as_default=False)
+    except (OSError, TimeoutError) as e:
+        raise DaskClusterError(f"{setting}: no Dask scheduler answered within {timeout:g} s ({_reason(e)}); "
+                               f"start one with `dask scheduler` and workers with `dask worker {address}`") from None
+    with client:
+        workers = client.scheduler_info()["workers"]
+        if not workers:
+            raise DaskClusterError(f"{setting}: the scheduler has no workers; start `dask worker {address}` "
+                                   "on each machine")
+        want = [str(p) for p in paths]
+        try:
+            seen = client.run(_worker_view, want)
+        except Exception as e:  # noqa: BLE001 - e.g. the worker cannot import mergeline
+            raise DaskClusterError(f"{setting}: a worker could not run mergeline's check ({type(e).__name__}: "
+                                   f"{e}); install the same environment on every worker") from None
+        code = _worker_view([])["code"]
+        for worker, view in sorted(seen.items()):
+            if view["missing"]:
+                raise DaskClusterError(f"{setting}: worker {worker} does not see {view['missing'][0]}; every "
+                                       "worker needs the workdir and the model folders at the same paths "
+                                       "(a shared file system)")
+            if view["code"] != code:
+                raise DaskClusterError(f"{setting}: worker {worker} runs other mergeline code ({view['code']}, "
+                                       f"here {code}); install the same checkout on every worker")
+        return len(workers)
+
+
+def _worker_view(paths: list[str]) -> dict:
+    """Runs on each Dask worker: which of `paths` it cannot see, and its mergeline code version."""
+    from mergeline.tasks.caching import code_version
+
+    return {"missing": [p for p in paths if not os.path.exists(p)],
+            "code": code_version("merge", "evaluation", "tasks", "flows")}
 
 
 def _reason(e: Exception) -> str:

@@ -19,8 +19,15 @@ send the best recipe through the normal pipeline, judged on test items, beside t
 Tuning on the items that then judge the result would let the search fit the gate's own
 evidence, so a suite without `splits:` is refused unless `--allow-no-split` (recorded).
 
+A TIES recipe with `parameters: {sign_source: validation}` gets the validation-guided sign search
+instead of step 1 (flows/sign_search.py; Yadav et al. 2023, sec. 7): per layer group, the
+magnitude-elected signs or one fine-tune's own, greedily, each candidate a trial as above. Its
+best_recipe.yaml records the choices (`sign_choices`), and the baseline `untuned` is the plain
+election.
+
     mergeline tune configs/pipeline_demo.yaml --trials 20
     mergeline tune WORKDIR/pipeline.yaml --minutes 30 --sampler cmaes
+    mergeline tune PIPELINE_WITH_SIGN_SOURCE.yaml          # sign_source: validation in its recipe
 """
 from __future__ import annotations
 
@@ -33,10 +40,11 @@ from pathlib import Path
 import yaml
 from prefect import flow
 
+from mergeline.flows import sign_search as signs
 from mergeline.flows.pipeline import candidates, run_pipeline, task_runner, validate
 from mergeline.flows.pipeline_config import Pipeline, PipelineError, load_pipeline
 from mergeline.flows.progress import say
-from mergeline.flows.servers import check_servers, default_environment, resolve_tracking
+from mergeline.flows.servers import check_dask, check_servers, default_environment, resolve_tracking
 from mergeline.flows.workdir import workdir_lock
 from mergeline.tasks import tracking
 from mergeline.tasks.caching import key_of
@@ -92,13 +100,12 @@ def study_name(pipe: Pipeline, main: dict, val_suite, policy, kind: str, seed: i
 @flow(name="mergeline-tune", log_prints=True)
 def tune_flow(pipeline: str, trials: int, minutes: float | None = None, sampler: str = "tpe",
               seed: int = 0, storage: str = "sqlite", allow_no_split: bool = False,
-              started: float | None = None) -> dict:
+              started: float | None = None, sign_block: int | None = None) -> dict:
     """Run the search; returns the study's trials, the best recipe and the tuned pipeline file.
-    The time budget runs from `started` (epoch seconds; default: now)."""
+    The time budget runs from `started` (epoch seconds; default: now). A TIES recipe asking for
+    `sign_source: validation` gets the greedy sign search instead (flows/sign_search.py; blocks
+    of `sign_block` layers; `trials`, `minutes`, `sampler` and `storage` do not apply)."""
     started = started or time.time()
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own progress lines instead
     pipe = load_pipeline(pipeline)
     work = pipe.workdir_path
     track = resolve_tracking(work, pipe.tracking.mlflow_tracking_uri, pipe.tracking.prefect_api_url)
@@ -106,13 +113,15 @@ def tune_flow(pipeline: str, trials: int, minutes: float | None = None, sampler:
     main = recipes[primary]
     policy = pipe.load(pipe.gate_policy)[0] or {}
     val, test, splits_note = _suites(pipe, allow_no_split)
-    dims = space(main)
-    name = study_name(pipe, main, val, policy, sampler, seed)
+    by_signs = signs.wants_signs(main)
+    if by_signs:
+        signs.check_recipe(main)
+        name = f"{pipe.name}-signs-{key_of('signs', main, val.model_dump(mode='json'), policy, sign_block)[:10]}"
+    else:
+        dims = space(main)
+        name = study_name(pipe, main, val, policy, sampler, seed)
     out_dir = work / "tune" / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    url = f"sqlite:///{work / 'tune' / 'optuna.db'}" if storage == "sqlite" else None
-    study = optuna.create_study(study_name=name, storage=url, sampler=_sampler(sampler, seed),
-                                direction="maximize", load_if_exists=True)
 
     c = tracking.client(track.mlflow_uri)
     exp = tracking.ensure_experiment(c, pipe.tracking.experiment, track.artifact_location)
@@ -120,29 +129,139 @@ def tune_flow(pipeline: str, trials: int, minutes: float | None = None, sampler:
         "mergeline.pipeline": str(Path(pipeline).resolve()), "mergeline.study": name,
         "mergeline.split.tuning": splits_note["tuning"], "mergeline.split.gate": splits_note["gate"],
         **({"mergeline.override": "--allow-no-split"} if "warning" in splits_note else {})})
-    tracking.log_params(c, parent, {"sampler": sampler, "seed": seed, "trials": trials, "minutes": minutes,
-                                    "storage": url or "memory", "space": {k: list(v) for k, v in dims.items()},
-                                    "step": STEP, "recipe": main})
     try:
-        deadline = started + minutes * 60 if minutes else None
-        search = _search(pipe, study, main, primary, dims, val, policy, trials, deadline, c, parent)
+        if by_signs:
+            tracking.log_params(c, parent, {"search": "signs", "sign_block": sign_block, "recipe": main})
+            search = _sign_search(pipe, main, primary, val, policy, sign_block, c, parent)
+            best = {"trial": search.pop("best_number"), "objective": search.pop("best_value"),
+                    "values": search.pop("best_values")}
+            best_recipe, baseline, url = signs.with_choices(main, best["values"]), signs.untuned(main), None
+            kind = "signs"
+        else:
+            search, best, url = _optuna(pipe, name, main, primary, dims, val, policy, trials, minutes, sampler,
+                                        seed, storage, started, c, parent)
+            best_recipe, baseline, kind = apply(main, best["values"]), main, sampler
     except BaseException:
         c.set_terminated(parent, "FAILED")
         raise
-    best = study.best_trial
-    best_recipe = apply(main, best.params)
     best_path = _write(out_dir / "best_recipe.yaml", yaml.safe_dump(best_recipe, sort_keys=False))
     tuned = _write(out_dir / "pipeline.yaml", yaml.safe_dump(
-        tuned_pipeline(pipe, best_path, main, primary, test), sort_keys=False))
-    tracking.log_metrics(c, parent, {"best_objective": best.value, "best_trial": best.number,
-                                     **{f"best.{k}": v for k, v in best.params.items()}})
+        tuned_pipeline(pipe, best_path, baseline, primary, test), sort_keys=False))
+    tracking.log_metrics(c, parent, {"best_objective": best["objective"], "best_trial": best["trial"]})
+    tracking.set_tags(c, parent, {f"mergeline.best.{k}": v for k, v in best["values"].items()})
     tracking.log_artifact(c, parent, best_path, "tune")
     c.set_terminated(parent, "FINISHED")
-    return {"study": name, "storage": url or "memory", "sampler": sampler, "seed": seed,
-            "mlflow_run_id": parent, "mlflow_uri": track.mlflow_uri, "splits": splits_note,
-            "best": {"trial": best.number, "objective": best.value, "values": best.params,
-                     **(best.user_attrs or {})},
+    return {"study": name, "storage": url or "memory", "sampler": kind, "seed": seed,
+            "mlflow_run_id": parent, "mlflow_uri": track.mlflow_uri, "splits": splits_note, "best": best,
             "best_recipe": str(best_path), "pipeline": str(tuned), "out_dir": str(out_dir), **search}
+
+
+def _optuna(pipe: Pipeline, name: str, main: dict, primary: str, dims: dict, val, policy: dict, trials: int,
+            minutes: float | None, sampler: str, seed: int, storage: str, started: float, c, parent: str):
+    """The weight/density search: (search summary, best {trial, objective, values, ...}, storage url)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own progress lines instead
+    work = pipe.workdir_path
+    url = f"sqlite:///{work / 'tune' / 'optuna.db'}" if storage == "sqlite" else None
+    study = optuna.create_study(study_name=name, storage=url, sampler=_sampler(sampler, seed),
+                                direction="maximize", load_if_exists=True)
+    _requeue_interrupted(study)
+    if study.trials:  # resumed: a sampler seeded as at the start would propose the same points again
+        study.sampler = _sampler(sampler, seed + len(study.trials))
+    tracking.log_params(c, parent, {"sampler": sampler, "seed": seed, "trials": trials, "minutes": minutes,
+                                    "storage": url or "memory", "space": {k: list(v) for k, v in dims.items()},
+                                    "step": STEP, "recipe": main})
+    deadline = started + minutes * 60 if minutes else None
+    search = _search(pipe, study, main, primary, dims, val, policy, trials, deadline, c, parent)
+    b = study.best_trial
+    tracking.log_metrics(c, parent, {f"best.{k}": v for k, v in b.params.items()})
+    return search, {"trial": b.number, "objective": b.value, "values": b.params, **(b.user_attrs or {})}, url
+
+
+class _Trials:
+    """Runs trial recipes as the pipeline's own tasks: `merge_model`, then `evaluate_model` on the
+    validation items (both cached by content), scored by the objective; each trial is logged as
+    an MLflow child run. The base's and fine-tunes' validation scores are evaluated first."""
+
+    def __init__(self, pipe: Pipeline, main: dict, primary: str, val, policy: dict, c, parent: str):
+        work = pipe.workdir_path
+        self.pipe, self.primary, self.val, self.policy, self.c, self.parent = pipe, primary, val, policy, c, parent
+        self.opts = dict(result_storage=work / "prefect-results")
+        self.val_dict, self.cache = val.model_dump(mode="json"), str(work / "score-cache")
+        folders, base = inputs(main), base_name(main)
+        unknown = sorted(set(val.retention) - set(folders))
+        if unknown:
+            raise TuneError(f"eval suite: retention names {unknown} are not models of the recipe "
+                            f"(models: {sorted(n for n in folders if n != base)})")
+        t0 = time.time()
+        refs = [self._evaluate("base", folders[base], "base")]
+        refs += [self._evaluate(n, folders[n], "finetune") for n in val.retention]
+        self.ref_tables = [f.result() for f in refs]
+        self.ref_seconds = time.time() - t0
+
+    def _evaluate(self, name, path, role):
+        return evaluate_model.with_options(**self.opts).submit(name=name, path=str(path), role=role,
+                                                               suite=self.val_dict, cache_dir=self.cache)
+
+    def run(self, batch: list[tuple[int, dict, dict]]) -> list[dict]:
+        """[(trial number, values, recipe)] -> one dict per trial, in order: trial, values, cached,
+        error, result (the objective's dict, None when the trial failed). Merges of a batch run
+        side by side; each evaluation starts as soon as its merge is done."""
+        from mergeline.evaluation.objective import objective
+
+        pipe, work = self.pipe, self.pipe.workdir_path
+        merges = [(n, values, recipe, merge_model.with_options(**self.opts).submit(
+            name=self.primary, recipe=recipe, models_dir=str(work / "models"), key=merge_key(recipe, pipe.merge.seed),
+            seed=pipe.merge.seed, device=pipe.merge.device, out_shard_size=pipe.merge.out_shard_size,
+            allow_pickle=pipe.merge.allow_pickle, mlflow_run_id=self.parent)) for n, values, recipe in batch]
+        running = []
+        for n, values, recipe, fut in merges:
+            try:
+                m = fut.result()
+            except Exception as e:  # noqa: BLE001 - one failed point must not end the search
+                running.append((n, values, recipe, None, None, f"merge: {type(e).__name__}: {e}"))
+                continue
+            reused = bool(m.get("reused")) or fut.state.name == "Cached"
+            running.append((n, values, recipe, self._evaluate(self.primary, m["path"], "candidate"), reused, None))
+        out = []
+        for n, values, recipe, ev, reused, error in running:
+            result = None
+            if ev is not None:
+                try:
+                    table = combine(self.ref_tables + [ev.result()])
+                    result = objective(table, self.val, self.policy, self.primary)
+                except Exception as e:  # noqa: BLE001
+                    error = f"evaluate: {type(e).__name__}: {e}"
+            # served from the caches: an evaluation cached (the same merged content seen before)
+            cached = ev is not None and ev.state.name == "Cached"
+            log_trial(self.c, self.parent, n, values, recipe, result, cached, error)
+            out.append({"trial": n, "values": values, "cached": cached, "merge_reused": bool(reused),
+                        "error": error, "result": result})
+        return out
+
+
+def _row(t: dict) -> dict:
+    """A trial as tune_report.json lists it."""
+    r = t["result"]
+    return {k: t[k] for k in ("trial", "values", "cached", "error")} | (
+        {"objective": r["value"], "mean_retention": r["mean_retention"],
+         "worst_regression": r["worst_regression"], "feasible": r["feasible"]} if r else {})
+
+
+def _requeue_interrupted(study) -> None:
+    """Trials left RUNNING by a stopped run (we hold the workdir's lock, so no live process owns
+    them) are marked failed and their points asked again first: the rerun redoes them, its
+    merges and evaluations served from the caches where the stopped run had finished them."""
+    from optuna.trial import TrialState
+
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in stale:
+        study.tell(t.number, state=TrialState.FAIL)
+        if t.params:  # stopped before its point was drawn: nothing to redo
+            study.enqueue_trial(t.params, skip_if_exists=False)
+    if stale:
+        say(f"tune: {len(stale)} trials interrupted by an earlier run are redone at their points")
 
 
 def _search(pipe: Pipeline, study, main: dict, primary: str, dims: dict, val, policy: dict,
@@ -151,27 +270,8 @@ def _search(pipe: Pipeline, study, main: dict, primary: str, dims: dict, val, po
     `deadline` (epoch seconds) has passed (a batch in flight finishes)."""
     from optuna.trial import TrialState
 
-    from mergeline.evaluation.objective import objective
-
-    work = pipe.workdir_path
-    opts = dict(result_storage=work / "prefect-results")
-    val_dict = val.model_dump(mode="json")
-    cache = str(work / "score-cache")
-
-    def evaluate(name, path, role):
-        return evaluate_model.with_options(**opts).submit(name=name, path=str(path), role=role,
-                                                          suite=val_dict, cache_dir=cache)
-
-    folders = inputs(main)
-    base = base_name(main)
-    unknown = sorted(set(val.retention) - set(folders))
-    if unknown:
-        raise TuneError(f"eval suite: retention names {unknown} are not models of the recipe "
-                        f"(models: {sorted(n for n in folders if n != base)})")
     say(f"tune: study {study.study_name}, {len(dims)} parameters, validation part of the suite")
-    t0 = time.time()
-    refs = [evaluate("base", folders[base], "base")] + [evaluate(n, folders[n], "finetune") for n in val.retention]
-    ref_tables = [f.result() for f in refs]
+    runner = _Trials(pipe, main, primary, val, policy, c, parent)
 
     def finished() -> int:
         return sum(t.state == TrialState.COMPLETE for t in study.trials)
@@ -181,75 +281,91 @@ def _search(pipe: Pipeline, study, main: dict, primary: str, dims: dict, val, po
     if start_done >= trials:
         say(f"tune: the study already has {start_done} finished trials (--trials {trials}); nothing to run")
     while finished() < trials and (deadline is None or time.time() < deadline):
-        batch = []
+        asked, batch = {}, []
         for _ in range(min(pipe.runner.max_workers, trials - finished())):
             t = study.ask()
             values = {k: t.suggest_float(k, lo, hi, step=STEP) for k, (lo, hi) in dims.items()}
-            recipe = apply(main, values)
-            fut = merge_model.with_options(**opts).submit(
-                name=primary, recipe=recipe, models_dir=str(work / "models"), key=merge_key(recipe, pipe.merge.seed),
-                seed=pipe.merge.seed, device=pipe.merge.device, out_shard_size=pipe.merge.out_shard_size,
-                allow_pickle=pipe.merge.allow_pickle, mlflow_run_id=parent)
-            batch.append((t, values, recipe, fut))
-        running = []
-        for t, values, recipe, fut in batch:  # each evaluation starts as soon as its merge is done
-            try:
-                m = fut.result()
-            except Exception as e:  # noqa: BLE001 - one failed point must not end the search
-                running.append((t, values, recipe, None, None, f"merge: {type(e).__name__}: {e}"))
-                continue
-            reused = bool(m.get("reused")) or fut.state.name == "Cached"
-            running.append((t, values, recipe, evaluate(primary, m["path"], "candidate"), reused, None))
-        for t, values, recipe, ev, reused, error in running:
-            result = None
-            if ev is not None:
-                try:
-                    table = combine(ref_tables + [ev.result()])
-                    result = objective(table, val, policy, primary)
-                except Exception as e:  # noqa: BLE001
-                    error = f"evaluate: {type(e).__name__}: {e}"
-            cached = bool(reused) and ev is not None and ev.state.name == "Cached"
+            asked[t.number] = t
+            batch.append((t.number, values, apply(main, values)))
+        for row in runner.run(batch):
+            t, result = asked[row["trial"]], row["result"]
             if result is None:
                 study.tell(t, state=TrialState.FAIL)
                 failed += 1
-                say(f"trial {t.number}: FAILED ({error})")
+                say(f"trial {t.number}: FAILED ({row['error']})")
             else:
                 for k in ("mean_retention", "worst_regression", "feasible"):
                     t.set_user_attr(k, result[k])
                 study.tell(t, result["value"])
-                cached_trials += cached
-                say(_progress(t.number, finished(), trials, result, cached, study.best_trial))
-            log_trial(c, parent, t.number, values, recipe, result, cached, error)
-            new.append({"trial": t.number, "values": values, "cached": cached, "error": error,
-                        **({"objective": result["value"], "mean_retention": result["mean_retention"],
-                            "worst_regression": result["worst_regression"], "feasible": result["feasible"]}
-                           if result else {})})
+                cached_trials += row["cached"]
+                say(_progress(f"trial {t.number} ({finished()}/{trials})", result, row["cached"],
+                              f"best {study.best_trial.value:.3f} at trial {study.best_trial.number}"))
+            new.append(_row(row))
         if failed and failed >= max(3, len(new)):
             raise RuntimeError(f"tune: every trial so far failed; last: {new[-1]['error']}")
     if finished() == 0:
         raise TuneError("tune: no trial finished within the budget (raise --minutes or --trials)")
     return {"trials_run": new, "trials_cached": cached_trials, "trials_failed": failed,
-            "trials_finished": finished(), "seconds": {"references": round(t1 - t0, 2),
+            "trials_finished": finished(), "seconds": {"references": round(runner.ref_seconds, 2),
                                                        "trials": round(time.time() - t1, 2)},
             "budget_spent": deadline is not None and time.time() >= deadline,
             "all_trials": [{"trial": t.number, "state": t.state.name, "objective": t.value, "values": t.params}
                            for t in study.trials]}
 
 
-def _progress(number: int, done: int, trials: int, result: dict, cached: bool, best) -> str:
+def _sign_search(pipe: Pipeline, main: dict, primary: str, val, policy: dict, block: int | None,
+                 c, parent: str) -> dict:
+    """The greedy sign search (flows/sign_search.py) on the pipeline's tasks, `runner.max_workers`
+    candidates at a time; returns the search's summary with the best sign table."""
+    runner = _Trials(pipe, main, primary, val, policy, c, parent)
+    group_names, models = signs.groups(signs.layer_count(main), block), signs.finetunes(main)
+    say(f"tune: sign search over {len(group_names)} groups ({', '.join(group_names)}) x "
+        f"{len(models)} fine-tunes' own signs, validation part of the suite")
+    rows: list[dict] = []
+    t1 = time.time()
+
+    def score(tables: list[dict]) -> list[float | None]:
+        out = []
+        for i in range(0, len(tables), pipe.runner.max_workers):
+            chunk = tables[i:i + pipe.runner.max_workers]
+            done = runner.run([(len(rows) + j, t, signs.with_choices(main, t)) for j, t in enumerate(chunk)])
+            rows.extend(done)
+            out += [d["result"]["value"] if d["result"] else None for d in done]
+        return out
+
+    def report(table, value, best, best_value):
+        row = next(r for r in reversed(rows) if r["values"] is table)
+        changed = [f"{g}={m}" for g, m in table.items() if m != signs.ELECTED] or ["all elected"]
+        label = f"signs {', '.join(changed)} ({row['trial'] + 1}/{1 + len(group_names) * len(models)})"
+        if value is None:
+            say(f"{label}: FAILED ({row['error']})")
+            return
+        shown = [f"{g}={m}" for g, m in best.items() if m != signs.ELECTED] or ["all elected"]
+        say(_progress(label, row["result"], row["cached"], f"best {best_value:.3f} ({', '.join(shown)})"))
+
+    best, value = signs.greedy(group_names, models, score, report)
+    number = next(r["trial"] for r in rows if r["values"] == best and r["result"])
+    return {"best_values": best, "best_value": value, "best_number": number,
+            "trials_run": [_row(r) for r in rows], "trials_cached": sum(r["cached"] for r in rows),
+            "trials_failed": sum(r["result"] is None for r in rows), "trials_finished": sum(
+                r["result"] is not None for r in rows),
+            "seconds": {"references": round(runner.ref_seconds, 2), "trials": round(time.time() - t1, 2)},
+            "budget_spent": False, "groups": group_names}
+
+
+def _progress(label: str, result: dict, cached: bool, best: str) -> str:
     """trial 3 (4/20): objective 0.912 (mean retention 0.912, worst regression -0.020); best 0.950 at trial 1"""
     worst = result["worst_regression"]
     details = [f"mean retention {result['mean_retention']:.3f}"]
     details += [f"worst regression {worst:+.3f}"] if worst is not None else []
     details += ["cached"] if cached else []
-    return (f"trial {number} ({done}/{trials}): objective {result['value']:.3f} ({', '.join(details)}); "
-            f"best {best.value:.3f} at trial {best.number}")
+    return f"{label}: objective {result['value']:.3f} ({', '.join(details)}); {best}"
 
 
 def tuned_pipeline(pipe: Pipeline, best_path: Path, main: dict, primary: str, test_suite) -> dict:
     """The pipeline file for the final run: the tuned recipe, the suite scoring its test part
-    (inline, so nothing can make it score validation), the untuned recipe as a baseline, and
-    every path absolute."""
+    (inline, so nothing can make it score validation), the untuned recipe `main` as a baseline,
+    and every path absolute."""
     data = pipe.model_dump(mode="json", exclude={"source_dir"}, exclude_none=True)
     data["name"] = f"{pipe.name}-tuned"
     data["workdir"] = str(pipe.workdir_path)
@@ -278,8 +394,10 @@ def _write(path: Path, text: str) -> Path:
 
 
 def run_tune(path: str | Path, trials: int = 20, minutes: float | None = None, sampler: str = "tpe",
-             seed: int = 0, storage: str = "sqlite", allow_no_split: bool = False) -> dict:
-    """Hold the workdir's lock, search, then run the tuned pipeline; returns {search, final, report}."""
+             seed: int = 0, storage: str = "sqlite", allow_no_split: bool = False,
+             sign_block: int | None = None) -> dict:
+    """Hold the workdir's lock, search, then run the tuned pipeline; returns {search, final, report}.
+    `sign_block`: layers per group of the sign search (a recipe with `sign_source: validation`)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if sampler not in SAMPLERS:
@@ -298,17 +416,25 @@ def run_tune(path: str | Path, trials: int = 20, minutes: float | None = None, s
         check_servers(track)
         validate(pipe)
         primary, recipes = candidates(pipe)
-        space(recipes[primary])  # a recipe that cannot be tuned fails here, before any server starts
+        by_signs = signs.wants_signs(recipes[primary])
+        try:  # a recipe that cannot be tuned fails here, before any server starts
+            signs.check_recipe(recipes[primary]) if by_signs else space(recipes[primary])
+        except ValueError as e:
+            raise TuneError(f"{pipe.name}: {e}") from None
+        if pipe.runner.kind == "dask" and pipe.runner.dask_address:  # worker processes, maybe elsewhere
+            check_dask(pipe.runner.dask_address, track,
+                       [pipe.workdir_path, *(str(p) for p in inputs(recipes[primary]).values())])
         _suites(pipe, allow_no_split)
-        say(f"tune {pipe.name}: workdir {pipe.workdir_path}, {sampler}, "
-            f"budget {trials} trials" + (f" or {minutes:g} min" if minutes else ""))
+        say(f"tune {pipe.name}: workdir {pipe.workdir_path}, " + (
+            "validation-guided TIES signs (sign_source: validation)" if by_signs else
+            f"{sampler}, budget {trials} trials" + (f" or {minutes:g} min" if minutes else "")))
         flow_fn = tune_flow.with_options(task_runner=task_runner(pipe))
         settings = (temporary_settings({PREFECT_API_URL: track.prefect_api_url})
                     if track.prefect_api_url and track.prefect_api_url != api else nullcontext())
         with settings:
             search = flow_fn(pipeline=str(Path(path).resolve()), trials=trials, minutes=minutes,
                              sampler=sampler, seed=seed, storage=storage, allow_no_split=allow_no_split,
-                             started=started)
+                             started=started, sign_block=sign_block)
             say(f"tune: best trial {search['best']['trial']} (objective {search['best']['objective']:.3f}); "
                 f"judging it on the test items: {search['pipeline']}")
             final = run_pipeline(search["pipeline"])
@@ -359,7 +485,9 @@ def write_report(search: dict, final: dict) -> Path:
     if "warning" in search["splits"]:
         lines.append(f"- WARNING: {search['splits']['warning']}")
     lines += ["", "## Search", "",
-              f"- sampler {search['sampler']} (seed {search['seed']}), study storage {search['storage']}",
+              (f"- greedy sign search over groups {', '.join(search['groups'])} (flows/sign_search.py)"
+               if search["sampler"] == "signs" else
+               f"- sampler {search['sampler']} (seed {search['seed']}), study storage {search['storage']}"),
               f"- this run: {len(search['trials_run'])} trials ({search['trials_cached']} served from the caches, "
               f"{search['trials_failed']} failed) in {search['seconds']['trials']:.0f} s, after "
               f"{search['seconds']['references']:.0f} s for the base's and fine-tunes' validation scores"
@@ -367,7 +495,11 @@ def write_report(search: dict, final: dict) -> Path:
               f"- best: trial {search['best']['trial']}, objective {search['best']['objective']:.3f} on validation",
               f"- best recipe: {search['best_recipe']}", "",
               "| parameter | best |", "|---|---|"]
-    lines += [f"| {k} | {v:g} |" for k, v in search["best"]["values"].items()]
+    lines += [f"| {k} | {v if isinstance(v, str) else format(v, 'g')} |" for k, v in search["best"]["values"].items()]
+    if search["sampler"] == "signs":  # every candidate: what it changed from the election, and its score
+        lines += ["", "| candidate | signs (not elected) | validation objective | cached |", "|---|---|---|---|"]
+        lines += [f"| {t['trial']} | {', '.join(f'{g}={m}' for g, m in t['values'].items() if m != 'elected') or '-'} "
+                  f"| {f(t.get('objective'))} | {'yes' if t['cached'] else ''} |" for t in search["trials_run"]]
     lines += ["", "## Test items: tuned vs untuned", "",
               f"- decision: **{final['decision']}** (report: {final.get('report')})",
               f"- mean retention: tuned ({cmp['primary']}) {f(t.get('mean_retention'))}, "

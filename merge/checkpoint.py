@@ -11,12 +11,17 @@ the caller opts in, because unpickling runs code; opted in, they load with
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from mergeline.merge.lora import LoraAdapter
+from mergeline.merge.model_folder import JSON_ERRORS, CheckpointError, error_text, model_file, read_json_object, short_path
+from mergeline.merge.resolve import split_adapter
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -30,57 +35,6 @@ DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
-    """A model folder that cannot be read; the message names the file at fault."""
-
-
-# JSON a model folder holds (index, config, tokenizer files) can fail to parse in these ways;
-# RecursionError is json's answer to deeply nested arrays.
-JSON_ERRORS = (json.JSONDecodeError, UnicodeDecodeError, RecursionError)
-
-
-def short_path(path: str | Path, limit: int = 120) -> str:
-    """A path for a one-line message: whole when short, else its start and its length."""
-    text = str(path)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def _roots(folder: Path) -> list[Path]:
-    """Where files of `folder` may really live: the folder itself, and for a Hugging Face cache
-    snapshot (`.../snapshots/<rev>`), the repo's `blobs/` its links point into."""
-    real = folder.resolve()
-    roots = [real]
-    if real.parent.name == "snapshots":
-        roots.append(real.parent.parent / "blobs")
-    return roots
-
-
-def model_file(folder: Path, name: str, what: str = "file") -> Path | None:
-    """`folder/name` if it exists, None if not; CheckpointError naming it when `name` leaves the
-    folder (`..`, an absolute path, a link to elsewhere) or is not a regular file.
-
-    A file named by a model folder (an index's shard, a tokenizer file) is read and may be copied
-    into a merged model, so it must be the folder's own: a link to /etc/passwd is refused. Links
-    inside the folder, and a Hugging Face snapshot's links into its `blobs/`, are followed."""
-    pure = PurePosixPath(name)
-    if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name:
-        raise CheckpointError(f"{folder}: {what} {short_path(name)!r} is outside the model folder (refused)")
-    path = folder / name
-    try:
-        if not path.exists() and not path.is_symlink():
-            return None
-        real = path.resolve()
-        regular = real.is_file()
-    except (OSError, RuntimeError) as e:  # a name too long, a link loop
-        raise CheckpointError(f"{short_path(path)}: unreadable {what} ({e.__class__.__name__}: {e})") from None
-    if not any(real == r or real.is_relative_to(r) for r in _roots(folder)):
-        raise CheckpointError(f"{path}: {what} is a link to {real}, outside the model folder (refused: copy the "
-                              "file into the folder)")
-    if not regular:
-        raise CheckpointError(f"{path}: {what} is not a regular file")
-    return path
-
-
 @dataclass(frozen=True)
 class TensorInfo:
     dtype: str  # safetensors name, e.g. "BF16"
@@ -89,30 +43,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-
-def read_json_object(path: Path) -> dict:
-    """A JSON object from `path` (config.json, adapter_config.json); CheckpointError naming the
-    file when it is missing, not JSON, or not an object."""
-    if model_file(path.parent, path.name) is None:
-        raise CheckpointError(f"{path}: {path.name} missing")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except JSON_ERRORS as e:
-        raise CheckpointError(f"{path}: invalid JSON ({_why(e)})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: {path.name} must be a JSON object")
-    return data
-
-
-def _why(e: Exception) -> str:
-    if isinstance(e, RecursionError):
-        return "nested too deeply"
-    return str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        return math.prod(self.shape)
 
 
 def _read_weight_map(index: Path) -> dict[str, str]:
@@ -121,7 +52,7 @@ def _read_weight_map(index: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (*JSON_ERRORS, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: not a valid index, no readable 'weight_map' ({_why(e)})") from None
+        raise CheckpointError(f"{index}: not a valid index, no readable 'weight_map' ({error_text(e)})") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
     for shard in sorted(set(weight_map.values())):
@@ -150,9 +81,6 @@ class Checkpoint:
     def __init__(self, folder: str | Path, allow_pickle: bool = False):
         model, adapter = str(folder), None
         if "+" in model:
-            from mergeline.merge.lora import LoraAdapter
-            from mergeline.merge.resolve import split_adapter
-
             model, adapter_folder = split_adapter(model)
             adapter = LoraAdapter.load(adapter_folder)
         self.folder = Path(model)
@@ -206,7 +134,7 @@ class Checkpoint:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # torch raises many types for a bad pickle
-                raise CheckpointError(f"{path}: cannot load pickle checkpoint ({_why(e)})") from None
+                raise CheckpointError(f"{path}: cannot load pickle checkpoint ({error_text(e)})") from None
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise CheckpointError(f"{path}: pickle checkpoint is not a flat name -> tensor state dict")
             found.append((f, list(state)))
@@ -219,7 +147,7 @@ class Checkpoint:
             try:
                 self._handles[shard] = safe_open(str(path), framework="pt", device="cpu")
             except (SafetensorError, OSError, ValueError, RecursionError) as e:
-                raise CheckpointError(f"{path}: unreadable safetensors file ({_why(e)})") from None
+                raise CheckpointError(f"{path}: unreadable safetensors file ({error_text(e)})") from None
         return self._handles[shard]
 
     # -- public API ------------------------------------------------------------

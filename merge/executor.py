@@ -206,7 +206,9 @@ def run_merge(recipe: MergeRecipe | str | Path | Mapping, out_dir: str | Path, *
     method = plan.method
     thresholds = model_thresholds(plan, dev)
     merged_names = [s.name for s in plan.merged]
-    agg = StatsAggregator(method.name, merged_names)
+    takes_signs = "sign_choices" in method.global_params.model_fields  # TIES: record the choices
+    agg = StatsAggregator(method.name, merged_names,
+                          sign_choices=(plan.recipe.parameters or {}).get("sign_choices") if takes_signs else None)
     total_bytes = sum(j.out.nbytes for j in plan.jobs)
     report: CompatReport | None = None
     try:

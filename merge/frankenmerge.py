@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 
 from mergeline.merge.parameters import layer_index, num_layers, rename_layer, set_num_layers
-from mergeline.merge.plan import TIED_HEADS, MergeError, Plan, Source, TensorJob, open_reader, source_name, tensor_job
+from mergeline.merge.plan_types import TIED_HEADS, MergeError, Plan, Source, TensorJob, open_reader, source_name, tensor_job
 from mergeline.merge.recipe import MergeRecipe, model_names
 from mergeline.merge.slices import is_pre_weight, output_layers
 from mergeline.merge.tensor_views import View, ViewReader

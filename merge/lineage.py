@@ -195,12 +195,6 @@ def _input_node(entry: dict, role: str) -> dict:
     return {"label": label, "hash": entry.get("content_hash"), "children": []}
 
 
-def depth(node: dict) -> int:
-    """Generations of merges in a tree: 1 for a merge of plain fine-tunes."""
-    merged_children = [depth(c) for c in node["children"] if c["children"]]
-    return 1 + max(merged_children, default=0)
-
-
 def format_tree(node: dict, prefix: str = "") -> str:
     lines = [f"{node['label']}  {(node.get('hash') or '')[:19]}"] if not prefix else []
     kids = node["children"]

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from mergeline.merge.checkpoint import CheckpointError, model_file, read_json_object
+from mergeline.merge.model_folder import CheckpointError, model_file, read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -35,8 +35,7 @@ from typing import Any, Callable
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from mergeline.merge.config_files import Loader, yaml_problem
-from mergeline.merge.recipe import MergeRecipe, RecipeError, load_recipe
+from mergeline.merge.recipe import MergeRecipe, RecipeError, is_multistage, load_recipe, read_documents
 
 STAGES_FILE = "mergeline_stages.json"
 # Keys whose string values are model references (mergekit patches every model reference).
@@ -52,34 +51,6 @@ class Stage(BaseModel):
     out: Path
     needs: list[str]  # names of the stages it merges
     final: bool
-
-
-def read_documents(path: str | Path) -> list[dict]:
-    """Every YAML document of the file, each a mapping; RecipeError naming the file otherwise."""
-    path = Path(path)
-    try:
-        docs = [d for d in yaml.load_all(path.read_text(), Loader=Loader) if d is not None]
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read the recipe ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise RecipeError(f"{path}: a recipe file must be UTF-8 text ({e.reason} at byte {e.start})") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({yaml_problem(e)})") from None
-    except (RecursionError, ValueError) as e:  # nested too deeply; an integer too long to convert
-        raise RecipeError(f"{path}: not valid YAML ({type(e).__name__})") from None
-    for i, d in enumerate(docs):
-        if not isinstance(d, dict):
-            raise RecipeError(f"{path}: document {i + 1} must be a YAML mapping, not {type(d).__name__}")
-    return docs
-
-
-def is_multistage(path: str | Path) -> bool:
-    """True for a file of several recipes (or one with a `name:`): run it with `run_stages`."""
-    try:
-        docs = read_documents(path)
-    except RecipeError:
-        return False
-    return len(docs) > 1 or any("name" in d for d in docs)
 
 
 def default_intermediate_dir(out_dir: str | Path) -> Path:

@@ -7,7 +7,9 @@ A setting (mergekit's `ParameterSetting`) is one of
   the decoder layers (embeddings, final norm, lm_head) gets t = 0, i.e. the FIRST value, because
   mergekit plans them with t = 0 (`mergekit/plan.py`, `plan_module`);
 - a list of `{filter, value}`: the first entry whose `filter` is a substring of the tensor name
-  (or is missing / "*") wins; its value may itself be a scalar or a gradient.
+  (or is missing / "*") wins; its value may itself be a scalar or a gradient;
+- a table (a mapping with neither `filter` nor `value`, e.g. TIES' `sign_choices`): one value,
+  the whole table, for every tensor (the method reads it per tensor).
 Sources are searched from the highest precedence (the model's own `parameters`) to the lowest
 (the global `parameters`); a source whose filters all miss falls through to the next one, and
 then to the method's default (mergekit's `resolve_parameter`).
@@ -99,6 +101,8 @@ def evaluate_setting(name: str, setting: Any, t: float = 0.0) -> Any:
     Mirrors `mergekit.config.evaluate_setting`: numeric gradients interpolate between the two
     neighbouring entries; a gradient of booleans or strings picks entry int(t * (len - 1)).
     """
+    if is_table(setting):
+        return dict(setting)
     if isinstance(setting, Mapping):  # a single {filter, value}
         setting = [setting]
     if _is_scalar(setting):
@@ -122,6 +126,11 @@ def evaluate_setting(name: str, setting: Any, t: float = 0.0) -> Any:
     raise ValueError(f"unexpected parameter setting {setting!r}")
 
 
+def is_table(setting: Any) -> bool:
+    """A mapping that is not a `{filter, value}` entry: a value in its own right."""
+    return isinstance(setting, Mapping) and not {"filter", "value"} & set(setting)
+
+
 def resolve(key: str, sources: Iterable[Mapping[str, Any] | None], name: str, t: float) -> Any:
     """First non-None value of `key` over `sources` (highest precedence first), else MISSING."""
     for scope in sources:
@@ -137,6 +146,8 @@ def candidate_values(setting: Any) -> list[Any]:
 
     Checking the endpoints is enough for interval constraints: interpolation stays between them.
     """
+    if is_table(setting):
+        return [dict(setting)]
     if isinstance(setting, Mapping):
         setting = [setting]
     if _is_scalar(setting):

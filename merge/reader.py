@@ -15,7 +15,7 @@ import os
 import torch
 
 from mergeline.merge.checkpoint import DTYPES, Checkpoint, CheckpointError
-from mergeline.merge.methods.common import empty_huge
+from mergeline.merge.cpu import empty_huge
 
 
 class TensorReader:

@@ -33,18 +33,14 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mergeline.merge.config_files import explain, read_yaml_mapping
+from mergeline.merge.config_files import Loader, explain, read_yaml_mapping, yaml_problem
+from mergeline.merge.recipe_checks import RecipeError, check_recipe_semantics
 from mergeline.merge.resolve import split_adapter
-from mergeline.merge.tokenizer_merge import TokenSpec
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 NOT_SUPPORTED: dict[str, str] = {}
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be run; the message names the file and key at fault."""
 
 
 def _dtype_name(value: str | None, key: str) -> str | None:
@@ -92,6 +88,36 @@ class ModuleSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     models: list[InputModel]
     parameters: dict[str, Any] | None = None
+
+
+# -- the recipe's `tokens:` entries (mergekit's TokenEmbeddingConfig) ---------------------
+class ZeroEmbedding(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["zero"]
+
+
+class ModelTokenEmbedding(BaseModel):
+    """Another token's row in one model: `token_id` or `token`, not both."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id or token")
+        return self
+
+
+class TokenSpec(BaseModel):
+    """One entry of `tokenizer.tokens`: where the token's row comes from, and whether to force it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: ModelTokenEmbedding | ZeroEmbedding | str | None = None
+    force: bool = False
 
 
 class TokenizerSpec(BaseModel):
@@ -188,8 +214,6 @@ def load_recipe(path_or_dict: str | Path | Mapping[str, Any], validate: bool = T
         try:
             data = read_yaml_mapping(path, "recipe", RecipeError)
         except RecipeError:
-            from mergeline.merge.multistage import is_multistage  # imports this module: not at the top
-
             if is_multistage(path):
                 raise RecipeError(f"{where}: a multi-stage recipe (several documents separated by '---'): run it "
                                   "with `mergeline merge`, or merge.multistage.run_stages") from None
@@ -210,8 +234,6 @@ def load_recipe(path_or_dict: str | Path | Mapping[str, Any], validate: bool = T
     except ValidationError as e:
         raise RecipeError(f"{where}: {explain(e, _allowed_keys)}") from None
     if validate:
-        from mergeline.merge.recipe_checks import check_recipe_semantics  # imports this module: not at the top
-
         if not recipe.modules:
             check_recipe_semantics(recipe, where)
         elif recipe.trim_scope == "model":
@@ -223,6 +245,34 @@ def load_recipe(path_or_dict: str | Path | Mapping[str, Any], validate: bool = T
                                                              "parameters": shared or None}),
                                    f"{where}: modules.{name}")
     return recipe
+
+
+def read_documents(path: str | Path) -> list[dict]:
+    """Every YAML document of the file, each a mapping; RecipeError naming the file otherwise."""
+    path = Path(path)
+    try:
+        docs = [d for d in yaml.load_all(path.read_text(), Loader=Loader) if d is not None]
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read the recipe ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: a recipe file must be UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML ({yaml_problem(e)})") from None
+    except (RecursionError, ValueError) as e:  # nested too deeply; an integer too long to convert
+        raise RecipeError(f"{path}: not valid YAML ({type(e).__name__})") from None
+    for i, d in enumerate(docs):
+        if not isinstance(d, dict):
+            raise RecipeError(f"{path}: document {i + 1} must be a YAML mapping, not {type(d).__name__}")
+    return docs
+
+
+def is_multistage(path: str | Path) -> bool:
+    """True for a file of several recipes (or one with a `name:`): run it with `merge.multistage.run_stages`."""
+    try:
+        docs = read_documents(path)
+    except RecipeError:
+        return False
+    return len(docs) > 1 or any("name" in d for d in docs)
 
 
 _MODULE_KEYS = ("models", "slices", "parameters")

@@ -11,6 +11,9 @@ Lenient where mergekit is: a parameter another method takes but this one does no
 slerp) is ignored with a WARNING naming it, as mergekit ignores it; a key no method takes (a
 typo) is refused.
 
+`recipe` is always a `MergeRecipe`. merge/recipe.py runs these checks as it reads a recipe, so
+this module is below it and does not import it; `RecipeError`, raised by both, lives here.
+
     python -m mergeline.merge.recipe configs/recipes/ties.yaml     # reads and checks a recipe
 """
 from __future__ import annotations
@@ -22,9 +25,13 @@ from typing import Annotated, Any, Mapping
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from mergeline.merge.chat_templates import problem as chat_template_problem
-from mergeline.merge.parameters import MISSING, candidate_values, resolve
-from mergeline.merge.recipe import MergeRecipe, RecipeError
+from mergeline.merge.methods.registry import KNOWN_KEYS, METHODS, get_method
+from mergeline.merge.parameters import MISSING, candidate_values, is_table, resolve
 from mergeline.merge.slices import check_slices, parameter_sources
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be run; the message names the file and key at fault."""
 
 
 def _param_fields(cls: type[BaseModel] | None) -> dict[str, Any]:
@@ -69,7 +76,7 @@ def check_numbers(at: str, value: Any, where: str) -> None:
 def _check_setting_shape(key: str, setting: Any, where: str) -> None:
     """A setting is a scalar, a list of scalars, or {filter, value} entries (alone or in a list)."""
     scalar = (bool, int, float, str)
-    if isinstance(setting, scalar):
+    if isinstance(setting, scalar) or is_table(setting):  # a table (TIES' sign_choices) is checked by its type
         return
     items = [setting] if isinstance(setting, Mapping) else setting
     if not isinstance(items, list) or not items:
@@ -108,14 +115,12 @@ def _check_values(key: str, setting: Any, field, where: str) -> None:
 
 
 def get_method_or_error(name: str, where: str = "recipe"):
-    from mergeline.merge.methods.registry import METHODS, get_method
-
     if name not in METHODS:
         raise RecipeError(f"{where}: merge_method {name!r} is unknown (allowed: {', '.join(sorted(METHODS))})")
     return get_method(name)
 
 
-def check_recipe_semantics(recipe: MergeRecipe, where: str = "recipe") -> None:
+def check_recipe_semantics(recipe, where: str = "recipe") -> None:
     """Everything about a recipe that can be checked without reading a model."""
     method = get_method_or_error(recipe.merge_method, where)
     _check_all_numbers(recipe, where)
@@ -196,7 +201,7 @@ def check_recipe_semantics(recipe: MergeRecipe, where: str = "recipe") -> None:
         check_weight_sum(recipe, method, list(scope.values()), name="", t=0.0, where=where, only_if_scalar=True)
 
 
-def _check_model_count(recipe: MergeRecipe, method, where: str) -> None:
+def _check_model_count(recipe, method, where: str) -> None:
     """The method's input contract (mergekit's), from the recipe alone: one line naming the
     method and the count, before any model is resolved or tensor read."""
     groups = [(where, [m.model for m in recipe.inputs()], recipe.base_model)]  # the base appended when not listed
@@ -223,8 +228,6 @@ def _check_group(method, where: str, refs: list[str], base: str | None) -> None:
 
 def _ignored(key: str, at: str, method, where: str) -> bool:
     """A key another method takes: warn and ignore it (True); a key no method takes: False."""
-    from mergeline.merge.methods.registry import KNOWN_KEYS
-
     if key not in KNOWN_KEYS:
         return False
     log.warning("%s: %s.%s: merge_method %r takes no parameter %r; ignored (another method uses it)",
@@ -232,7 +235,7 @@ def _ignored(key: str, at: str, method, where: str) -> bool:
     return True
 
 
-def _check_all_numbers(recipe: MergeRecipe, where: str) -> None:
+def _check_all_numbers(recipe, where: str) -> None:
     """Every parameter block and slice residual weight holds sane numbers."""
     check_numbers("parameters", recipe.parameters, where)
     for at, settings in _per_model_settings(recipe):
@@ -242,7 +245,7 @@ def _check_all_numbers(recipe: MergeRecipe, where: str) -> None:
         check_numbers(f"slices[{i}].residual_weight", sl.residual_weight, where)
 
 
-def _per_model_settings(recipe: MergeRecipe) -> list[tuple[str, dict | None]]:
+def _per_model_settings(recipe) -> list[tuple[str, dict | None]]:
     """(location in the YAML, settings) of every per-model `parameters` block."""
     if recipe.slices:
         return [(f"slices[{i}].sources[{j}].parameters", src.parameters)
@@ -250,7 +253,7 @@ def _per_model_settings(recipe: MergeRecipe) -> list[tuple[str, dict | None]]:
     return [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(recipe.models or [])]
 
 
-def _merge_scopes(recipe: MergeRecipe, merged: list[str]) -> list[dict[str, list]]:
+def _merge_scopes(recipe, merged: list[str]) -> list[dict[str, list]]:
     """Per scope (the whole merge, or each slice): merged model -> its parameter sources,
     highest precedence first."""
     if recipe.slices:
@@ -260,7 +263,7 @@ def _merge_scopes(recipe: MergeRecipe, merged: list[str]) -> list[dict[str, list
     return [{ref: [own[ref], recipe.parameters] for ref in merged}]
 
 
-def _resolved_normalize(recipe: MergeRecipe, method) -> bool:
+def _resolved_normalize(recipe, method) -> bool:
     """Whether the method divides by the sum of the weights (`normalize`; multislerp's
     `normalize_weights`)."""
     fields = _param_fields(method.global_params)
@@ -273,7 +276,7 @@ def _resolved_normalize(recipe: MergeRecipe, method) -> bool:
     return bool(value)
 
 
-def check_weight_sum(recipe: MergeRecipe, method, sources: list[list], name: str, t: float,
+def check_weight_sum(recipe, method, sources: list[list], name: str, t: float,
                      where: str = "recipe", only_if_scalar: bool = False) -> None:
     """A method that divides by the sum of weights must not see weights summing to zero.
     `sources`: per merged model, its parameter sources (highest precedence first)."""

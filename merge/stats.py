@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mergeline.merge.methods.stats import TensorStats
 from mergeline.merge.parameters import layer_index
 
 SCHEMA_VERSION = 1
@@ -65,14 +66,6 @@ def _zero() -> dict[str, float]:
     return dict.fromkeys(COUNT_KEYS, 0.0)
 
 
-def _model_rows(stats) -> list:
-    """The per-model counts of one TensorStats (B1's field is `models`; `per_model` also accepted)."""
-    rows = getattr(stats, "models", None)
-    if rows is None:
-        rows = getattr(stats, "per_model", None)
-    return list(rows or [])
-
-
 @dataclass
 class StatsAggregator:
     """Add one tensor's stats at a time (streaming); write the files at the end."""
@@ -83,17 +76,17 @@ class StatsAggregator:
     per_layer: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     conflict: dict[str, list[int]] = field(default_factory=dict)  # layer -> [conflicts, with_kept]
     rows: list[dict] = field(default_factory=list)
+    sign_choices: dict[str, str] | None = None  # TIES' sign per layer group, as the recipe fixed it
 
-    def add(self, tensor: str, stats, models: list[str] | None = None) -> None:
+    def add(self, tensor: str, stats: TensorStats | None, models: list[str] | None = None) -> None:
         if stats is None:
             return
         names = models or self.models
         layer = layer_key(tensor)
-        model_rows = _model_rows(stats)
+        model_rows = stats.models
         if len(model_rows) != len(names):
             raise ValueError(f"tensor {tensor!r}: stats for {len(model_rows)} models, expected {len(names)}")
-        conflicts = int(getattr(stats, "conflict_positions", 0))
-        with_kept = int(getattr(stats, "positions_with_kept", 0))
+        conflicts, with_kept = stats.conflict_positions, stats.positions_with_kept
         c = self.conflict.setdefault(layer, [0, 0])
         c[0] += conflicts
         c[1] += with_kept
@@ -127,6 +120,7 @@ class StatsAggregator:
                 "positions_with_kept": total_k,
                 "per_layer": {k: _ratio(*self.conflict[k]) for k in order if k in self.conflict},
             },
+            **({"sign_choices": dict(self.sign_choices)} if self.sign_choices else {}),
         }
 
     def write(self, folder: Path) -> dict:

@@ -35,46 +35,20 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel
+
+from mergeline.merge.checkpoint import Checkpoint
+from mergeline.merge.recipe import ModelTokenEmbedding, TokenSpec, ZeroEmbedding, load_recipe, model_names
+from mergeline.merge.resolve import resolve_model
 
 log = logging.getLogger(__name__)
 
 # Tensors indexed by token id along their first axis (mergekit's `vocabulary_axis: 0`).
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight", "model.embed_in.weight",
                  "gpt_neox.embed_in.weight", "embed_out.weight", "transformer.word_embeddings.weight")
-
-
-# -- the recipe's `tokens:` entries (mergekit's TokenEmbeddingConfig) ---------------------
-class ZeroEmbedding(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    kind: Literal["zero"]
-
-
-class ModelTokenEmbedding(BaseModel):
-    """Another token's row in one model: `token_id` or `token`, not both."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    kind: Literal["model_token"]
-    model: str
-    token_id: int | None = None
-    token: str | None = None
-
-    @model_validator(mode="after")
-    def _one_of(self):
-        if (self.token_id is None) == (self.token is None):
-            raise ValueError("give exactly one of token_id or token")
-        return self
-
-
-class TokenSpec(BaseModel):
-    """One entry of `tokenizer.tokens`: where the token's row comes from, and whether to force it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    source: ModelTokenEmbedding | ZeroEmbedding | str | None = None
-    force: bool = False
 
 
 # -- building the output tokenizer ----------------------------------------------------
@@ -411,10 +385,6 @@ def describe_remapping(recipe) -> RemappingSummary | None:
     tokenizers (the merge then copies the tokenizer source's files, or refuses a union). For the
     compatibility gate: a union of different vocabularies is a remapping to report, not a
     tokenizer mismatch."""
-    from mergeline.merge.checkpoint import Checkpoint
-    from mergeline.merge.recipe import model_names
-    from mergeline.merge.resolve import resolve_model
-
     spec = recipe_tokenizer(recipe)
     if spec is None:
         return None
@@ -470,7 +440,5 @@ def referenced_models(recipe) -> list[str]:
 
 
 if __name__ == "__main__":
-    from mergeline.merge.recipe import load_recipe
-
     summary = describe_remapping(load_recipe(sys.argv[1]))
     print(summary.text() if summary else "the recipe sets no tokenizer: no remapping")

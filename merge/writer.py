@@ -20,6 +20,7 @@ import ctypes
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -31,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from mergeline.merge.chat_templates import PRESETS, template_text
-from mergeline.merge.checkpoint import DTYPES, JSON_ERRORS, CheckpointError, model_file, short_path
+from mergeline.merge.chat_templates import template_text
+from mergeline.merge.checkpoint import DTYPES
+from mergeline.merge.model_folder import model_file, read_json_object, read_text, short_path
 
 ST_NAME = {v: k for k, v in DTYPES.items()}  # torch dtype -> safetensors dtype name
 INDEX_NAME = "model.safetensors.index.json"
@@ -73,10 +75,7 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
 
 def plan_shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
@@ -398,7 +397,7 @@ def copy_side_files(folder: Path, tokenizer_from: Path | None, config_from: Path
     """Tokenizer files from the tokenizer source (None: none), generation_config.json from the
     reference model.
     Only the models' own regular files are copied: a link out of the model folder (a merges.txt
-    pointing at a system file) is refused by name (merge.checkpoint.model_file)."""
+    pointing at a system file) is refused by name (merge.model_folder.model_file)."""
     copied = []
     tokenizer_files = TOKENIZER_FILES if tokenizer_from is not None else ()
     sources = [(tokenizer_from, name) for name in tokenizer_files] + [(config_from, "generation_config.json")]
@@ -410,16 +409,13 @@ def copy_side_files(folder: Path, tokenizer_from: Path | None, config_from: Path
     return copied
 
 
-BUILTIN_TEMPLATES = PRESETS  # mergekit's presets, byte for byte (merge/chat_templates/)
-
-
 def _model_template(folder: Path) -> str | None:
     jinja = model_file(folder, "chat_template.jinja", "side file")
     if jinja is not None:
-        return _read_text(jinja).strip()
+        return read_text(jinja).strip()
     cfg = model_file(folder, "tokenizer_config.json", "side file")
     if cfg is not None:
-        tpl = _read_json(cfg).get("chat_template")
+        tpl = read_json_object(cfg).get("chat_template")
         if isinstance(tpl, dict):
             tpl = tpl.get("default")
         if isinstance(tpl, str):
@@ -442,24 +438,6 @@ def write_chat_template(folder: Path, template: str, model_folders: list[Path]) 
     (folder / "chat_template.jinja").write_text(template)
     cfg_path = folder / "tokenizer_config.json"
     if cfg_path.is_file():  # a template here would shadow the .jinja file in older transformers
-        cfg = _read_json(cfg_path)
+        cfg = read_json_object(cfg_path)
         cfg["chat_template"] = template
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(_read_text(path))
-    except JSON_ERRORS as e:
-        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-        raise CheckpointError(f"{path}: invalid JSON ({why})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: must be a JSON object")
-    return data

@@ -20,7 +20,6 @@ like a fine-tune. Over matrices, an unrelated base sits near sqrt(2) at any size
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 from dataclasses import dataclass, field
 
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from mergeline.merge.checkpoint import DTYPES, Checkpoint
-from mergeline.merge.methods.common import cpu_workers, single_threaded_ops
+from mergeline.merge.cpu import cpu_workers, worker_pool
 
 from .policy import NormsPolicy
 from .report import Check
@@ -162,10 +161,10 @@ def stream_norms(base: Checkpoint, models: dict[str, Checkpoint], names: list[st
     grams = {n: np.zeros((len(keys) + 1, len(keys) + 1)) for n in weights}
     workers = threads or cpu_workers()
     # The kernel is numba's, but dtypes other than bf16/float32 are widened by torch: one torch
-    # thread per worker (its own OpenMP setting, and the process-wide one while this runs), or
-    # torch's intra-op threads fight the workers for the cores.
+    # thread per worker (that thread's own setting: merge/cpu.py), or torch's intra-op threads
+    # fight the workers for the cores.
     total, done = sum(e - s for _, s, e in jobs), 0
-    with single_threaded_ops(), ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    with worker_pool(workers) as pool:
         for (name, s, e), g in zip(jobs, pool.map(work, jobs)):
             grams[name] += g
             done += e - s

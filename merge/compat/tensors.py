@@ -4,7 +4,7 @@ No tensor data is read (`Checkpoint.infos()` parses only the JSON headers), so t
 instant even for a 70B checkpoint. Missing or extra tensors and shape mismatches fail, because
 a merge would have to skip or broadcast them; a dtype difference only warns, since the merge
 computes in one dtype anyway. One name difference only warns: an output head stored by one
-model and tied to the input embedding in another (`merge.plan.TIED_HEADS`), which the merge
+model and tied to the input embedding in another (`merge.plan_types.TIED_HEADS`), which the merge
 reads from the embedding, as mergekit does.
 
     python -c "from mergeline.merge.checkpoint import Checkpoint; print(len(Checkpoint('MODEL_DIR').infos()))"
@@ -12,7 +12,7 @@ reads from the embedding, as mergekit does.
 from __future__ import annotations
 
 from mergeline.merge.checkpoint import TensorInfo
-from mergeline.merge.plan import TIED_HEADS
+from mergeline.merge.plan_types import TIED_HEADS
 
 from .report import Check
 

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from mergeline.merge.methods.common import check_inputs
 from mergeline.merge.methods.masked_stats import masked_stats
+from mergeline.merge.methods.stats import MethodResult
 
 SAMPLE = 1_000_000
 
@@ -42,8 +43,6 @@ def fence(scores: Tensor, generator: torch.Generator | None) -> Tensor:
 
 def arcee_fusion(base: Tensor, models: list[Tensor], model_params: list, params, *,
                  generator: torch.Generator | None = None, thresholds: list[float] | None = None):
-    from mergeline.merge.methods.registry import MethodResult
-
     check_inputs("arcee_fusion", base, models, need_base=True)
     if len(models) != 1:
         raise ValueError(f"arcee_fusion merges exactly two models (base + one), got base + {len(models)}")

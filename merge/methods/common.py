@@ -1,122 +1,22 @@
-"""Shared plumbing of the merge kernels: chunking, deltas in the compute dtype, rounding.
+"""Shared plumbing of the merge kernels: deltas in the compute dtype, rounding, input checks.
 
-Why chunks: each elementwise op over a whole tensor streams it through memory and allocates a
-full-size temporary; over cache-sized chunks with preallocated buffers the same ops stay in L2.
+Why chunks (``merge/cpu.py``): each elementwise op over a whole tensor streams it through memory
+and allocates a full-size temporary; over cache-sized chunks with preallocated buffers the same
+ops stay in L2.
 Why float32 inside: on CPUs without native bf16 arithmetic torch's bf16 ops cost ~7 ns/element
 against ~0.3 ns for fp32 (measured here), so chunks are upcast, computed in fp32 and rounded to
 the compute dtype exactly where mergekit's bf16 arithmetic rounds (``Rounder``), which keeps
 bf16 TIES results bit-identical to mergekit's away from threshold ties (tested).
-Why worker threads: see ``run_chunks``.
+Why worker threads: see ``merge/cpu.py``.
 
 Run: python -m pytest tests/merge/test_methods.py -q
 """
 from __future__ import annotations
 
-import ctypes
-import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-
 import torch
 from torch import Tensor
 
-CHUNK = 1 << 16  # elements per fused chunk on CPU: a worker's few fp32 rows of it stay in L2
-CHUNK_GPU = 1 << 24  # on a GPU, chunks only bound the scratch memory; fewer kernel launches
-
-
-def chunk_size(x: Tensor, cpu_chunk: int = CHUNK) -> int:
-    return min(cpu_chunk if x.device.type == "cpu" else CHUNK_GPU, max(1, x.numel()))
-
-
-def spans(n: int, chunk: int = CHUNK):
-    """(start, end) of consecutive chunks covering range(n)."""
-    for s in range(0, n, chunk):
-        yield s, min(s + chunk, n)
-
-
-def cpu_workers() -> int:
-    """Worker threads for chunk loops on CPU: torch's intra-op thread count (default: the cores),
-    as it was before any running chunk loop lowered it."""
-    with _ops_lock:
-        return max(1, _ops_threads if _ops_users else torch.get_num_threads())
-
-
-def run_chunks(numel: int, chunk: int, make_worker, device) -> list:
-    """Call ``worker(start, end)`` over all chunks of range(numel); return the workers.
-
-    On CPU, each of ``cpu_workers()`` Python threads takes chunks from a shared queue with its own
-    worker (own scratch, own accumulators), while torch's intra-op parallelism is set to 1. Why:
-    per-op parallelism puts a barrier after every small op, and on a busy machine (CI, six people
-    on two cores) one descheduled thread stalls every op; measured 20-40x slower under load.
-    Independent chunks only meet once, at the end. Torch ops release the GIL, so threads overlap.
-    """
-    todo = list(spans(numel, chunk))
-    n = max(1, min(cpu_workers(), len(todo))) if device.type == "cpu" else 1
-    workers = [make_worker() for _ in range(n)]
-    if n == 1:
-        for s, e in todo:
-            workers[0](s, e)
-        return workers
-    queue, lock = iter(todo), threading.Lock()
-
-    def loop(worker) -> None:
-        torch.set_num_threads(1)  # this thread's own OpenMP setting
-        while True:
-            with lock:
-                span = next(queue, None)
-            if span is None:
-                return
-            worker(*span)
-
-    with single_threaded_ops():
-        with ThreadPoolExecutor(n) as pool:
-            list(pool.map(loop, workers))  # re-raises a worker's exception here
-    return workers
-
-
-_ops_lock = threading.Lock()
-_ops_users = 0
-_ops_threads = 0
-
-
-@contextmanager
-def single_threaded_ops():
-    """torch intra-op threads = 1 while any chunk loop runs; the first caller saves the setting
-    and the last one restores it, so concurrent merges cannot leave the process single-threaded."""
-    global _ops_users, _ops_threads
-    with _ops_lock:
-        if _ops_users == 0:
-            _ops_threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _ops_users += 1
-    try:
-        yield
-    finally:
-        with _ops_lock:
-            _ops_users -= 1
-            if _ops_users == 0:
-                torch.set_num_threads(_ops_threads)
-
-
-_HUGE = 2 << 20  # transparent huge page size on x86-64 Linux
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
-def empty_huge(numel: int, dtype: torch.dtype) -> Tensor:
-    """torch.empty for a large flat CPU buffer, backed by transparent huge pages where the kernel
-    allows them on request (THP mode "madvise", as here). Why: every merged tensor's inputs,
-    deltas and output are fresh allocations, first touched once; with 4 KiB pages that was
-    ~540k page faults and ~1.4 s of kernel time per 322M-parameter merge (measured: /usr/bin/time,
-    and THP_MEM_ALLOC_ENABLE=1 which does the same for every torch allocation)."""
-    t = torch.empty(numel, dtype=dtype)
-    nbytes = t.numel() * t.element_size()
-    if _libc is not None and nbytes >= 2 * _HUGE:
-        start = -(-t.data_ptr() // _HUGE) * _HUGE  # madvise wants page-aligned ranges
-        end = (t.data_ptr() + nbytes) // _HUGE * _HUGE
-        if end > start:
-            _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 14)  # MADV_HUGEPAGE
-    return t
+from mergeline.merge.cpu import chunk_size, run_chunks
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:

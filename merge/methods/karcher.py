@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from mergeline.merge.methods.common import check_inputs
+from mergeline.merge.methods.stats import MethodResult
 
 
 def karcher_mean(tensors: list[Tensor], alphas: list[float], max_iter: int = 10, tol: float = 1e-5) -> Tensor:
@@ -66,8 +67,6 @@ def karcher_mean(tensors: list[Tensor], alphas: list[float], max_iter: int = 10,
 def karcher(base: Tensor | None, models: list[Tensor], model_params: list, params, *,
             generator: torch.Generator | None = None, thresholds: list[float] | None = None):
     """``models``: every recipe input, the base among them when named (mergekit ignores the base)."""
-    from mergeline.merge.methods.registry import MethodResult
-
     check_inputs("karcher", None, models, need_base=False)
     if len(models) == 1:
         return MethodResult(models[0].clone(), None)

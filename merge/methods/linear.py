@@ -9,16 +9,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mergeline.merge.methods.common import check_inputs, chunk_size, flat, run_chunks, work_dtype
-from mergeline.merge.methods.stats import ModelStats, TensorStats
+from mergeline.merge.cpu import chunk_size, run_chunks
+from mergeline.merge.methods.common import check_inputs, flat, work_dtype
+from mergeline.merge.methods.stats import MethodResult, ModelStats, TensorStats
 
 
 def linear(base: Tensor | None, models: list[Tensor], model_params: list, params, *,
            generator: torch.Generator | None = None, thresholds: list[float] | None = None):
     """``models`` are all models of the recipe (the base among them if listed); ``base`` is only
     used for statistics (deltas against it) and may be None (then stats are None)."""
-    from mergeline.merge.methods.registry import MethodResult
-
     check_inputs("linear", base, models, need_base=False)
     xs, first = [flat(m) for m in models], models[0]
     w = torch.tensor([p.weight for p in model_params], dtype=work_dtype(first.dtype), device=first.device)

@@ -18,12 +18,11 @@ from torch import Tensor
 
 from mergeline.merge.methods.common import check_inputs
 from mergeline.merge.methods.linear import delta_stats
+from mergeline.merge.methods.stats import MethodResult
 
 
 def model_stock(base: Tensor, models: list[Tensor], model_params: list, params, *,
                 generator: torch.Generator | None = None, thresholds: list[float] | None = None):
-    from mergeline.merge.methods.registry import MethodResult
-
     check_inputs("model_stock", base, models, need_base=True)
     if len(models) < 2:
         raise ValueError(f"model_stock needs at least two fine-tunes besides the base, got {len(models)}")

@@ -17,12 +17,11 @@ from torch import Tensor
 
 from mergeline.merge.methods.common import check_inputs
 from mergeline.merge.methods.linear import delta_stats
+from mergeline.merge.methods.stats import MethodResult
 
 
 def multislerp(base: Tensor | None, models: list[Tensor], model_params: list, params, *,
                generator: torch.Generator | None = None, thresholds: list[float] | None = None):
-    from mergeline.merge.methods.registry import MethodResult
-
     check_inputs("multislerp", base, models, need_base=False)
     if len(models) == 1:
         return MethodResult(models[0].clone(), None)
@@ -60,8 +59,6 @@ def multislerp(base: Tensor | None, models: list[Tensor], model_params: list, pa
 
 
 def _result(out: Tensor, base: Tensor | None, models: list[Tensor]):
-    from mergeline.merge.methods.registry import MethodResult
-
     if base is None:
         return MethodResult(out, None)
     return MethodResult(out + base, delta_stats(base, models, [1.0] * len(models)))

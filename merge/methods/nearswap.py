@@ -14,12 +14,11 @@ from torch import Tensor
 
 from mergeline.merge.methods.common import check_inputs
 from mergeline.merge.methods.linear import delta_stats
+from mergeline.merge.methods.stats import MethodResult
 
 
 def nearswap(base: Tensor, models: list[Tensor], model_params: list, params, *,
              generator: torch.Generator | None = None, thresholds: list[float] | None = None):
-    from mergeline.merge.methods.registry import MethodResult
-
     check_inputs("nearswap", base, models, need_base=True)
     if len(models) != 1:
         raise ValueError(f"nearswap merges exactly two models (base + one), got base + {len(models)}")

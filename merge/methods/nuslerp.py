@@ -17,6 +17,7 @@ from torch import Tensor
 
 from mergeline.merge.methods.common import check_inputs
 from mergeline.merge.methods.linear import delta_stats
+from mergeline.merge.methods.stats import MethodResult
 
 
 def nuslerp_vectors(t: float, v0: Tensor, v1: Tensor, dim: int = -1, eps: float = 1e-8,
@@ -44,8 +45,6 @@ def nuslerp_vectors(t: float, v0: Tensor, v1: Tensor, dim: int = -1, eps: float 
 def nuslerp(base: Tensor | None, models: list[Tensor], model_params: list, params, *,
             generator: torch.Generator | None = None, thresholds: list[float] | None = None):
     """``models``: the two models to interpolate; ``base`` (optional): their common base."""
-    from mergeline.merge.methods.registry import MethodResult
-
     check_inputs("nuslerp", base, models, need_base=False)
     if len(models) != 2:
         raise ValueError(f"nuslerp interpolates exactly two models besides the base, got {len(models)}")

@@ -9,13 +9,12 @@ import torch
 from torch import Tensor
 
 from mergeline.merge.methods.common import check_inputs
+from mergeline.merge.methods.stats import MethodResult
 
 
 def passthrough(base: Tensor | None, models: list[Tensor], model_params: list, params, *,
                 generator: torch.Generator | None = None, thresholds: list[float] | None = None):
     """``models == [the one model]``; its ``scale`` (None: a copy)."""
-    from mergeline.merge.methods.registry import MethodResult
-
     check_inputs("passthrough", None, models, need_base=False)
     if len(models) != 1:
         raise ValueError(f"passthrough takes exactly one model, got {len(models)}")

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from mergeline.merge.methods.common import check_inputs
 from mergeline.merge.methods.masked_stats import masked_stats
+from mergeline.merge.methods.stats import MethodResult
 
 
 def _vectors(base: Tensor, models: list[Tensor], epsilon: float):
@@ -29,8 +30,6 @@ def _vectors(base: Tensor, models: list[Tensor], epsilon: float):
 
 
 def _ram(base: Tensor, models: list[Tensor], params, plus: bool):
-    from mergeline.merge.methods.registry import MethodResult
-
     if not models:  # nothing to merge into the base, as mergekit
         return MethodResult(base.clone(), None)
     check_inputs("ramplus_tl" if plus else "ram", base, models, need_base=True)

@@ -34,7 +34,6 @@ from functools import partial
 from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
-from torch import Tensor
 
 from mergeline.merge.methods.arcee_fusion import arcee_fusion
 from mergeline.merge.methods.karcher import karcher
@@ -47,14 +46,8 @@ from mergeline.merge.methods.passthrough import passthrough
 from mergeline.merge.methods.ram import ram, ramplus_tl
 from mergeline.merge.methods.sce import sce
 from mergeline.merge.methods.slerp import slerp
-from mergeline.merge.methods.stats import TensorStats
-from mergeline.merge.methods.ties import generalized_task_arithmetic
-
-
-@dataclass
-class MethodResult:
-    tensor: Tensor
-    stats: TensorStats | None
+from mergeline.merge.methods.stats import MethodResult
+from mergeline.merge.methods.ties import SignChoice, generalized_task_arithmetic
 
 
 @dataclass(frozen=True)
@@ -138,9 +131,10 @@ class GTAGlobals(_Params):
     lambda_: float = Field(1.0, alias="lambda")
 
 
-def _gta_globals(name: str, normalize: bool, rescale: bool) -> type[BaseModel]:
-    """GTAGlobals with this method's defaults for normalize and rescale (as mergekit's spec)."""
-    return create_model(f"{name}_globals", __base__=GTAGlobals,
+def _gta_globals(name: str, normalize: bool, rescale: bool, extra: type[BaseModel] | None = None) -> type[BaseModel]:
+    """GTAGlobals with this method's defaults for normalize and rescale (as mergekit's spec),
+    plus `extra`'s fields (TIES: SignChoice)."""
+    return create_model(f"{name}_globals", __base__=(GTAGlobals, extra) if extra else GTAGlobals,
                         normalize=(bool, normalize), rescale=(bool, rescale))
 
 
@@ -194,9 +188,9 @@ class RamPlusGlobals(RamGlobals):
 
 
 def _gta(name: str, sparsification: str | None, consensus: bool, normalize: bool, rescale: bool,
-         model_params: type[BaseModel] = TaskVectorParams) -> MergeMethod:
+         model_params: type[BaseModel] = TaskVectorParams, extra: type[BaseModel] | None = None) -> MergeMethod:
     fn = partial(generalized_task_arithmetic, name=name, sparsification=sparsification, consensus=consensus)
-    return MergeMethod(name, fn, model_params, _gta_globals(name, normalize, rescale), requires_base=True,
+    return MergeMethod(name, fn, model_params, _gta_globals(name, normalize, rescale, extra), requires_base=True,
                        randomized=sparsification in ("random", "della_magprune"), inputs=BASE)
 
 
@@ -211,7 +205,7 @@ METHODS: dict[str, MergeMethod] = {
         MergeMethod("slerp", slerp, NoModelParams, SlerpGlobals, requires_base=True, randomized=False,
                     inputs=BASE_AND_ONE),
         _gta("task_arithmetic", None, consensus=False, normalize=False, rescale=False),
-        _gta("ties", "magnitude", consensus=True, normalize=True, rescale=False),
+        _gta("ties", "magnitude", consensus=True, normalize=True, rescale=False, extra=SignChoice),
         _gta("dare_ties", "random", consensus=True, normalize=False, rescale=True),
         _gta("dare_linear", "random", consensus=False, normalize=False, rescale=True),
         _gta("breadcrumbs", "magnitude_outliers", False, False, False, BreadcrumbsParams),

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from mergeline.merge.methods.common import check_inputs
 from mergeline.merge.methods.masked_stats import masked_stats
+from mergeline.merge.methods.stats import MethodResult
 
 
 def select_mask(tvs: Tensor, fraction: float) -> Tensor:
@@ -44,8 +45,6 @@ def model_weights(tvs: Tensor) -> Tensor:
 
 def sce(base: Tensor, models: list[Tensor], model_params: list, params, *,
         generator: torch.Generator | None = None, thresholds: list[float] | None = None):
-    from mergeline.merge.methods.registry import MethodResult
-
     if not models:  # nothing to merge into the base, as mergekit
         return MethodResult(base.clone(), None)
     check_inputs("sce", base, models, need_base=True)

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mergeline.merge.methods.common import compute_delta, empty_huge, run_chunks
-from mergeline.merge.methods.common import flat as flat_
+from mergeline.merge.cpu import empty_huge, run_chunks
+from mergeline.merge.methods.common import compute_delta, flat as flat_
 
 CHUNK = 1 << 18  # elements per numpy pass: bincount's intp copy of a chunk stays in cache
 _LO = 0 if sys.byteorder == "little" else 1  # which uint16 half of an fp32 holds the low bits

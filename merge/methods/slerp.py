@@ -13,8 +13,10 @@ import math
 import torch
 from torch import Tensor
 
-from mergeline.merge.methods.common import check_inputs, chunk_size, flat, run_chunks, work_dtype
+from mergeline.merge.cpu import chunk_size, run_chunks
+from mergeline.merge.methods.common import check_inputs, flat, work_dtype
 from mergeline.merge.methods.linear import delta_stats
+from mergeline.merge.methods.stats import MethodResult
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -56,8 +58,6 @@ def slerp_coefficients(t: float, v0: Tensor, v1: Tensor) -> tuple[float, float]:
 def slerp(base: Tensor, models: list[Tensor], model_params: list, params, *,
           generator: torch.Generator | None = None, thresholds: list[float] | None = None):
     """``base`` is v0 and ``models == [v1]``."""
-    from mergeline.merge.methods.registry import MethodResult
-
     check_inputs("slerp", base, models, need_base=True)
     if len(models) != 1:
         raise ValueError(f"slerp merges exactly two models (base + one), got base + {len(models)}")

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from mergeline.merge.methods.common import chunk_size, run_chunks
+from mergeline.merge.cpu import chunk_size, run_chunks
 from mergeline.merge.methods.select import TopK, below, topk
 
 

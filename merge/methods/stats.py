@@ -1,4 +1,5 @@
-"""Per-tensor merge statistics, kept as COUNTS and SUMS so they aggregate by addition.
+"""What a merge method returns: the merged tensor and its statistics, kept as COUNTS and SUMS so
+they aggregate by addition.
 
 No merging tool reports what TIES (Yadav et al. 2023, arXiv:2306.01708) actually did to a
 tensor; these counts are collected in the same pass as the merge itself.
@@ -21,6 +22,8 @@ Run: python -m pytest tests/merge/test_methods.py -q
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+
+from torch import Tensor
 
 
 @dataclass
@@ -58,3 +61,12 @@ class TensorStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class MethodResult:
+    """What every merge method returns (``registry.METHODS[name].fn``); ``stats`` is None for
+    methods that count nothing."""
+
+    tensor: Tensor
+    stats: TensorStats | None

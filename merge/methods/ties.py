@@ -15,18 +15,105 @@ k-th magnitude are kept by lowest flat index (mergekit leaves that to argsort's 
 iff |delta| >= its model's threshold. bf16/fp16 inputs are computed in fp32 chunks rounded where
 mergekit's own bf16 ops round, so results are bit-identical to mergekit's away from such ties.
 
+Sign choice (TIES only; the paper, sec. 7 and appendix, shows that a sign vector estimated from
+validation data beats the magnitude election). ``sign_choices: {GROUP: elected | MODEL}`` fixes
+step 2 per layer group: ``elected`` keeps the magnitude election; a model's name (its folder's
+name, as in merge statistics) takes that model's own signs (of its trimmed, weighted delta) where
+it kept an entry, and the elected sign where it kept none. Groups, by tensor name (``group_of``):
+``embeddings`` (token and position embeddings), ``layers.A-B`` (decoder layers A to B inclusive,
+``layers.A`` for one), ``head`` (everything after the layers: final norm, lm_head). A tensor whose
+group is not listed keeps the election. ``sign_source: validation`` says the choices come from
+the validation search of ``mergeline tune``; without ``sign_choices`` a merge refuses it.
+
 Run: python -m pytest tests/merge/test_methods.py -q
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, PrivateAttr
 from torch import Tensor
 
+from mergeline.merge.cpu import chunk_size, empty_huge, run_chunks
 from mergeline.merge.methods import select, sparsify
-from mergeline.merge.methods.common import Rounder, check_inputs, chunk_size, compute_delta, empty_huge, flat, run_chunks, work_dtype
-from mergeline.merge.methods.stats import ModelStats, TensorStats
+from mergeline.merge.methods.common import Rounder, check_inputs, compute_delta, flat, work_dtype
+from mergeline.merge.methods.stats import MethodResult, ModelStats, TensorStats
+from mergeline.merge.parameters import layer_index
+
+ELECTED = "elected"
+_GROUP_RE = re.compile(r"^(embeddings|head|layers\.(\d+)(?:-(\d+))?)$")
+
+
+def group_of(name: str, groups) -> str | None:
+    """The key of ``groups`` (sign_choices' keys) holding tensor ``name``, or None."""
+    idx = layer_index(name)
+    for g in groups:
+        m = _GROUP_RE.match(g)
+        if idx is None:
+            if g == ("embeddings" if _is_embedding(name) else "head"):
+                return g
+        elif m.group(2) is not None and int(m.group(2)) <= idx <= int(m.group(3) or m.group(2)):
+            return g
+    return None
+
+
+def _is_embedding(name: str) -> bool:
+    low = name.lower()
+    return "embed" in low and "embed_out" not in low or low.endswith(("wte.weight", "wpe.weight"))
+
+
+def _check_groups(choices: dict[str, str] | None) -> dict[str, str] | None:
+    """Group names as ``group_of`` reads them; layer ranges that do not overlap."""
+    spans: list[tuple[int, int]] = []
+    for g in choices or {}:
+        m = _GROUP_RE.match(g)
+        if m is None:
+            raise ValueError(f"sign_choices: group {g!r} is not embeddings, head, layers.A or layers.A-B")
+        if m.group(2) is not None:
+            lo, hi = int(m.group(2)), int(m.group(3) or m.group(2))
+            if hi < lo or any(lo <= b and a <= hi for a, b in spans):
+                raise ValueError(f"sign_choices: group {g!r} is empty or overlaps another")
+            spans.append((lo, hi))
+    return choices
+
+
+class _GroupKeys(AfterValidator):
+    def __str__(self) -> str:  # as a recipe error's "allowed:" shows it
+        return "groups embeddings, head, layers.A or layers.A-B (not overlapping)"
+
+
+class SignChoice(BaseModel):
+    """TIES' sign parameters (global). ``for_tensor`` binds them to one tensor: ``sign_from`` is
+    then the index of the model whose signs it takes, or None for the magnitude election."""
+
+    model_config = ConfigDict(extra="forbid")
+    sign_source: Literal["magnitude", "validation"] = "magnitude"
+    # the check is in the type, so a recipe check (which validates the type) refuses a bad group
+    sign_choices: Annotated[dict[str, str] | None, _GroupKeys(_check_groups)] = None
+    _sign_from: int | None = PrivateAttr(default=None)
+
+    @property
+    def sign_from(self) -> int | None:
+        return self._sign_from
+
+    def for_tensor(self, name: str, models: list[str]) -> "SignChoice":
+        """Bind to tensor ``name``; ``models`` are the merged models' names in the method's order."""
+        if self.sign_choices is None:
+            if self.sign_source == "validation":
+                raise ValueError("parameters.sign_source: validation needs the recorded sign_choices; run "
+                                 "`mergeline tune PIPELINE` (it has the validation data) and merge its best_recipe.yaml")
+            return self
+        for g, choice in self.sign_choices.items():
+            if choice != ELECTED and choice not in models:
+                raise ValueError(f"parameters.sign_choices.{g}: {choice!r} is neither {ELECTED!r} nor a merged "
+                                 f"model (models: {', '.join(models)})")
+        group = group_of(name, self.sign_choices)
+        choice = self.sign_choices[group] if group else ELECTED
+        self._sign_from = None if choice == ELECTED else models.index(choice)
+        return self
 
 
 def make_sparsifier(kind: str | None, delta: Tensor, p, shape, generator, threshold: float | None, hist=None):
@@ -60,8 +147,6 @@ def generalized_task_arithmetic(
     generator: torch.Generator | None = None,
     thresholds: list[float] | None = None,
 ):
-    from mergeline.merge.methods.registry import MethodResult
-
     if base is not None and not models:  # nothing to merge into the base, as mergekit
         return MethodResult(base.clone(), None)
     check_inputs(name, base, models, need_base=True)
@@ -130,6 +215,10 @@ class _Job:
     out: Tensor
 
     @property
+    def sign_from(self) -> int | None:
+        return getattr(self.params, "sign_from", None)
+
+    @property
     def counted(self) -> bool:
         return all(getattr(m, "kept_magnitude", None) is not None for m in self.masks)
 
@@ -170,6 +259,9 @@ class _Worker:
         if job.consensus:
             # 2. Elect sign: + where the summed weighted trimmed deltas are >= 0 (sign(0) -> +)
             g = _row_sum(d, self.S[:L]).sign_().add_(0.5).sign_()
+            if job.sign_from is not None:  # a chosen model's own signs where it kept an entry
+                own = torch.sign(d[job.sign_from], out=self.Y[:L])
+                g.mul_(torch.abs(own, out=x[0]).neg_().add_(1)).add_(own)
             # 3. Disjoint merge: keep only contributions agreeing with g (a zero never agrees)
             d.mul_(g)
             pos[0] -= _row_min(d, self.Y[:L]).clamp_(max=0).sign_().sum()  # someone disagrees: a conflict

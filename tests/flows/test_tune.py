@@ -3,8 +3,10 @@ store, real lm-eval. Trials are MLflow child runs, the best recipe is a valid me
 the final pipeline judges it on the test items beside the untuned recipe, and a rerun of the
 same points is served from the caches."""
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,14 +21,27 @@ MERGELINE = str(Path(sys.executable).parent / "mergeline")
 SPLITS = {"validation": [0, 12], "test": [12, 36]}
 
 
-def _pipeline(zoo, root: Path, splits: dict | None = SPLITS) -> Path:
+def tune_pipeline(zoo, root: Path, splits: dict | None = SPLITS, runner: dict | None = None,
+                  baselines: list | None = None, experiment: str | None = None, tasks: dict | None = None) -> Path:
+    """The demo pipeline in `root`/work with the suite split (or `splits` None: unsplit), a short
+    final run (`baselines`, default just linear; with none, the gate's baseline rule asks the
+    tuned recipe to beat the untuned one), on `runner` (default two threads); `tasks` replaces the
+    suite's `retention`/`general` (fewer lm-eval tasks, a shorter run)."""
     path = write_pipeline(CONFIGS / "pipeline_demo.yaml", root / "work", zoo_values(zoo))
     data = yaml.safe_load(path.read_text())
-    data["baselines"] = ["linear"]  # keep the final run short
-    data["runner"] = {"kind": "threads", "max_workers": 2}
+    data["baselines"] = ["linear"] if baselines is None else list(baselines)  # keep the final run short
+    data["runner"] = runner or {"kind": "threads", "max_workers": 2}
+    if experiment:
+        data["tracking"] = {**data["tracking"], "experiment": experiment}
+    if not data["baselines"]:
+        policy_path = Path(data["gate_policy"])
+        policy = yaml.safe_load(policy_path.read_text())
+        policy["baseline"] = {**policy.get("baseline", {}), "must_beat": "untuned"}
+        policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
     suite_path = Path(data["eval_suite"])
     suite = yaml.safe_load(suite_path.read_text())
     suite.pop("limit", None)
+    suite.update(tasks or {})
     if splits:
         suite["splits"] = splits
     suite_path.write_text(yaml.safe_dump(suite, sort_keys=False))
@@ -36,7 +51,7 @@ def _pipeline(zoo, root: Path, splits: dict | None = SPLITS) -> Path:
 
 def test_tune_searches_on_validation_and_judges_on_test(zoo, prefect_server, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the workdir's own SQLite store
-    path = _pipeline(zoo, tmp_path)
+    path = tune_pipeline(zoo, tmp_path)
     out = run_tune(path, trials=3, seed=0)
     search, final = out["search"], out["final"]
     assert search["trials_finished"] == 3 and len(search["trials_run"]) == 3 and search["trials_failed"] == 0
@@ -92,7 +107,7 @@ def test_tune_searches_on_validation_and_judges_on_test(zoo, prefect_server, tmp
 
 def test_tune_refuses_a_suite_without_splits(zoo, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    path = _pipeline(zoo, tmp_path, splits=None)
+    path = tune_pipeline(zoo, tmp_path, splits=None)
     r = subprocess.run([MERGELINE, "tune", str(path), "--trials", "2"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "declares no splits" in r.stderr + r.stdout and "--allow-no-split" in r.stderr + r.stdout
@@ -119,3 +134,75 @@ def test_search_space_and_trial_recipes(tiny_models):
     with pytest.raises(ValueError, match="only recipes with a `models:` list"):
         space({"merge_method": "passthrough", "slices": [{"sources": [{"model": str(m["ft_a"]),
                                                                        "layer_range": [0, 2]}]}]})
+
+
+def _prefect_runs(pipeline: Path) -> list:
+    """[(flow run, its task runs)] of the `mergeline-tune` flow runs of `pipeline`, oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as c:
+        runs = [r for r in c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["mergeline-tune"])))
+                if r.parameters.get("pipeline") == str(pipeline)]
+        return [(r, c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id]))))
+                for r in sorted(runs, key=lambda r: r.created)]
+
+
+def test_tune_resumes_after_sigterm_and_runs_trials_side_by_side(zoo, prefect_server, tmp_path, monkeypatch):
+    """`mergeline tune` stopped by SIGTERM once its first batch of trials is finished, then run
+    again: the finished trials are not run again (no second MLflow run, no new merge), the
+    references come from Prefect's cache, the trials in flight are redone at the same points, and
+    the two trials of a batch ran at the same time."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the workdir's own SQLite store
+    path = tune_pipeline(zoo, tmp_path, {"validation": [0, 8], "test": [8, 24]}, baselines=[])
+    cmd = [MERGELINE, "tune", str(path), "--trials", "4"]
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        first = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 600
+        models = tmp_path / "work" / "models"
+        # the first batch (trials 0, 1) is finished and the second batch's merges have started
+        while "(2/4)" not in log.read_text() or len(list(models.iterdir())) < 3:
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 143, log.read_text()[-3000:]
+    progress = [line.split("] ", 1)[-1] for line in log.read_text().splitlines()]
+    done_first = {int(line.split()[1]) for line in progress if line.startswith("trial ") and "): objective" in line}
+    assert len(done_first) >= 2, log.read_text()[-3000:]
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert again.returncode in (0, 1, 3), again.stderr[-3000:]
+    report = json.loads(next((tmp_path / "work" / "tune").glob("*/tune_report.json")).read_text())
+    s = report["search"]
+    assert s["trials_finished"] == 4 and s["trials_failed"] == 0
+    rerun = [t["trial"] for t in s["trials_run"]]
+    assert len(rerun) == 4 - len(done_first) and not set(rerun) & done_first, (rerun, done_first)
+    # the trials interrupted in flight are redone at their own points (enqueued again); the
+    # finished ones' points are not proposed again
+    def points(trials):
+        return {json.dumps(t["values"], sort_keys=True) for t in trials}
+
+    interrupted = [t for t in s["all_trials"] if t["state"] == "FAIL" and t["values"]]  # {}: stopped before drawn
+    assert interrupted and points(interrupted) <= points(s["trials_run"]), s["all_trials"]
+    assert not points(t for t in s["all_trials"] if t["trial"] in done_first) & points(s["trials_run"])
+
+    # MLflow: every finished trial is one child run, across both tune runs
+    c = tracking.client(s["mlflow_uri"])
+    exp = c.get_run(s["mlflow_run_id"]).info.experiment_id
+    tune_runs = c.search_runs([exp], "attributes.run_name = 'tune:demo'")
+    assert len(tune_runs) == 2
+    trials = [r.info.run_name for r in c.search_runs([exp]) if r.data.tags.get("mlflow.parentRunId")
+              in {t.info.run_id for t in tune_runs}]
+    assert sorted(trials) == sorted(f"trial:{n}" for n in done_first | set(rerun)), trials
+
+    # Prefect: the rerun served the base's and fine-tunes' validation scores from its cache and
+    # merged only the new trials' points; the first run's first batch merged side by side
+    (run1, tasks1), (run2, tasks2) = _prefect_runs(path)
+    evals2 = [t for t in tasks2 if t.name.startswith("evaluate")]
+    assert sum(t.state.name == "Cached" for t in evals2) >= 4, [(t.name, t.state.name) for t in evals2]
+    merges2 = [t for t in tasks2 if t.name.startswith("merge")]
+    assert len(merges2) == len(rerun)
+    merges1 = sorted((t for t in tasks1 if t.name.startswith("merge") and t.start_time), key=lambda t: t.start_time)
+    a, b = merges1[:2]
+    assert b.start_time < a.end_time, (a.start_time, a.end_time, b.start_time, b.end_time)

@@ -96,7 +96,7 @@ def fts(tiny, *names) -> dict[str, Path]:
 def test_genuine_finetunes_pass(tiny):
     threads = torch.get_num_threads()
     report = check_models(tiny["base"], fts(tiny, "ft_a", "ft_b", "ft_c"))
-    assert torch.get_num_threads() == threads  # the streamed pass restores torch's setting
+    assert torch.get_num_threads() == threads  # the streamed pass leaves this thread's setting (merge/cpu.py)
     d = report.to_dict()
     assert d["status"] == "pass", [c for c in d["checks"] if c["status"] != "pass"]
     assert d["schema_version"] == 1

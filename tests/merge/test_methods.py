@@ -272,11 +272,12 @@ def test_errors_name_the_problem():
         s.fn(torch.zeros(3), [torch.ones(3), torch.ones(3)], [s.model_params()] * 2, s.global_params(t=0.5))
 
 
-def test_concurrent_merges_restore_torch_threads():
-    """Chunk loops lower torch's intra-op threads while they run and must restore them."""
+def test_concurrent_merges_leave_torch_threads():
+    """Concurrent chunk loops give the same bits and leave the caller's torch threads as they were
+    (the other threads of the process: tests/merge/test_cpu.py)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from mergeline.merge.methods.common import CHUNK
+    from mergeline.merge.cpu import CHUNK
 
     before = torch.get_num_threads()
     base = torch.randn(4 * CHUNK + 3)

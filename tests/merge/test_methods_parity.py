@@ -119,7 +119,7 @@ def test_bf16_matches_mergekit_rounding(name):
 @pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties", "task_arithmetic"])
 def test_parity_on_tensors_spanning_many_chunks(name):
     """Several fused chunks and worker threads; the tie cut falls inside a middle chunk."""
-    from mergeline.merge.methods.common import CHUNK
+    from mergeline.merge.cpu import CHUNK
 
     base, models = inputs((CHUNK // 100 * 5 + 7, 100), seed=6)
     assert base.numel() > 4 * CHUNK
@@ -128,7 +128,7 @@ def test_parity_on_tensors_spanning_many_chunks(name):
 
 def test_bf16_tie_breaking_across_chunks_is_by_lowest_index():
     """Many bf16 ties at the threshold: exactly k kept, and the kept ties are the first ones."""
-    from mergeline.merge.methods.common import CHUNK
+    from mergeline.merge.cpu import CHUNK
 
     g = torch.Generator().manual_seed(6)
     n = 5 * CHUNK + 11
@@ -150,7 +150,7 @@ def test_bf16_tie_breaking_across_chunks_is_by_lowest_index():
 
 @pytest.mark.parametrize("name", ["linear", "slerp"])
 def test_linear_slerp_parity_many_chunks(name):
-    from mergeline.merge.methods.common import CHUNK
+    from mergeline.merge.cpu import CHUNK
 
     base, models = inputs((CHUNK // 50 * 3 + 1, 50), seed=7)
     m = get_method(name)
