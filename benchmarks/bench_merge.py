@@ -162,22 +162,32 @@ def run_mergeline(m: BenchModels, out: Path, device: str = "cpu", checks: bool =
 
 def compare_checks(m: BenchModels, out: Path, device: str, repeat: int) -> list[tuple]:
     """The merge with its checks folded in against the same merge without them: alternating runs
-    (the shared machine's load drifts), best and median wall and CPU seconds of each."""
+    (the shared machine's load drifts), best and median wall and CPU seconds of each, and the
+    median of each pair's ratio (a run with checks against the run without just before it, so
+    both saw about the same load; the 1-minute load average is printed before each pair)."""
     from statistics import median
 
     runs: dict[str, list] = {"with checks": [], "without checks": []}
+    loads = []
     for _ in range(repeat):
+        loads.append(os.getloadavg()[0])
         runs["without checks"].append(run_mergeline(m, out / "mergeline-nochecks", device, checks=False))
         runs["with checks"].append(run_mergeline(m, out / "mergeline", device, checks=True))
     best = {k: (min(r[0] for r in v), max(r[1] for r in v), min(r[2] for r in v)) for k, v in runs.items()}
     mid = {k: (median(r[0] for r in v), median(r[2] for r in v)) for k, v in runs.items()}
     (w1, _, c1), (w0, _, c0) = best["with checks"], best["without checks"]
     (mw1, mc1), (mw0, mc0) = mid["with checks"], mid["without checks"]
+    pairs = list(zip(runs["with checks"], runs["without checks"]))
+    pw, pc = median(a[0] / b[0] for a, b in pairs), median(a[2] / b[2] for a, b in pairs)
     print(f"\nmerge with checks vs without ({repeat} alternating runs each; target <= 1.10x):\n"
           f"  best:   wall {w1:.2f} / {w0:.2f} s = {w1 / w0:.3f}x, CPU {c1:.2f} / {c0:.2f} s = {c1 / c0:.3f}x\n"
-          f"  median: wall {mw1:.2f} / {mw0:.2f} s = {mw1 / mw0:.3f}x, CPU {mc1:.2f} / {mc0:.2f} s = {mc1 / mc0:.3f}x")
+          f"  median: wall {mw1:.2f} / {mw0:.2f} s = {mw1 / mw0:.3f}x, CPU {mc1:.2f} / {mc0:.2f} s = {mc1 / mc0:.3f}x\n"
+          f"  median of the {repeat} pairs' ratios: wall {pw:.3f}x, CPU {pc:.3f}x")
     for k, v in runs.items():
         print(f"  {k:15s} wall " + " ".join(f"{r[0]:6.2f}" for r in v) + "   CPU " + " ".join(f"{r[2]:6.2f}" for r in v))
+    print(f"  {'pair ratio':15s} wall " + " ".join(f"{a[0] / b[0]:6.3f}" for a, b in pairs)
+          + "   CPU " + " ".join(f"{a[2] / b[2]:6.3f}" for a, b in pairs))
+    print(f"  {'load before':15s}      " + " ".join(f"{x:6.2f}" for x in loads))
     return [(f"mergeline ties ({device}), checks, best of {repeat}", *best["with checks"]),
             (f"mergeline ties ({device}), no checks, best of {repeat}", *best["without checks"])]
 

@@ -19,7 +19,7 @@ counts alone. Calibration: benchmarks/bench_sizes.py measured the peak RSS of a 
 of four models on CPU at 0.3B, 1B and 3B (two runs, 2026-11-28: 1.00-1.07, 1.77-1.89 and
 2.16-2.29 GB); the three variable terms come from the code's buffers, and OVERHEAD is the mean of
 what is left (0.39-0.67 GB). The estimate was then 0.98-1.12x the measured peak at every size
-(README "Benchmarks"). Runs vary by about 10% with thread timing (how far the norm thread lags).
+(README "Benchmarks"). Runs vary by about 10% with thread timing.
 CUDA merges hold the workspace on the device, not in RSS: the estimate is then an upper bound.
 
     python -c "from mergeline.merge.estimate import estimate; print(estimate('RECIPE.yaml').text())"

@@ -9,7 +9,7 @@ each output tensor, in the order its bytes lie in the reference model's shards:
    buffers (merge/reader.py: `os.preadv`, no memory map), in a prefetch thread so reading the
    next tensor overlaps computing this one (on CUDA via pinned host buffers and a side stream);
    the tensors, as read, also go to the gate's norm statistics (the fused Gram kernel of
-   merge/compat/gram.py, on a thread of its own): no second read of the inputs;
+   merge/compat/gram.py, run by the prefetch thread while the loop computes): no second read;
 2. cast to the compute dtype (the recipe's `dtype`, else the inputs' promoted dtype: mergekit
    casts, it never upcasts on its own);
 3. call the method with this tensor's parameters (`plan.tensor_params`, resolved as mergekit does)
@@ -17,8 +17,7 @@ each output tensor, in the order its bytes lie in the reference model's shards:
    independent of order;
 4. cast to `out_dtype` (else the compute dtype, as mergekit writes) and hand the result to a
    writer thread that appends it to the current output shard.
-At most three tensor names' inputs (reading, queued, computing) and two outputs are alive, and
-up to three more inputs the merge is done with while the norm thread catches up.
+At most three tensor names' inputs (reading, queued, computing) and two outputs are alive.
 When every tensor is written, the norm checks (NaN/Inf, a delta too large for a fine-tune,
 weights unrelated to the base, a model identical to the base) are judged; a failure discards
 the staged output (`ChecksFailed`). `allow_crimes=True` (mergekit's `--allow-crimes`) merges
@@ -76,9 +75,13 @@ class _NormFeed:
     """Hands the tensors the merge reads to the gate's norm accumulator, as stored (before any
     cast or device move), so its figures are those `mergeline check` computes from the files.
 
-    The Gram kernel runs on a thread of its own, so the numba start-up (about 0.3 s, paid while
-    the first tensors are read) and the kernel itself stay off the read-merge-write path; the
-    queue holds at most two tensor names' inputs that the merge may already have dropped."""
+    Called by the producer thread right after it has queued a job for the compute loop: the Gram
+    kernel (merge/compat/gram.py, which releases the GIL) then runs while the loop computes, in
+    the slack of the reading thread (reading is the fast stage), and no input outlives its job.
+    (A thread of its own for the kernel, behind a queue of two tensors, blocked the reads
+    whenever it waited for a core: 1.4-1.6 s at the start of a merge on a busy machine.) numba's
+    start-up (its import and first kernel load, about 0.4 s of CPU) runs on a thread started with
+    the feed; only the first call waits for it, while the loop computes the first job."""
 
     def __init__(self, gate: CompatGate, plan: Plan):
         index = {s.name: i for i, s in enumerate(plan.inputs)}  # the gate names inputs as the plan does
@@ -87,40 +90,36 @@ class _NormFeed:
         self.names = gate.norm_names()
         self.acc: NormAccumulator = gate.accumulator()
         self.errors: list[BaseException] = []
-        self._q: queue.Queue = queue.Queue(maxsize=2)
         dtypes = {plan.inputs[self.base].reader.infos[n].dtype for n in self.names}
-        self._thread = threading.Thread(target=self._run, args=(dtypes,), daemon=True)
-        self._thread.start()
+        self._start_up = threading.Thread(target=self._warm_up, args=(dtypes,), daemon=True)
+        self._start_up.start()
 
-    def __call__(self, job: TensorJob, tensors: list[torch.Tensor]) -> None:
-        """From the producer thread, as each job's inputs are read."""
-        if job.name in self.names:  # shared by every model under this name (not a tied head)
-            self._q.put((job.name, [tensors[i] for i in self.models], tensors[self.base]))
-
-    def _run(self, dtypes: set[str]) -> None:
+    def _warm_up(self, dtypes: set[str]) -> None:
         from mergeline.merge.checkpoint import DTYPES
-        from mergeline.merge.compat.gram import warm_up
 
         try:
+            from mergeline.merge.compat.gram import warm_up
+
             warm_up(len(self.models) + 1, {DTYPES[d] for d in dtypes if d in DTYPES})
         except BaseException as e:
             self.errors.append(e)
-        while (item := self._q.get()) is not _DONE:
-            if self.errors:
-                continue  # drain after a failure so the producer never blocks
-            try:
-                self.acc.add(*item)
-            except BaseException as e:
-                self.errors.append(e)
+
+    def __call__(self, job: TensorJob, tensors: list[torch.Tensor]) -> None:
+        """From the producer thread, once the job is queued; an error is kept for `result()`."""
+        if job.name not in self.names or self.errors:  # shared by every model under this name (not a tied head)
+            return
+        self._start_up.join()
+        try:
+            self.acc.add(job.name, [tensors[i] for i in self.models], tensors[self.base])
+        except BaseException as e:
+            self.errors.append(e)
 
     def join(self) -> None:
-        """Wait for the queued tensors (the producer has stopped)."""
-        if self._thread.is_alive():
-            self._q.put(_DONE)
-            self._thread.join()
+        """Wait for numba's start-up (the Gram matrices are summed on the producer thread)."""
+        self._start_up.join()
 
     def result(self):
-        """The accumulated statistics (NormResult); raises the thread's error, if any."""
+        """The accumulated statistics (NormResult); raises the first error, if any."""
         self.join()
         if self.errors:
             raise self.errors[0]
@@ -137,10 +136,8 @@ def _producer(plan: Plan, device: torch.device, out_q: queue.Queue, stop: thread
             if stop.is_set():
                 return
             # src None: a frankenmerge slot the job's slice leaves empty (slices of different sizes)
-            tensors = [s.reader.read(src, pin=cuda) if src is not None else None
-                       for s, src in zip(plan.inputs, job.sources)]
-            if feed is not None:
-                feed(job, tensors)
+            tensors = stored = [s.reader.read(src, pin=cuda) if src is not None else None
+                                for s, src in zip(plan.inputs, job.sources)]
             if job.floating:
                 if cuda:
                     with torch.cuda.stream(stream):
@@ -148,6 +145,9 @@ def _producer(plan: Plan, device: torch.device, out_q: queue.Queue, stop: thread
                     stream.synchronize()
                 tensors = [t.to(job.compute_dtype) if t is not None else None for t in tensors]
             out_q.put((job, tensors))
+            if feed is not None:
+                feed(job, stored)  # while the loop computes this job
+            del stored  # the inputs as read, before any cast: not kept through the next read
     except BaseException as e:  # surfaced by the consumer
         out_q.put((None, e))
         return

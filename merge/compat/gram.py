@@ -15,13 +15,16 @@ float32 sums are added into float64, so precision does not degrade with the tens
 
 The kernel releases the GIL, so Python threads run it in parallel. It is compiled on first use
 for each number of models and cached on disk by numba (about a second, once): next to this file,
-else in ~/.cache/numba; set NUMBA_CACHE_DIR where neither is writable.
+else in ~/.cache/numba; set NUMBA_CACHE_DIR where neither is writable. Loading it from that cache
+compiles nothing, but numba's first load in a process imports every implementation module of its
+CPU target; one of them would import scipy.linalg (see `_import_arraymath_without_scipy`).
 
     python benchmarks/bench_compat.py --cache /tmp/bench   # norm pass vs a plain read
 """
 from __future__ import annotations
 
 import platform
+import sys
 
 import llvmlite.binding as llvm
 import numba
@@ -29,6 +32,36 @@ import numpy as np
 import torch
 from llvmlite import ir
 from numba.extending import intrinsic, overload
+
+
+def _import_arraymath_without_scipy() -> None:
+    """Import numba.np.arraymath while numba's BLAS probe answers "none".
+
+    numba loads a cached kernel only after refreshing its CPU target, which imports all of its
+    implementation modules. numba.np.arraymath, at import, imports scipy.linalg.cython_blas only
+    to learn whether np.convolve and np.correlate may call BLAS; that pulls in scipy.linalg and
+    numpy.f2py: 0.1-0.2 s of a numba start-up of about 0.5 s, spent while the merge runs
+    (merge/executor.py starts it on a thread of its own). The kernel calls neither function. The only effect on
+    other numba code in this process: those two use numba's own loop instead of BLAS; numba's
+    linear algebra still imports scipy when it is compiled.
+    """
+    if "numba.np.arraymath" in sys.modules:
+        return  # numba already compiled something in this process: nothing left to save
+    import numba.np.linalg as linalg
+
+    probe = linalg.ensure_blas  # arraymath binds this name at import and calls it once
+
+    def no_blas() -> None:
+        raise ImportError("BLAS not probed: the Gram kernel needs none")
+
+    linalg.ensure_blas = no_blas
+    try:
+        import numba.np.arraymath  # noqa: F401
+    finally:
+        linalg.ensure_blas = probe
+
+
+_import_arraymath_without_scipy()
 
 BLOCK = 1024  # elements per cache-resident block: (k+1) x 1024 x 4 bytes stays in L1/L2
 WIDEN = 1 << 16  # elements per torch widening step for other inputs (float64, mixed dtypes)

@@ -4,6 +4,10 @@
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -79,3 +83,22 @@ def test_every_16_bit_pattern_widens_exactly(dtype, half_in_kernel, monkeypatch)
     got = np.array([slab_gram([v.reshape(1), one])[0, 1] for v in values])
     want = (values.float() - 1).double().numpy()
     np.testing.assert_array_equal(got, want)  # NaN where want is NaN, Inf where Inf
+
+
+def test_loading_the_kernel_imports_no_scipy():
+    """numba's first load of the kernel imports its CPU target's modules; numba.np.arraymath
+    would import scipy.linalg (and numpy.f2py) for a BLAS probe the kernel does not need
+    (`gram._import_arraymath_without_scipy`, 0.1-0.2 s off the merge's start). In a fresh
+    interpreter, since this one may hold scipy already. numba's own linear algebra still finds
+    BLAS afterwards: np.dot compiles and imports scipy when it is used."""
+    code = textwrap.dedent("""\
+        import sys, numba, numpy as np, torch
+        from mergeline.merge.compat.gram import warm_up
+        warm_up(3, {torch.bfloat16, torch.float32})
+        print(sorted(m for m in ("scipy.linalg", "numpy.f2py") if m in sys.modules))
+        dot = numba.njit(lambda a, b: np.dot(a, b))
+        print(dot(np.ones(3), np.ones(3)), "scipy.linalg" in sys.modules)
+        """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["[]", "3.0 True"]
