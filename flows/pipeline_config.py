@@ -14,6 +14,12 @@ and where to record it.
 
 `mergeline run PIPELINE` runs it (flows/pipeline.py). Unknown keys are refused by name.
 
+`load_pipeline` reads the file and resolves it once, into a `ResolvedPipeline`: every candidate's
+recipe typed, its models absolute folders (a multi-stage recipe file, merge/multistage.py, with its
+earlier stages, each writing under `<workdir>/stages/<candidate>/<stage>`), the eval suite, the
+gate policy and the compatibility policy typed. Validation and the flow share it: a bad key or a
+missing folder fails here, in seconds, not halfway through a run.
+
     python -m mergeline.flows.pipeline_config configs/pipeline_demo.yaml
 """
 from __future__ import annotations
@@ -27,9 +33,14 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mergeline.evaluation.policy import GatePolicy
+from mergeline.evaluation.suite import EvalSuite
 from mergeline.flows.errors import InputError, read_text, yaml_error_line
 from mergeline.merge import config_files
+from mergeline.merge.compat.policy import CompatPolicy
 from mergeline.merge.config_files import parse_yaml_mapping
+from mergeline.merge.multistage import Stage
+from mergeline.merge.recipe import MergeRecipe
 
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -129,6 +140,54 @@ class Pipeline(_Strict):
             raise PipelineError(yaml_error_line(e, str(p))) from None
 
 
+class Candidate(BaseModel):
+    """One merge the pipeline makes: the main recipe or a baseline, resolved."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    name: str
+    recipe: MergeRecipe  # every model an absolute folder; a multi-stage file's final recipe
+    stages: list[Stage] = Field(default_factory=list)  # a multi-stage file's earlier stages, in run order
+    final: Optional[Stage] = None  # and its final one (for the lineage's stage records)
+
+    def leaves(self) -> dict[str, Path]:
+        """Short name -> folder of every model the candidate reads that no earlier stage writes
+        (the base and the fine-tunes the suite judges it against)."""
+        from mergeline.tasks.recipes import inputs
+
+        made = {str(s.out) for s in self.stages}
+        out: dict[str, Path] = {}
+        for r in [s.recipe for s in self.stages] + [self.recipe]:
+            out.update({n: p for n, p in inputs(r).items() if str(p) not in made and p not in out.values()})
+        return out
+
+    def base(self) -> str | None:
+        """The short name of the base the candidate's merges share (the final's, else a stage's)."""
+        from mergeline.tasks.recipes import base_name
+
+        for r in [self.recipe] + [s.recipe for s in self.stages]:
+            name = base_name(r)
+            if name is not None and name in self.leaves():
+                return name
+        return None
+
+
+class ResolvedPipeline(Pipeline):
+    """The pipeline file with everything it names loaded and typed (`load_pipeline`). Whether the
+    suite's retention names are models of the recipe is left to the run, after the compatibility
+    check: a recipe of a fine-tune from another base stops there, at NO-GO, whatever the suite says."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    primary_name: str = Field(exclude=True)
+    candidates: dict[str, Candidate] = Field(exclude=True)  # the primary first
+    suite: EvalSuite = Field(exclude=True)
+    gate: GatePolicy = Field(exclude=True)
+    compat: CompatPolicy = Field(exclude=True)
+
+    @property
+    def main(self) -> Candidate:
+        return self.candidates[self.primary_name]
+
+
 def _text(path: Path, kind: str) -> str:
     try:
         return read_text(path, kind)
@@ -146,8 +205,14 @@ def fill(text: str, values: dict[str, str] | None = None) -> str:
     return _PLACEHOLDER.sub(one, text)
 
 
-def load_pipeline(path: str | Path, values: dict[str, str] | None = None) -> Pipeline:
-    """Read, fill `${NAME}` placeholders (from `values`, then the environment) and validate."""
+def load_pipeline(path: str | Path, values: dict[str, str] | None = None) -> ResolvedPipeline:
+    """Read, fill `${NAME}` placeholders (from `values`, then the environment), validate, and
+    resolve everything the file names (`resolve`)."""
+    return resolve(read_pipeline(path, values))
+
+
+def read_pipeline(path: str | Path, values: dict[str, str] | None = None) -> Pipeline:
+    """The file alone: read, placeholders filled, keys checked, its own files found."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: pipeline file not found")
@@ -171,6 +236,66 @@ def load_pipeline(path: str | Path, values: dict[str, str] | None = None) -> Pip
         raise PipelineError(f"{path}: key 'smoke.text': file {pipe.smoke.text} not found "
                             f"(resolved to {pipe.path(pipe.smoke.text)})")
     return pipe
+
+
+def resolve(pipe: Pipeline) -> ResolvedPipeline:
+    """Load the recipes, suite and policies the file names and resolve every model; each error
+    names the pipeline key or the file at fault."""
+    from mergeline.evaluation.policy import load_policy as load_gate_policy
+    from mergeline.evaluation.suite import check_ready, load_suite
+    from mergeline.flows.errors import check_yaml_file
+    from mergeline.merge.compat.policy import load_policy as load_compat_policy
+    from mergeline.tasks.recipes import baseline
+
+    if isinstance(pipe, ResolvedPipeline):
+        return pipe
+    for key in ("recipe", "eval_suite", "gate_policy", "compat_policy"):
+        value = getattr(pipe, key)
+        if isinstance(value, str):
+            check_yaml_file(pipe.path(value), f"{key.replace('_', ' ')} (pipeline key '{key}')")
+    for b in pipe.baselines:
+        if not isinstance(b, str) and isinstance(b.recipe, str):
+            check_yaml_file(pipe.path(b.recipe), f"baseline {b.name} recipe")
+    main = _candidate(pipe, pipe.primary, pipe.recipe)
+    primary = main.name
+    candidates = {primary: main}
+    for b in pipe.baselines:
+        name = b if isinstance(b, str) else b.name
+        if isinstance(b, str) or b.recipe is None:
+            recipe = baseline(main.recipe, b if isinstance(b, str) else (b.method or b.name))
+            candidates[name] = Candidate(name=name, recipe=recipe)
+        else:
+            candidates[name] = _candidate(pipe, name, b.recipe)
+    suite = load_suite(pipe.path(pipe.eval_suite) if isinstance(pipe.eval_suite, str) else pipe.eval_suite,
+                       pipe.placeholders)
+    check_ready(suite)
+    gate_src = pipe.path(pipe.gate_policy) if isinstance(pipe.gate_policy, str) else pipe.gate_policy
+    compat_src = pipe.path(pipe.compat_policy) if isinstance(pipe.compat_policy, str) else pipe.compat_policy
+    return ResolvedPipeline.model_construct(
+        **dict(pipe), primary_name=primary, candidates=candidates, suite=suite,
+        gate=load_gate_policy(gate_src or {}), compat=load_compat_policy(compat_src))
+
+
+def _candidate(pipe: Pipeline, name: str | None, value: str | dict) -> Candidate:
+    """A recipe (file, multi-stage file or mapping) with its models resolved; named `name`, or
+    by its (final) merge method."""
+    from mergeline.merge.multistage import is_multistage, load_stages
+    from mergeline.merge.recipe import load_recipe
+    from mergeline.tasks.recipes import resolve as resolve_recipe
+
+    if isinstance(value, dict) or not is_multistage(pipe.path(value)):
+        recipe = load_recipe(dict(value)) if isinstance(value, dict) else load_recipe(pipe.path(value))
+        recipe = resolve_recipe(recipe, pipe.source_dir)
+        return Candidate(name=name or recipe.merge_method, recipe=recipe)
+    # The final model goes where the merge task puts it (content-addressed under models/); the
+    # earlier stages under stages/<candidate>/, where a rerun finds them.
+    path, work = pipe.path(value), pipe.workdir_path
+    name = name or load_stages(path, work / "models")[-1].recipe.merge_method
+    stages = load_stages(path, work / "models" / name, work / "stages" / name)
+    pending = frozenset(str(s.out) for s in stages if not s.final)
+    stages = [s.model_copy(update={"recipe": resolve_recipe(s.recipe, pending=pending)}) for s in stages]
+    final = stages[-1]
+    return Candidate(name=name, recipe=final.recipe, stages=stages[:-1], final=final)
 
 
 def explain(e: ValidationError) -> str:

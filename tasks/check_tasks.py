@@ -1,24 +1,57 @@
-"""Prefect task: the compatibility gate (merge.compat) before any merge is computed.
+"""The check stage: the compatibility gate (merge.compat) on a recipe's models, before any merge.
 
-    from mergeline.tasks.check_tasks import check_compat
+`check_compat` is the cached work (keyed by the recipe's canonical dump, the inputs' content hashes,
+the policy and the merge code); `check_stage` is the stage: it opens the MLflow child run `check`
+(or `check:<stage>` for a stage of a multi-stage recipe) around the check and logs the report.
+
+    from mergeline.tasks.check_tasks import check_stage
 """
 from __future__ import annotations
 
-from prefect import task
+import json
+from pathlib import Path
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from mergeline.merge.compat.policy import CompatPolicy
+from mergeline.merge.recipe import MergeRecipe
 from mergeline.tasks.caching import code_version, key_of
-from mergeline.tasks.recipes import input_hashes
+from mergeline.tasks.recipes import canonical, input_hashes
+from mergeline.tasks.tracking import RunLog, log_json, log_metrics, set_tags
+
+
+def _policy_json(policy) -> dict | None:
+    return policy.model_dump(mode="json") if isinstance(policy, CompatPolicy) else policy
 
 
 def check_key(context, parameters: dict) -> str:
-    return key_of("check", parameters["recipe"], input_hashes(parameters["recipe"]),
-                  parameters.get("policy"), code_version("merge"))
+    recipe = parameters["recipe"]
+    return key_of("check", canonical(recipe), input_hashes(recipe), _policy_json(parameters.get("policy")),
+                  code_version("merge"))
 
 
 @task(name="check", cache_key_fn=check_key, persist_result=True)
-def check_compat(recipe: dict, policy: dict | None = None) -> dict:
+def check_compat(recipe: MergeRecipe | dict, policy: CompatPolicy | dict | None = None) -> dict:
     """The CompatReport of the recipe's models as a dict (status pass / warn / fail)."""
     from mergeline.merge.compat import check_recipe
-    from mergeline.merge.recipe import load_recipe
+    from mergeline.tasks.recipes import typed
 
-    return check_recipe(load_recipe(recipe), policy).to_dict()
+    return check_recipe(typed(recipe), policy).to_dict()
+
+
+@task(name="check-stage", cache_policy=NO_CACHE)
+def check_stage(log: RunLog, recipe: MergeRecipe, policy: CompatPolicy | None, opts: dict,
+                run_name: str = "check") -> dict:
+    """The compatibility report, in its own child run (`compat_report.json`, delta norms, status);
+    also written to the run folder."""
+    with log.child(run_name) as (c, run):
+        state = check_compat.with_options(**opts)(recipe, policy, return_state=True)
+        compat = state.result()
+        log_json(c, run, compat, "compat_report.json")
+        log_metrics(c, run, {"delta_norms": (compat.get("norms") or {}).get("per_model", {}),
+                             "compat_fail": compat["status"] == "fail"})
+        set_tags(c, run, {"status": compat["status"]})
+    suffix = run_name.partition(":")[2]
+    (Path(log.run_dir) / f"compat_report{'-' + suffix if suffix else ''}.json").write_text(json.dumps(compat, indent=2))
+    return compat

@@ -1,15 +1,23 @@
-"""Prefect task: register the merged folder in the MLflow model registry (no copy).
+"""The register stage: the merged folder into the MLflow model registry (no copy).
 
 Alias `candidate` moves to every new version; `champion` moves only on GO. A rerun whose merge
 has the content hash of a version already registered registers nothing new: it re-uses that
 version and moves `champion` to it only if the decision is now GO. Retries cover a registry
 server that is briefly unavailable.
 
-    from mergeline.tasks.register_tasks import register_model
+`register_model` is the work (retried); `register_stage` opens the MLflow child run `register`
+around it.
+
+    from mergeline.tasks.register_tasks import register_stage
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from mergeline.tasks.tracking import RunLog
 
 
 @task(name="register", retries=3, retry_delay_seconds=[2, 5, 10])
@@ -33,3 +41,21 @@ def register_model(tracking_uri: str, name: str, folder: str, run_id: str, conte
         tracking.promote(c, name, version)
     aliases = sorted(c.get_model_version(name, version).aliases or [])
     return {"name": name, "version": version, "aliases": aliases, "reused": existing is not None}
+
+
+@task(name="register-stage", cache_policy=NO_CACHE)
+def register_stage(log: RunLog, register_as: str | None, m: dict, verdict: str, recipe_hash: str) -> dict | None:
+    """The primary merge `m` into the registry as `register_as` (None: not registered), in its own
+    child run `register`; its lineage.json names the run and is logged on the parent run."""
+    from mergeline.merge.lineage import set_run_id
+    from mergeline.tasks import tracking
+
+    set_run_id(m["path"], log.parent)  # a reused merge records the run that registered it
+    registered = None
+    if register_as:
+        with log.child("register") as (c, run):
+            registered = register_model(log.mlflow_uri, register_as, m["path"], log.parent, m["content_hash"],
+                                        verdict, {"mergeline.recipe_hash": recipe_hash})
+            tracking.log_params(c, run, registered)
+    tracking.log_artifact(log.client(), log.parent, Path(m["path"]) / "lineage.json")
+    return registered

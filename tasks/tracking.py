@@ -1,8 +1,9 @@
 """MLflow tracking and registry for pipeline runs, through explicit run ids.
 
 MLflow's "active run" lives in a thread-local, and Prefect runs tasks in worker threads, so this
-module never relies on it: the flow creates one parent run, each stage gets a child run tagged
-with `mlflow.parentRunId`, and every call names its run id. A merged model is registered as a
+module never relies on it: the flow creates one parent run, and each stage task opens its own
+child run (tagged `mlflow.parentRunId`) around its work through a `RunLog`, so the child run's
+start and end are the stage's; every call names its run id. A merged model is registered as a
 model version whose `source` is its folder (`file://...`): nothing is copied, and
 `mlflow.artifacts.download_artifacts("models:/NAME@champion")` returns the folder itself.
 
@@ -14,6 +15,7 @@ import json
 import math
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -98,6 +100,27 @@ def child_run(c: MlflowClient, parent_run_id: str, name: str) -> Iterator[str]:
         c.set_terminated(run_id, "FAILED")
         raise
     c.set_terminated(run_id, "FINISHED")
+
+
+@dataclass(frozen=True)
+class RunLog:
+    """Where a stage task records itself: the MLflow store, the flow's parent run and the run
+    folder. Plain strings, so it travels to a thread or a Dask worker as a task argument."""
+
+    mlflow_uri: str
+    parent: str
+    run_dir: str
+
+    @contextmanager
+    def child(self, name: str) -> Iterator[tuple[MlflowClient, str]]:
+        """(client, run id) of a new child run `name`, FINISHED at the end of the block (FAILED
+        if it raises)."""
+        c = client(self.mlflow_uri)
+        with child_run(c, self.parent, name) as run:
+            yield c, run
+
+    def client(self) -> MlflowClient:
+        return client(self.mlflow_uri)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

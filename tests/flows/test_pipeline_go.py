@@ -64,8 +64,11 @@ def test_go_pipeline_tracking_registry_and_caching(tiny_models, tiny_tasks, pref
     runs = c.search_runs([exp.experiment_id])
     parent = c.get_run(s1["mlflow_run_id"])
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"check", "merge:ties", "merge:linear", "smoke:ties", "smoke:linear", "evaluate", "gate",
-                             "register"}
+    assert set(children) == {"check", "merge:ties", "merge:linear", "smoke:ties", "smoke:linear", "evaluate:base",
+                             "evaluate:ft_a", f"evaluate:{ODD}", "evaluate:ties", "evaluate:linear", "gate", "register"}
+    # each stage logs itself: a model's evaluation run holds its scores, the gate run the report
+    assert "scores.t_a" in children["evaluate:ties"].data.metrics
+    assert children["evaluate:ties"].data.tags["role"] == "candidate"
     assert parent.data.tags["mergeline.decision"] == "GO" and parent.data.metrics["go"] == 1.0
     assert parent.data.params["recipe.merge_method"] == "ties"
     assert {"ties.mean_retention", "linear.mean_retention"} <= set(parent.data.metrics)
