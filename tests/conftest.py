@@ -142,6 +142,27 @@ def _save(model, folder: Path, tokenizer=None) -> Path:
 
 
 @pytest.fixture(scope="session")
+def recipe_models(tiny_models, tmp_path_factory) -> Path:
+    """A folder with models/base, ft_a, ft_b (the tiny GPT-2s) and ft_c (ft_a's weights nudged
+    again, so all three task vectors differ), as configs/recipes/*.yaml and mergekit's examples
+    name them."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("recipe_models")
+    for name in ("base", "ft_a", "ft_b"):
+        shutil.copytree(tiny_models[name], root / "models" / name)
+    ft_c = root / "models" / "ft_c"
+    shutil.copytree(tiny_models["ft_a"], ft_c)
+    g = torch.Generator().manual_seed(7)
+    weights = {k: v + 0.002 * torch.randn(v.shape, generator=g) for k, v in load_file(ft_c / "model.safetensors").items()}
+    save_file(weights, ft_c / "model.safetensors", metadata={"format": "pt"})
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel

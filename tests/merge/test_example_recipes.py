@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mergeline.flows.cli import app
@@ -19,18 +19,9 @@ RECIPES = sorted((Path(__file__).resolve().parents[2] / "configs" / "recipes").g
 
 
 @pytest.fixture(scope="module")
-def models_dir(tiny_models, tmp_path_factory) -> Path:
-    """models/base, ft_a, ft_b and a third fine-tune ft_c, as the example recipes expect."""
-    root = tmp_path_factory.mktemp("examples")
-    for name in ("base", "ft_a", "ft_b"):
-        shutil.copytree(tiny_models[name], root / "models" / name)
-    # ft_c: ft_a's weights nudged again, so all three task vectors differ.
-    ft_c = root / "models" / "ft_c"
-    shutil.copytree(tiny_models["ft_a"], ft_c)
-    weights = load_file(ft_c / "model.safetensors")
-    g = torch.Generator().manual_seed(7)
-    weights = {k: v + 0.002 * torch.randn(v.shape, generator=g) for k, v in weights.items()}
-    save_file(weights, ft_c / "model.safetensors", metadata={"format": "pt"})
+def models_dir(recipe_models) -> Path:
+    """models/base, ft_a, ft_b and ft_c (tests/conftest.py), plus two LoRA adapters."""
+    root = recipe_models
     for name, seed in (("lora_a", 1), ("lora_b", 2)):  # PEFT LoRA adapters on the base (ties_lora.yaml)
         _lora(root / "models" / "base", root / "models" / name, seed)
     return root

@@ -25,7 +25,7 @@ from typing import Callable
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 pytest.importorskip("mergekit", reason="mergekit (the test extra) is the yardstick for parity")
 
@@ -423,17 +423,9 @@ EXAMPLE_DIFFERS = {"arcee_fusion.yml": F32_OUT, "bio-merge.yml": TIE, "ties.yml"
 
 
 @pytest.fixture(scope="module")
-def examples_dir(tiny_models, tmp_path_factory) -> Path:
-    """models/base, ft_a, ft_b (the tiny GPT-2s) and ft_c, as configs/recipes/*.yaml expect."""
-    root = tmp_path_factory.mktemp("mk_examples")
-    for name in ("base", "ft_a", "ft_b"):
-        shutil.copytree(tiny_models[name], root / "models" / name)
-    ft_c = root / "models" / "ft_c"
-    shutil.copytree(tiny_models["ft_a"], ft_c)
-    g = torch.Generator().manual_seed(7)
-    weights = {k: v + 0.002 * torch.randn(v.shape, generator=g) for k, v in load_file(ft_c / "model.safetensors").items()}
-    save_file(weights, ft_c / "model.safetensors", metadata={"format": "pt"})
-    return root
+def examples_dir(recipe_models) -> Path:
+    """models/base, ft_a, ft_b and ft_c (tests/conftest.py), as configs/recipes/*.yaml expect."""
+    return recipe_models
 
 
 @pytest.mark.parametrize("example", list(EXAMPLES))
