@@ -32,6 +32,7 @@ from mergeline.flows.pipeline_config import (Candidate, Pipeline, PipelineError,
 from mergeline.flows.progress import Counter, say
 from mergeline.flows.servers import check_servers, default_environment, resolve_tracking
 from mergeline.flows.workdir import workdir_lock
+from mergeline.merge.compat.report import CompatReport
 from mergeline.merge.lineage import recipe_hash
 from mergeline.merge.multistage import stage_key, stage_record
 from mergeline.tasks import tracking
@@ -102,8 +103,8 @@ def stages(pipe: ResolvedPipeline, log: RunLog, opts: dict) -> dict:
             return _nogo_at_check(log, failed)
     say("check: compatibility gate started")
     compat = check_stage(log, recipes[primary], pipe.compat, opts)
-    say(f"check: {compat['status']}")
-    if compat["status"] == "fail":
+    say(f"check: {compat.status}")
+    if compat.status == "fail":
         return _nogo_at_check(log, compat)
     merged, smoke, tables = _merge_smoke_evaluate(pipe, log, opts, recipes, states)
     if tables is None:
@@ -123,7 +124,7 @@ def stages(pipe: ResolvedPipeline, log: RunLog, opts: dict) -> dict:
     return {"decision": decision.verdict, "stage": "gate", "primary": primary,
             "reasons": decision.reasons, "report": str(paths.get("md") or next(iter(paths.values()))),
             "reports": {k: str(v) for k, v in paths.items()},
-            "models": {n: m["path"] for n, m in merged.items()}, "registered": registered,
+            "models": {n: str(m.path) for n, m in merged.items()}, "registered": registered,
             "lm_eval_runs": fresh_runs, "states": states, "problems": problems,
             "smoke": smoke_summary(smoke), "reused_merges": reused["merges"], "reused": reused}
 
@@ -152,16 +153,16 @@ def _earlier_stages(pipe: ResolvedPipeline, log: RunLog, opts: dict, cand: Candi
     for st in cand.stages:
         say(f"stage {cand.name}/{st.name}: check and merge")
         compat = check_stage(log, st.recipe, pipe.compat, opts, run_name=f"check:{st.name}")
-        if compat["status"] == "fail":
+        if compat.status == "fail":
             return None, compat
-        done = multistage_step(log, st, pipe.merge.seed, _settings(pipe), pipe.compat, opts)
-        states[f"stage:{st.name}"] = done["state"] if not done["reused"] else "Cached"
-        records.append({**done["record"], "content_hash": done["content_hash"]})
+        done, record = multistage_step(log, st, pipe.merge.seed, _settings(pipe), pipe.compat, opts)
+        states[f"stage:{st.name}"] = "Cached" if done.reused else done.state
+        records.append({**record, "content_hash": done.content_hash})
     records.append(stage_record(cand.final, stage_key(cand.final)))
     return cand.recipe.model_copy(update={"stages": records}), None
 
 
-def _nogo_at_check(log: RunLog, compat: dict) -> dict:
+def _nogo_at_check(log: RunLog, compat: CompatReport) -> dict:
     reasons = stopped_by_compat(log, compat)
     get_run_logger().warning("compatibility gate failed; no merge computed:\n" + "\n".join(reasons))
     return {"decision": "NO-GO", "stage": "check", "reasons": reasons, "report": str(Path(log.run_dir) / "report.md"),
@@ -172,7 +173,7 @@ def _nogo_at_smoke(log: RunLog, primary: str, merged: dict, smoke: dict, states:
     reasons = stopped_by_smoke(log, primary, smoke[primary])
     get_run_logger().warning(f"{primary} failed the smoke test; not evaluated, not registered:\n" + "\n".join(reasons))
     return {"decision": "NO-GO", "stage": "smoke", "primary": primary, "reasons": reasons,
-            "report": str(Path(log.run_dir) / "report.md"), "models": {n: m["path"] for n, m in merged.items()},
+            "report": str(Path(log.run_dir) / "report.md"), "models": {n: str(m.path) for n, m in merged.items()},
             "registered": None, "states": states, "smoke": smoke_summary(smoke), "lm_eval_runs": 0}
 
 
@@ -215,25 +216,26 @@ def _merge_smoke_evaluate(pipe: ResolvedPipeline, log: RunLog, opts: dict, recip
     for fut in as_completed([f for fs in merges.values() for f in fs.values()]):
         name, label = where[id(fut)]
         m = landed[name][label] = fut.result()
-        states[f"merge:{label}"] = m["state"]
-        merge_count.tick(label, " reused" if m.get("reused") or m["state"] == "Cached" else "")
+        states[f"merge:{label}"] = m.state
+        merge_count.tick(label, " reused" if m.reused or m.state == "Cached" else "")
         refs = {n: str(p) for n, p in {**folders, **inputs(recipes[name])}.items()}
-        smoke[label] = _smoke(pipe, log, opts, label, m["path"], refs, states)
+        smoke[label] = _smoke(pipe, log, opts, label, str(m.path), refs, states)
         if len(landed[name]) < len(merges[name]):
             continue  # the candidate's other seeds are still merging
-        merged[name] = m = {**landed[name][next(iter(merges[name]))]}  # the first seed's
+        m = landed[name][next(iter(merges[name]))]  # the first seed's
         if len(merges[name]) > 1:  # merge seed k is evaluated with eval seed k
-            m["per_seed"] = {plan[name][label]: landed[name][label]["path"] for label in merges[name]}
+            m = m.model_copy(update={"per_seed": {plan[name][lb]: landed[name][lb].path for lb in merges[name]}})
+        merged[name] = m
         if any(smoke[label] is not None and not smoke[label].passed for label in merges[name]):
             eval_count.tick(name, " skipped (failed its smoke test)")
             if name == primary:
                 for label, other in ((lb, f) for fs in merges.values() for lb, f in fs.items()):
                     other.wait()  # the other merges end (and are recorded) before the run does
                     if f"merge:{label}" not in states and other.state.is_completed():
-                        states[f"merge:{label}"] = other.result()["state"]
+                        states[f"merge:{label}"] = other.result().state
                 return {n: merged[n] for n in recipes if n in merged}, smoke, None
             continue  # a baseline that fails its smoke test is reported, not evaluated
-        evals[name] = evaluate(name, m.get("per_seed") or m["path"], "candidate")
+        evals[name] = evaluate(name, m.per_seed or m.path, "candidate")
     merged = {n: merged[n] for n in recipes}  # the recipe's order, primary first
     name_of = {id(f): n for n, f in evals.items()}
     tables = {}
@@ -275,7 +277,7 @@ def _smoke(pipe: ResolvedPipeline, log: RunLog, opts: dict, name: str, path: str
 def _reused(merged: dict, states: dict) -> dict:
     """What came from earlier runs: a merge folder found finished, or a stage Prefect served from
     its cache (state "Cached")."""
-    merges = sorted({n for n, m in merged.items() if m.get("reused")}  # per-seed merges by label
+    merges = sorted({n for n, m in merged.items() if m.reused}  # per-seed merges by label
                     | {k.split(":", 1)[1] for k, s in states.items() if k.startswith("merge:") and s == "Cached"})
     evals = sorted(k.split(":", 1)[1] for k, s in states.items() if k.startswith("evaluate:") and s == "Cached")
     return {"merges": merges, "evaluations": evals}

@@ -222,8 +222,8 @@ class _Trials:
             except Exception as e:  # noqa: BLE001 - one failed point must not end the search
                 running.append((n, values, recipe, None, None, f"merge: {type(e).__name__}: {e}"))
                 continue
-            reused = bool(m.get("reused")) or fut.state.name == "Cached"
-            running.append((n, values, recipe, self._evaluate(self.primary, m["path"], "candidate"), reused, None))
+            reused = m.reused or fut.state.name == "Cached"
+            running.append((n, values, recipe, self._evaluate(self.primary, m.path, "candidate"), reused, None))
         out = []
         for n, values, recipe, ev, reused, error in running:
             result = None

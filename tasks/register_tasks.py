@@ -17,6 +17,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from mergeline.tasks.merge_tasks import MergeOutcome
 from mergeline.tasks.tracking import RunLog
 
 
@@ -44,18 +45,19 @@ def register_model(tracking_uri: str, name: str, folder: str, run_id: str, conte
 
 
 @task(name="register-stage", cache_policy=NO_CACHE)
-def register_stage(log: RunLog, register_as: str | None, m: dict, verdict: str, recipe_hash: str) -> dict | None:
+def register_stage(log: RunLog, register_as: str | None, m: MergeOutcome, verdict: str,
+                   recipe_hash: str) -> dict | None:
     """The primary merge `m` into the registry as `register_as` (None: not registered), in its own
     child run `register`; its lineage.json names the run and is logged on the parent run."""
     from mergeline.merge.lineage import set_run_id
     from mergeline.tasks import tracking
 
-    set_run_id(m["path"], log.parent)  # a reused merge records the run that registered it
+    set_run_id(m.path, log.parent)  # a reused merge records the run that registered it
     registered = None
     if register_as:
         with log.child("register") as (c, run):
-            registered = register_model(log.mlflow_uri, register_as, m["path"], log.parent, m["content_hash"],
+            registered = register_model(log.mlflow_uri, register_as, str(m.path), log.parent, m.content_hash,
                                         verdict, {"mergeline.recipe_hash": recipe_hash})
             tracking.log_params(c, run, registered)
-    tracking.log_artifact(log.client(), log.parent, Path(m["path"]) / "lineage.json")
+    tracking.log_artifact(log.client(), log.parent, m.path / "lineage.json")
     return registered

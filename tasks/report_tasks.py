@@ -19,13 +19,16 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from mergeline.evaluation.policy import GatePolicy
+from mergeline.merge.compat.report import CompatReport
+from mergeline.merge.stats import STATS_JSON
 from mergeline.tasks import tracking
+from mergeline.tasks.merge_tasks import MergeOutcome
 from mergeline.tasks.tracking import RunLog
 
 
 @task(name="report-stage", cache_policy=NO_CACHE)
-def report_stage(log: RunLog, suite, table, primary: str, merged: dict, compat: dict, gate_policy: GatePolicy,
-                 fresh_runs: int, extra_inputs: dict, appendix: str = ""):
+def report_stage(log: RunLog, suite, table, primary: str, merged: dict[str, MergeOutcome], compat: CompatReport,
+                 gate_policy: GatePolicy, fresh_runs: int, extra_inputs: dict, appendix: str = ""):
     """The report (evidence only), then the gate's decision on it (evaluation.gate.decide), in the
     child run `gate`; `appendix` (markdown: the smoke tests) is added to report.md.
     Returns (EvaluationReport, Decision, {kind: path}, problems)."""
@@ -36,11 +39,11 @@ def report_stage(log: RunLog, suite, table, primary: str, merged: dict, compat: 
     run_dir = Path(log.run_dir)
     with log.child("gate") as (c, run):
         report = build_report(suite, table, primary=primary,
-                              merge_stats={n: m["stats"] for n, m in merged.items()}, compat=compat,
+                              merge_stats={n: m.path / STATS_JSON for n, m in merged.items()}, compat=compat,
                               confidence=gate_policy.confidence, extra_inputs=extra_inputs)
         decision = decide(report, gate_policy)
         problems: list[str] = []
-        names = set(merged) | set(table.scores["model"]) | set((compat.get("norms") or {}).get("per_model") or {})
+        names = set(merged) | set(table.scores["model"]) | set(compat.norms.get("per_model") or {})
         try:
             paths = write_reports(report, decision, run_dir / "report")
         except Exception as e:  # noqa: BLE001 - the decision must not die with a drawing
@@ -101,11 +104,10 @@ def smoke_summary(smoke: dict) -> dict:
             for n, s in smoke.items()}
 
 
-def stopped_by_compat(log: RunLog, compat: dict) -> list[str]:
+def stopped_by_compat(log: RunLog, compat: CompatReport) -> list[str]:
     """The compatibility gate failed: report.md and decision.json (NO-GO at stage `check`) in the
     run folder and on the parent run; returns the reasons."""
-    reasons = [f"{ch['name']}: {ch['message']}" for ch in compat["checks"]
-               if ch["status"] == "fail" and not ch.get("waived")]
+    reasons = [f"{ch.name}: {ch.message}" for ch in compat.failed() if not ch.waived]
     md = "# NO-GO: stopped by the compatibility gate\n\nNo merge was computed.\n\n" + "\n".join(
         f"- {r}" for r in reasons) + "\n"
     _stopped(log, md, {"go": False, "verdict": "NO-GO", "stage": "check", "reasons": reasons})

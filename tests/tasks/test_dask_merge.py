@@ -45,7 +45,9 @@ def test_dask_merges_cache_and_lineage(tiny_models, prefect_server, tmp_path):
     lin = json.loads((out / f"ties-{merge_key(recipes['ties'], 0)[:12]}" / "lineage.json").read_text())
     assert lin["method"] == "ties" and len(lin["parents"]) == 2
     assert lin["base"]["source"] == str(m["base"].resolve())
-    assert first["linear"][0]["stats"]  # merge statistics came back through the task result
+    lin_result = first["linear"][0]
+    assert lin_result.name == "linear" and lin_result.method == "linear" and not lin_result.reused
+    assert lin_result.stats is not None  # merge statistics came back through the (typed) task result
 
     again = _run(recipes, out, store)
     assert {s for _, s in again.values()} == {"Cached"}
@@ -58,6 +60,6 @@ def test_dask_merges_cache_and_lineage(tiny_models, prefect_server, tmp_path):
     save_file(sd, f, metadata={"format": "pt"})
     changed = _run(recipes, out, store)
     assert {s for _, s in changed.values()} == {"Completed"}
-    assert changed["ties"][0]["path"] != first["ties"][0]["path"]
+    assert changed["ties"][0].path != first["ties"][0].path
     assert torch.equal(load_file(next(m["ft_a"].glob("*.safetensors")))[k],
                        load_file(next(tiny_models["ft_a"].glob("*.safetensors")))[k])
