@@ -141,6 +141,36 @@ def _save(model, folder: Path, tokenizer=None) -> Path:
     return folder
 
 
+_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{q}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_tasks(tmp_path_factory) -> Path:
+    """Three tiny multiple-choice lm-eval tasks (t_a, t_b: the fine-tunes' skills; t_gen: general)."""
+    import json
+
+    root = tmp_path_factory.mktemp("tiny_tasks")
+    for name, offset in (("t_a", 0), ("t_b", 1), ("t_gen", 2)):
+        rows = [{"q": f"{a} + {b + offset} =", "choices": [f" {a + b + offset}", f" {a + b + offset + 1}"],
+                 "label": 0} for a in range(4) for b in range(3)]
+        data = root / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (root / f"{name}.yaml").write_text(_TASK.format(name=name, data=data))
+    return root
+
+
 @pytest.fixture(scope="session")
 def recipe_models(tiny_models, tmp_path_factory) -> Path:
     """A folder with models/base, ft_a, ft_b (the tiny GPT-2s) and ft_c (ft_a's weights nudged

@@ -84,28 +84,8 @@ def test_objective_penalises_what_the_gate_would_refuse():
     assert strict["value"] == pytest.approx(0.8 - 2.0 * 0.3) and not strict["feasible"]
 
 
-_TASK = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{q}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-"""
-
-
-def test_a_split_suite_scores_only_its_part_with_real_lm_eval(tiny_models, tmp_path):
-    for name in ("t_a", "t_gen"):
-        rows = [{"q": f"{a} + {b} =", "choices": [f" {a + b}", f" {a + b + 1}"], "label": 0}
-                for a in range(4) for b in range(3)]
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (tmp_path / f"{name}.yaml").write_text(_TASK.format(name=name, data=tmp_path / f"{name}.jsonl"))
-    suite = load_suite({**SUITE, "include_paths": [str(tmp_path)], "batch_size": 8,
+def test_a_split_suite_scores_only_its_part_with_real_lm_eval(tiny_models, tiny_tasks, tmp_path):
+    suite = load_suite({**SUITE, "include_paths": [str(tiny_tasks)], "batch_size": 8,
                         "splits": {"validation": [0, 5], "test": [5, 12]}})
     cache = tmp_path / "cache"
     val = evaluate_models(suite.for_part("validation"), {"base": tiny_models["base"]}, cache, log=None)
