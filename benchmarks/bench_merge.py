@@ -103,21 +103,26 @@ def build_models(cache: str | Path = ".bench", seed: int = 0) -> BenchModels:
             save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
             (folder / "config.json").write_text(json.dumps(_config(), indent=2))
         done.write_text(stamp)
-    recipe = cache / "ties.yaml"
+    return BenchModels(cache / "base", [cache / n for n in names[1:]], write_ties_recipe(cache))
+
+
+def write_ties_recipe(folder: Path) -> Path:
+    """The benchmark's TIES recipe over folder/base and folder/ft1..ft3: folder/ties.yaml."""
+    recipe = folder / "ties.yaml"
     recipe.write_text(textwrap.dedent(f"""\
         merge_method: ties
-        base_model: {cache / 'base'}
+        base_model: {folder / 'base'}
         models:
-          - model: {cache / 'ft1'}
+          - model: {folder / 'ft1'}
             parameters: {{weight: 0.4, density: 0.2}}
-          - model: {cache / 'ft2'}
+          - model: {folder / 'ft2'}
             parameters: {{weight: 0.3, density: 0.2}}
-          - model: {cache / 'ft3'}
+          - model: {folder / 'ft3'}
             parameters: {{weight: 0.3, density: 0.2}}
         parameters: {{normalize: true}}
         dtype: bfloat16
         """))
-    return BenchModels(cache / "base", [cache / n for n in names[1:]], recipe)
+    return recipe
 
 
 def timed_subprocess(code: str, env: dict | None = None) -> tuple[float, int]:

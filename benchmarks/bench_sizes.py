@@ -39,14 +39,15 @@ import json
 import os
 import shutil
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_merge import REL_DELTA, BenchModels, run_floor, run_mergeline, warm_page_cache  # noqa: E402
+from benchmarks.bench_merge import (  # noqa: E402
+    REL_DELTA, BenchModels, run_floor, run_mergeline, warm_page_cache, write_ties_recipe,
+)
 
 VOCAB = 32000
 SIZES = {"0.3B": (1024, 20, 2816), "1B": (2048, 16, 5632), "3B": (3072, 26, 8192)}  # hidden, layers, intermediate
@@ -119,21 +120,7 @@ def build_size(size: str, cache: Path, seed: int = 0) -> BenchModels:
         for w in writers:
             w.close()
         done.write_text(stamp)
-    recipe = folder / "ties.yaml"
-    recipe.write_text(textwrap.dedent(f"""\
-        merge_method: ties
-        base_model: {folder / 'base'}
-        models:
-          - model: {folder / 'ft1'}
-            parameters: {{weight: 0.4, density: 0.2}}
-          - model: {folder / 'ft2'}
-            parameters: {{weight: 0.3, density: 0.2}}
-          - model: {folder / 'ft3'}
-            parameters: {{weight: 0.3, density: 0.2}}
-        parameters: {{normalize: true}}
-        dtype: bfloat16
-        """))
-    return BenchModels(folder / "base", [folder / n for n in names[1:]], recipe)
+    return BenchModels(folder / "base", [folder / n for n in names[1:]], write_ties_recipe(folder))
 
 
 def _available() -> int:
