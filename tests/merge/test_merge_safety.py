@@ -71,6 +71,15 @@ def copy_model(src: Path, dst: Path) -> Path:
     return dst
 
 
+def with_weight(src: Path, dst: Path, name: str, index: tuple[int, ...], value: float) -> Path:
+    """A copy of model `src` at `dst` whose tensor `name` holds `value` at `index`."""
+    ft = copy_model(src, dst)
+    weights = load_file(ft / "model.safetensors")
+    weights[name][index] = value
+    save_file(weights, ft / "model.safetensors", metadata={"format": "pt"})
+    return ft
+
+
 # -- refusals -----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_different_base_is_refused_by_the_in_merge_norms(zoo, tmp_path):
@@ -124,11 +133,8 @@ def test_missing_folder_is_unusable_input(tiny_models, tmp_path):
 
 
 def test_inf_weights_are_refused_naming_the_tensor(tiny_models, tmp_path):
-    ft = copy_model(tiny_models["ft_a"], tmp_path / "ft_inf")
-    weights = load_file(ft / "model.safetensors")
     name = "transformer.h.1.mlp.c_fc.weight"
-    weights[name][3, 5] = math.inf
-    save_file(weights, ft / "model.safetensors", metadata={"format": "pt"})
+    ft = with_weight(tiny_models["ft_a"], tmp_path / "ft_inf", name, (3, 5), math.inf)
     recipe = write_recipe(tmp_path, tiny_models["base"], [ft, tiny_models["ft_b"]])
     out = tmp_path / "out"
     res = merge_cli(recipe, out)
@@ -140,11 +146,8 @@ def test_inf_weights_are_refused_naming_the_tensor(tiny_models, tmp_path):
 
 def test_nan_weights_in_a_ties_merge_are_one_line_naming_the_tensor(tiny_models, tmp_path):
     """TIES counts and elects: NaN input stops it mid-merge (it used to crash with a traceback)."""
-    ft = copy_model(tiny_models["ft_a"], tmp_path / "ft_nan")
-    weights = load_file(ft / "model.safetensors")
     name = "transformer.h.0.mlp.c_fc.weight"
-    weights[name][0, 0] = math.nan
-    save_file(weights, ft / "model.safetensors", metadata={"format": "pt"})
+    ft = with_weight(tiny_models["ft_a"], tmp_path / "ft_nan", name, (0, 0), math.nan)
     recipe = write_recipe(tmp_path, tiny_models["base"], [ft, tiny_models["ft_b"]])  # a TIES recipe
     out = tmp_path / "out"
     res = merge_cli(recipe, out)
