@@ -27,8 +27,8 @@ from prefect.context import get_run_context
 from prefect.futures import as_completed
 
 from mergeline.flows import workdir as workdir_state
-from mergeline.flows.pipeline_config import (Candidate, Pipeline, PipelineError, ResolvedPipeline, load_pipeline,
-                                             read_pipeline, resolve)
+from mergeline.flows.pipeline_config import (Candidate, Pipeline, ResolvedPipeline,
+                                             check_retention_names, load_pipeline, read_pipeline, resolve)
 from mergeline.flows.progress import Counter, say
 from mergeline.flows.servers import check_servers, default_environment, resolve_tracking
 from mergeline.flows.workdir import workdir_lock
@@ -190,10 +190,7 @@ def _merge_smoke_evaluate(pipe: ResolvedPipeline, log: RunLog, opts: dict, recip
     primary, suite = pipe.primary_name, pipe.suite
     folders = pipe.main.leaves()
     base = pipe.main.base()
-    finetunes = sorted(n for n in folders if n != base)
-    if unknown := sorted(set(suite.retention) - set(finetunes)):
-        raise PipelineError(f"eval suite: retention names {unknown} are not models of the recipe "
-                            f"(models: {finetunes}); name the fine-tune folders alike")
+    check_retention_names(suite, folders, base)
     score_cache = str(pipe.workdir_path / "score-cache")
 
     def evaluate(name, path, role):

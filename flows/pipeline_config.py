@@ -298,6 +298,14 @@ def _candidate(pipe: Pipeline, name: str | None, value: str | dict) -> Candidate
     return Candidate(name=name, recipe=final.recipe, stages=stages[:-1], final=final)
 
 
+def check_retention_names(suite: EvalSuite, folders: dict, base: str | None) -> None:
+    """The suite's retention names must be the recipe's fine-tunes, named as their folders."""
+    finetunes = sorted(n for n in folders if n != base)
+    if unknown := sorted(set(suite.retention) - set(finetunes)):
+        raise PipelineError(f"eval suite: retention names {unknown} are not models of the recipe "
+                            f"(models: {finetunes}); name the fine-tune folders alike")
+
+
 def explain(e: ValidationError) -> str:
     # Baseline entries are a union of a method name and a mapping: drop their member tags too.
     return config_files.explain(e, union_tags=(*config_files.UNION_TAGS, "Baseline"))

@@ -42,7 +42,7 @@ from prefect import flow
 
 from mergeline.flows import sign_search as signs
 from mergeline.flows.pipeline import candidates, run_pipeline, task_runner, validate
-from mergeline.flows.pipeline_config import Pipeline, PipelineError, load_pipeline
+from mergeline.flows.pipeline_config import Pipeline, PipelineError, check_retention_names, load_pipeline
 from mergeline.flows.progress import say
 from mergeline.flows.servers import check_dask, check_servers, default_environment, resolve_tracking
 from mergeline.flows.workdir import workdir_lock
@@ -190,10 +190,7 @@ class _Trials:
         self.opts = dict(result_storage=work / "prefect-results")
         self.val_dict, self.cache = val.model_dump(mode="json"), str(work / "score-cache")
         folders, base = inputs(main), base_name(main)
-        unknown = sorted(set(val.retention) - set(folders))
-        if unknown:
-            raise TuneError(f"eval suite: retention names {unknown} are not models of the recipe "
-                            f"(models: {sorted(n for n in folders if n != base)})")
+        check_retention_names(val, folders, base)
         t0 = time.time()
         refs = [self._evaluate("base", folders[base], "base")]
         refs += [self._evaluate(n, folders[n], "finetune") for n in val.retention]

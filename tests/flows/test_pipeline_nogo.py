@@ -49,3 +49,18 @@ def test_nogo_stops_before_merge(nogo_pipeline, prefect_server):
     assert runs["check"].data.tags["status"] == "fail"
     assert {a.path for a in c.list_artifacts(runs["check"].info.run_id)} == {"compat_report.json"}
     assert not c.search_registered_models()  # a NO-GO at the check registers nothing
+
+
+def test_retention_names_must_be_the_recipes_finetunes():
+    """The pipeline and `mergeline tune` share this check: a suite naming a model the recipe does
+    not merge (or the base) is unusable input, named with the recipe's fine-tunes."""
+    from mergeline.evaluation.suite import load_suite
+    from mergeline.flows.pipeline_config import check_retention_names
+
+    folders = {"base": Path("b"), "ft_a": Path("a"), "ft_b": Path("c")}
+    check_retention_names(load_suite({"retention": {"ft_a": ["t_a"]}, "general": ["t_gen"]}), folders, "base")
+    for wrong in ("ft_x", "base"):
+        suite = load_suite({"retention": {wrong: ["t_a"]}, "general": ["t_gen"]})
+        with pytest.raises(PipelineError, match=rf"retention names \['{wrong}'\] are not models of the recipe "
+                                                r"\(models: \['ft_a', 'ft_b'\]\)"):
+            check_retention_names(suite, folders, "base")
