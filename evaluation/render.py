@@ -7,7 +7,7 @@ that would end a table cell or start markup (| \\ ` * a link's ]( and a word-edg
 backslash, so a crafted model or task name cannot inject markup or break a table.
 
     render_markdown(report: EvaluationReport, decision: Decision | None = None) -> str
-    write_reports(report, decision, out_dir: Path, *, overwrite=False, html=True)
+    write_reports(report, decision, out_dir: Path, *, overwrite=False, html=True, plots=None)
         -> {"json": report.json, "decision": decision.json (with a decision), "md": report.md, "html": report.html}
 
     python -m mergeline.evaluation.report report.json OUT_DIR     # re-render md + html from a report.json
@@ -64,7 +64,7 @@ def render_markdown(report: EvaluationReport, decision: Decision | None = None) 
 
 
 def write_reports(report: EvaluationReport, decision: Decision | None, out_dir: str | Path, *,
-                  overwrite: bool = False, html: bool = True) -> dict[str, Path]:
+                  overwrite: bool = False, html: bool = True, plots: dict | None = None) -> dict[str, Path]:
     """Write report.json, decision.json (when there is a decision), report.md and, unless
     html=False, report.html; each to a temp name, then renamed. Every text is made before the
     first file is written, so a renderer that fails leaves no file behind."""
@@ -75,7 +75,7 @@ def write_reports(report: EvaluationReport, decision: Decision | None, out_dir: 
     texts["md"] = render_markdown(report, decision)
     if html:
         from mergeline.evaluation.html_report import render_html  # matplotlib: only when drawing
-        texts["html"] = render_html(report, decision)
+        texts["html"] = render_html(report, decision, plots)
     names = {"json": "report.json", "decision": "decision.json", "md": "report.md", "html": "report.html"}
     targets = {kind: out_dir / names[kind] for kind in texts}
     existing = [str(p) for p in targets.values() if p.exists()]

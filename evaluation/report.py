@@ -6,7 +6,7 @@ report.json; rendered as report.md and report.html beside the gate's decision.js
                  compat: CompatReport | dict | None = None,
                  confidence: float = 0.95,                                     # every interval's level
                  extra_inputs: dict | None = None) -> EvaluationReport
-    write_reports(report, decision | None, out_dir, *, overwrite=False)
+    write_reports(report, decision | None, out_dir, *, overwrite=False, html=True, plots=None)
         -> {"json": report.json, "decision": decision.json, "md": report.md, "html": report.html}
                  (evaluation.render; rendering lives in evaluation.tables, .render, .html_report, .plots)
 

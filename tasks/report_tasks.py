@@ -44,9 +44,14 @@ def report_stage(log: RunLog, suite, table, primary: str, merged: dict[str, Merg
         decision = decide(report, gate_policy)
         problems: list[str] = []
         names = set(merged) | set(table.scores["model"]) | set(compat.norms.get("per_model") or {})
-        try:
-            paths = write_reports(report, decision, run_dir / "report")
+        try:  # drawn once: the PNG files and the HTML page share them
+            pngs = all_plots(report, decision)
         except Exception as e:  # noqa: BLE001 - the decision must not die with a drawing
+            pngs = None
+            problems += [report_problem(what, e, names) for what in ("the HTML report", "the plots")]
+        try:
+            paths = write_reports(report, decision, run_dir / "report", html=pngs is not None, plots=pngs)
+        except Exception as e:  # noqa: BLE001
             problems.append(report_problem("the HTML report", e, names))
             paths = write_reports(report, decision, run_dir / "report", overwrite=True, html=False)
         if appendix and paths.get("md"):
@@ -54,12 +59,9 @@ def report_stage(log: RunLog, suite, table, primary: str, merged: dict[str, Merg
                 f.write(appendix)
         plots_dir = run_dir / "report" / "plots"
         plots_dir.mkdir(exist_ok=True)
-        try:
-            for pname, png in all_plots(report, decision).items():
-                if png:
-                    (plots_dir / f"{pname}.png").write_bytes(png)
-        except Exception as e:  # noqa: BLE001
-            problems.append(report_problem("the plots", e, names))
+        for pname, png in (pngs or {}).items():
+            if png:
+                (plots_dir / f"{pname}.png").write_bytes(png)
         summaries = {n: cand.summary.model_dump() for n, cand in report.candidates.items()}
         tracking.log_metrics(c, run, {"scores": {f"{s.model}.{s.task}": s.value for s in report.scores},
                                       "lm_eval_runs": fresh_runs, "go": decision.go})

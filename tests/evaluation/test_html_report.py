@@ -97,3 +97,14 @@ def test_paths_and_hashes_wrap_and_tables_scroll():
     assert re.search(r"td\.code\{[^}]*overflow-wrap:anywhere", CSS)
     assert re.search(r"\.tw\{overflow-x:auto", CSS)
     assert page.count("<div class='tw'><table>") == page.count("<table>")
+
+
+def test_plots_drawn_once_are_embedded_as_given():
+    """The report stage draws the plots once and hands them to the page: none are redrawn."""
+    from mergeline.evaluation.plots import PLOTS, all_plots
+
+    report, decision = v2.report("GO")
+    drawn = all_plots(report, decision)
+    assert render_html(report, decision, drawn) == render_html(report, decision)
+    page = render_html(report, decision, {key: None for key in PLOTS})
+    assert page.count("no data in this report") == len(PLOTS) and "<img" not in page
