@@ -2,11 +2,15 @@
 densities) vs sign-guided TIES (greedy validation-chosen signs per layer group; Yadav et al. 2023,
 arXiv:2306.01708, sec. 7), judged on held-out test items, with the search's cost.
 
-Two sets, both the demo zoo's three fine-tunes (base + addition, reverse, facts):
-- demo: the demo recipe (TIES, density 0.5, weights 0.5, lambda 1.15);
-- conflicting: the same fine-tunes merged where their task vectors interfere most: no trimming
+Three sets, each three fine-tunes of the zoo's base on addition, reverse and facts:
+- demo: the demo zoo's fine-tunes (token embedding only) under the demo recipe (TIES, density
+  0.5, weights 0.5, lambda 1.15);
+- no-trim: the same fine-tunes merged where their task vectors interfere most: no trimming
   (density 1.0, so every small redundant delta votes in the sign election) at weight 1.0 with
-  lambda 1.0 (a task-arithmetic-sized sum; zoo/build.py describes the shared coordinates).
+  lambda 1.0 (a task-arithmetic-sized sum; zoo/build.py describes the shared coordinates);
+- conflicting: separately trained fine-tunes of every transformer block, the embedding frozen
+  (benchmarks/conflicting_set.py: the usual shape of an LLM fine-tune, conflicting in sign in
+  every layer, measured at build), under the demo recipe.
 Each set runs `mergeline tune` twice (flows/tune.py `run_tune`, the final pipeline included) in
 one workdir: weights/densities (TPE, `--trials`), then the recipe with `sign_source: validation`.
 The suite's items are split: validation [0, V) tunes, test [V, 150) judges (facts has 48 items).
@@ -16,7 +20,7 @@ over evaluation/stats.py, paired per item). Validation figures come from the sea
 untuned TIES merge is the sign search's first candidate, all groups elected). Cost: candidates
 tried, seconds of the trial loop, evaluations served from the score cache.
 
-Run: python benchmarks/bench_tune.py [--trials 12] [--validation 20] [--sets demo,conflicting]
+Run: python benchmarks/bench_tune.py [--trials 12] [--validation 20] [--sets demo,no-trim,conflicting]
      python benchmarks/bench_tune.py --trial-cost [--trials 4]   # s/trial, cold vs a repeated point
 """
 from __future__ import annotations
@@ -29,27 +33,35 @@ from pathlib import Path
 
 import yaml
 
-CONFLICTING = {"parameters": {"density": 1.0, "lambda": 1.0, "normalize": True}, "weight": 1.0}
+NO_TRIM = {"parameters": {"density": 1.0, "lambda": 1.0, "normalize": True}, "weight": 1.0}
+SETS = ("demo", "no-trim", "conflicting")
 
 
 def pipeline(root: Path, workers: int, validation: int, name: str = "demo", recipe: str = "demo",
              signs: bool = False, test_end: int | None = None) -> Path:
-    """The demo pipeline on the zoo, its suite split; `recipe` "conflicting" swaps the recipe's
-    numbers, `signs` asks for validation-guided signs."""
+    """The demo pipeline on the zoo, its suite split; `recipe` "no-trim" swaps the recipe's
+    numbers, "conflicting" the fine-tunes (conflicting_set.py); `signs` asks for
+    validation-guided signs."""
     from mergeline.flows.demo import CONFIGS, write_pipeline, zoo_values
     from mergeline.zoo import build_zoo
 
     root.mkdir(parents=True, exist_ok=True)
-    path = write_pipeline(CONFIGS / "pipeline_demo.yaml", root, zoo_values(build_zoo()))
+    zoo = build_zoo()
+    values = zoo_values(zoo)
+    if recipe == "conflicting":
+        from conflicting_set import build_set, finetunes
+
+        values.update({skill: str(folder) for skill, folder in finetunes(build_set(zoo)).items()})
+    path = write_pipeline(CONFIGS / "pipeline_demo.yaml", root, values)
     data = yaml.safe_load(path.read_text())
     data["name"] = name
     data["runner"] = {"kind": "threads", "max_workers": workers}
     data["baselines"] = ["linear"]  # the gate policy compares with it (without it: NO-GO)
     r = data["recipe"] = yaml.safe_load(Path(data["recipe"]).read_text())
-    if recipe == "conflicting":
-        r["parameters"] = dict(CONFLICTING["parameters"])
+    if recipe == "no-trim":
+        r["parameters"] = dict(NO_TRIM["parameters"])
         for m in r["models"]:
-            m["parameters"] = {"weight": CONFLICTING["weight"]}
+            m["parameters"] = {"weight": NO_TRIM["weight"]}
     if signs:
         r.setdefault("parameters", {})["sign_source"] = "validation"
     suite_path = Path(data["eval_suite"])
@@ -75,10 +87,30 @@ def compare(workdir: Path, kind: str, trials: int, validation: int) -> dict:
         wall = time.time() - t0
         search = out["search"]
         report = json.loads(Path(out["report"]).with_suffix(".json").read_text())
-        rows[how] = {"search": search, "test": report["test"], "decision": out["final"]["decision"],
+        rows[how] = {"search": search, "test": report["test"], "held_out": out["held_out"],
+                     "decision": out["final"]["decision"],
                      "reasons": out["final"].get("reasons"), "wall": wall}
     start = rows["signs"]["search"]["trials_run"][0]  # all groups elected: the untuned TIES merge
-    return {"set": kind, "untuned_validation": start["objective"], **rows}
+    return {"set": kind, "untuned_validation": start["objective"], "regime": regime(kind), **rows}
+
+
+def regime(kind: str) -> str:
+    """The set's measured interference under the demo recipe (zoo.json, or set.json)."""
+    from mergeline.zoo import build_zoo
+
+    zoo = build_zoo()
+    if kind == "conflicting":
+        from conflicting_set import build_set
+
+        merges = json.loads((build_set(zoo) / "set.json").read_text())["merges"]
+    else:
+        merges = zoo.manifest["merges"]
+    layers = merges.get("sign_conflict_by_layer")
+    per_layer = f" (per block {', '.join(f'{r:.2f}' for r in layers.values())})" if layers else ""
+    return (f"{kind}: fine-tunes as measured under the demo recipe: sign conflicts {merges['sign_conflict_rate']:.2f} "
+            f"of kept positions{per_layer}, task-vector cosines "
+            f"{min(merges['cosine'].values()):.2f}-{max(merges['cosine'].values()):.2f}, TIES mean retention "
+            f"{merges['methods']['ties']['mean_retention']:.2f}")
 
 
 def _iv(iv: dict | None) -> str:
@@ -91,17 +123,23 @@ def _f(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def _held(h: dict) -> str:
+    gain = h["validation_gain"]
+    return h["verdict"] + (f" (validation {gain:+.3f})" if gain is not None else "")
+
+
 def table(results: list[dict], trials: int, validation: int) -> str:
     lines = [f"validation items [0, {validation}) per task tune; test items [{validation}, 150) judge "
              f"(facts: 48 items in all); TPE {trials} trials",
              "",
              "| set | recipe | validation objective (mean retention) | test mean retention | test worst regression "
-             "| test difference vs untuned [95% CI] | gate | candidates (cache hits) | trial loop s | tune wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| test difference vs untuned [95% CI] | validation gain held? | gate | candidates (cache hits) "
+             "| trial loop s | tune wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         u, start = res["tuned"]["test"]["untuned"], res["signs"]["search"]["trials_run"][0]
         lines.append(f"| {res['set']} | untuned TIES | {_f(start['objective'])} ({_f(start['mean_retention'])}) | "
-                     f"{_f(u.get('mean_retention'))} | {_f(u.get('worst_regression'))} | | | | | |")
+                     f"{_f(u.get('mean_retention'))} | {_f(u.get('worst_regression'))} | | | | | | |")
         for how, label in (("tuned", "tuned (TPE)"), ("signs", "sign-guided")):
             r = res[how]
             s, test, best = r["search"], r["test"], r["search"]["best"]
@@ -109,10 +147,12 @@ def table(results: list[dict], trials: int, validation: int) -> str:
             lines.append(
                 f"| {res['set']} | {label} | {_f(best['objective'])} ({_f(row.get('mean_retention'))}) | "
                 f"{_f(test['tuned'].get('mean_retention'))} | {_f(test['tuned'].get('worst_regression'))} | "
-                f"{_iv(test['difference_interval'])} | {r['decision']} | {s['trials_finished']} ({s['trials_cached']}) | "
+                f"{_iv(test['difference_interval'])} | {_held(r['held_out'])} | {r['decision']} | "
+                f"{s['trials_finished']} ({s['trials_cached']}) | "
                 f"{s['seconds']['trials']:.0f} | {r['wall']:.0f} |")
         chosen = ", ".join(f"{g}={m}" for g, m in res["signs"]["search"]["best"]["values"].items())
-        lines.append(f"| {res['set']} | signs chosen: {chosen} | | | | | | | | |")
+        lines.append(f"| {res['set']} | signs chosen: {chosen} | | | | | | | | | |")
+    lines += [""] + [f"- {res['regime']}" for res in results]
     return "\n".join(lines)
 
 
@@ -143,7 +183,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--validation", type=int, default=20, help="validation items per task")
-    ap.add_argument("--sets", default="demo,conflicting")
+    ap.add_argument("--sets", default=",".join(SETS))
     ap.add_argument("--trial-cost", action="store_true", help="the per-trial cost measurement instead")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
@@ -163,6 +203,9 @@ def main() -> None:
         trial_cost(args.trials, args.validation)
         return
     results = []
+    unknown = sorted(set(args.sets.split(",")) - set(SETS))
+    if unknown:
+        ap.error(f"--sets: unknown set(s) {unknown}; known: {', '.join(SETS)}")
     for kind in args.sets.split(","):
         results.append(compare(Path(tempfile.mkdtemp(prefix=f"bench-tune-{kind}-")), kind, args.trials,
                                args.validation))
