@@ -475,9 +475,10 @@ def tune(
     out = run_tune(pipeline, trials=trials, minutes=minutes, sampler=sampler, seed=seed, storage=storage,
                    allow_no_split=allow_no_split, sign_block=sign_block)
     _print_summary(out["final"])
-    best = out["search"]["best"]
+    best, held = out["search"]["best"], out["held_out"]
     Console(soft_wrap=True).print(f"best trial {best['trial']}: objective {best['objective']:.3f} on validation; "
-                                  f"recipe {out['search']['best_recipe']}\ntune report: {out['report']}",
+                                  f"recipe {out['search']['best_recipe']}\n"
+                                  f"held on test items? {held['verdict']}: {held['why']}\ntune report: {out['report']}",
                                   highlight=False, markup=False)
     raise typer.Exit(exit_code_for(out["final"]["decision"]))
 

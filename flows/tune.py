@@ -7,7 +7,11 @@ send the best recipe through the normal pipeline, judged on test items, beside t
    then `evaluate_model` on the suite's validation part (evaluation/splits.py), both cached by
    content, so a point seen before costs nothing. A batch of `runner.max_workers` trials runs at
    once on the pipeline's task runner. The objective is the gate's rules as one number
-   (evaluation/objective.py). Each trial is an MLflow child run of a `tune:NAME` parent run.
+   (evaluation/objective.py). Trial 0 is the recipe's own point (when it lies on the grid), so
+   the best is never worse on validation than the untuned recipe, and the report can set the
+   gain on validation against the difference on test items: a gain that does not hold there is
+   the search fitting the validation items, and the report says so.
+   Each trial is an MLflow child run of a `tune:NAME` parent run.
    The study lives in WORKDIR/tune/optuna.db (SQLite; `--storage memory` for none), never in the
    MLflow or Prefect database; a rerun resumes it up to `--trials` finished trials.
 2. The best recipe is written as a plain mergekit recipe, WORKDIR/tune/STUDY/best_recipe.yaml,
@@ -51,7 +55,7 @@ from mergeline.tasks.caching import key_of
 from mergeline.tasks.eval_tasks import combine, evaluate_model
 from mergeline.tasks.merge_tasks import merge_key, merge_model
 from mergeline.tasks.recipes import base_name, inputs
-from mergeline.tasks.tune_tasks import STEP, apply, log_trial, space
+from mergeline.tasks.tune_tasks import STEP, apply, log_trial, recipe_point, space
 
 SAMPLERS = ("tpe", "cmaes")
 STORAGES = ("sqlite", "memory")
@@ -137,10 +141,12 @@ def tune_flow(pipeline: str, trials: int, minutes: float | None = None, sampler:
                     "values": search.pop("best_values")}
             best_recipe, baseline, url = signs.with_choices(main, best["values"]), signs.untuned(main), None
             kind = "signs"
+            search["untuned"] = _first(search["trials_run"])  # all groups elected
         else:
             search, best, url = _optuna(pipe, name, main, primary, dims, val, policy, trials, minutes, sampler,
                                         seed, storage, started, c, parent)
             best_recipe, baseline, kind = apply(main, best["values"]), main, sampler
+            search["untuned"] = _at_point(search["all_trials"], recipe_point(main))
     except BaseException:
         c.set_terminated(parent, "FAILED")
         raise
@@ -156,6 +162,21 @@ def tune_flow(pipeline: str, trials: int, minutes: float | None = None, sampler:
             "best_recipe": str(best_path), "pipeline": str(tuned), "out_dir": str(out_dir), **search}
 
 
+def _first(rows: list[dict]) -> dict | None:
+    """The sign search's first candidate (every group elected: the untuned merge) on validation."""
+    row = rows[0] if rows else None
+    return {"trial": row["trial"], "objective": row["objective"]} if row and "objective" in row else None
+
+
+def _at_point(trials: list[dict], point: dict | None) -> dict | None:
+    """The finished trial at the recipe's own point (the untuned recipe) on validation, if any."""
+    for t in trials:
+        if point and t["state"] == "COMPLETE" and t["values"].keys() == point.keys() and all(
+                abs(t["values"][k] - v) < 1e-9 for k, v in point.items()):
+            return {"trial": t["trial"], "objective": t["objective"]}
+    return None
+
+
 def _optuna(pipe: Pipeline, name: str, main: dict, primary: str, dims: dict, val, policy: dict, trials: int,
             minutes: float | None, sampler: str, seed: int, storage: str, started: float, c, parent: str):
     """The weight/density search: (search summary, best {trial, objective, values, ...}, storage url)."""
@@ -167,6 +188,9 @@ def _optuna(pipe: Pipeline, name: str, main: dict, primary: str, dims: dict, val
     study = optuna.create_study(study_name=name, storage=url, sampler=_sampler(sampler, seed),
                                 direction="maximize", load_if_exists=True)
     _requeue_interrupted(study)
+    start = recipe_point(main)
+    if not study.trials and start is not None:  # trial 0: the untuned recipe, the reference
+        study.enqueue_trial(start)
     if study.trials:  # resumed: a sampler seeded as at the start would propose the same points again
         study.sampler = _sampler(sampler, seed + len(study.trials))
     tracking.log_params(c, parent, {"sampler": sampler, "seed": seed, "trials": trials, "minutes": minutes,
@@ -438,8 +462,8 @@ def run_tune(path: str | Path, trials: int = 20, minutes: float | None = None, s
     c = tracking.client(search["mlflow_uri"])
     tracking.set_tags(c, search["mlflow_run_id"], {"mergeline.final_run_id": final["mlflow_run_id"],
                                                    "mergeline.decision": final["decision"]})
-    report = write_report(search, final)
-    return {"search": search, "final": final, "report": str(report)}
+    report, verdict = write_report(search, final)
+    return {"search": search, "final": final, "report": str(report), "held_out": verdict}
 
 
 def comparison(final: dict) -> dict:
@@ -458,13 +482,44 @@ def comparison(final: dict) -> dict:
             "splits": (rep["inputs"]["suite"] or {}).get("splits")}
 
 
-def write_report(search: dict, final: dict) -> Path:
-    """tune_report.json and tune_report.md in the study's folder."""
+def held_out(search: dict, cmp: dict) -> dict:
+    """Does what the search gained on validation items show on the test items? The validation
+    gain is the best objective minus the untuned recipe's (trial 0, or the sign search's start);
+    the test difference is the final run's paired interval of mean retention, tuned - untuned.
+    verdict: "held" (interval above 0), "worse" (below 0), "not shown" (a validation gain the
+    interval cannot tell from 0: the search fit the validation items' noise, or too few test
+    items to see it), "no gain" (nothing gained on validation), "n/a" (no comparison)."""
+    from mergeline.evaluation.stats import Interval
+
+    ref, best = search.get("untuned"), search["best"]["objective"]
+    gain = None if ref is None or ref["objective"] is None else best - ref["objective"]
+    iv = cmp.get("difference_interval")
+    iv = Interval(**iv) if iv and iv.get("low") is not None else None
+    said = f"validation gain {gain:+.3f} (objective)" if gain is not None else "the untuned recipe was not scored on validation"
+    if iv is None:
+        verdict, why = "n/a", f"{said}; no paired test difference (the final run compared nothing)"
+    elif iv.low > 0:
+        verdict, why = "held", f"{said}; on test items tuned - untuned {iv.text()}, above 0"
+    elif iv.high < 0:
+        verdict, why = "worse", (f"{said}; on test items tuned - untuned {iv.text()}, below 0: the search fit the "
+                                 "validation items and the untuned recipe is better on unseen ones")
+    elif gain is None or gain > 0:
+        verdict, why = "not shown", (f"{said}; on test items tuned - untuned {iv.text()} includes 0: the gain on "
+                                     "validation does not show on unseen items (the search may have fit the "
+                                     "validation items' noise); more validation items would tell")
+    else:
+        verdict, why = "no gain", f"{said}; on test items tuned - untuned {iv.text()}: the search kept the untuned recipe"
+    return {"validation_gain": gain, "test_difference": iv.model_dump() if iv else None, "verdict": verdict, "why": why}
+
+
+def write_report(search: dict, final: dict) -> tuple[Path, dict]:
+    """tune_report.json and tune_report.md in the study's folder; (the .md's path, `held_out`)."""
     from mergeline.evaluation.stats import Interval
 
     cmp = comparison(final)
+    verdict = held_out(search, cmp)
     data = {"search": search, "final": {k: final.get(k) for k in ("decision", "reasons", "report", "mlflow_run_id",
-                                                                  "run_dir")}, "test": cmp}
+                                                                  "run_dir")}, "test": cmp, "held_out": verdict}
     out = Path(search["out_dir"])
     _write(out / "tune_report.json", json.dumps(data, indent=2, default=str))
     iv = cmp["difference_interval"]
@@ -503,6 +558,7 @@ def write_report(search: dict, final: dict) -> Path:
               f"untuned {f(u.get('mean_retention'))}; difference {diff}",
               f"- worst regression: tuned {f(t.get('worst_regression'))}, untuned {f(u.get('worst_regression'))}"]
     lines += [f"  - {r}" for r in final.get("reasons") or []]
+    lines += ["", "## Did the validation gain hold on the test items?", "", f"**{verdict['verdict']}**: {verdict['why']}"]
     path = _write(out / "tune_report.md", "\n".join(lines) + "\n")
     say(f"tune report: {path}")
-    return path
+    return path, verdict

@@ -52,6 +52,24 @@ def space(recipe: dict) -> dict[str, tuple[float, float]]:
     return out
 
 
+def recipe_point(recipe: dict) -> dict[str, float] | None:
+    """The recipe's own values as a point of its space (a model's parameter, else the recipe-wide
+    one), or None when one is not a number on the grid inside its range (e.g. a gradient list):
+    the search scores this point first, so its best is never worse on validation than the
+    recipe it started from, and the report can say what tuning gained there."""
+    names, shared, point = _names(recipe), recipe.get("parameters") or {}, {}
+    for key, (lo, hi) in space(recipe).items():
+        kind, name = key.split(".", 1)
+        m = next(m for m in _tuned_models(recipe) if names[m["model"]] == name)
+        value = (m.get("parameters") or {}).get(kind, shared.get(kind))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+            return None
+        if abs(round((value - lo) / STEP) * STEP + lo - value) > 1e-9:
+            return None
+        point[key] = float(value)
+    return point
+
+
 def apply(recipe: dict, values: dict[str, float]) -> dict:
     """The recipe with the trial's weights and densities, one per model; a recipe-wide density
     gives way to the per-model ones. Normalised through `resolved_recipe`, as the pipeline reads

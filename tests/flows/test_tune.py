@@ -56,6 +56,15 @@ def test_tune_searches_on_validation_and_judges_on_test(zoo, prefect_server, tmp
     search, final = out["search"], out["final"]
     assert search["trials_finished"] == 3 and len(search["trials_run"]) == 3 and search["trials_failed"] == 0
     assert final["decision"] in ("GO", "NO-GO", "INCONCLUSIVE")
+    # trial 0 is the untuned recipe's own point, so the report can say what tuning gained there
+    from mergeline.tasks.recipes import resolved_recipe
+    from mergeline.tasks.tune_tasks import recipe_point
+
+    start = recipe_point(resolved_recipe(yaml.safe_load(path.read_text())["recipe"]))
+    assert search["trials_run"][0]["values"] == start and search["untuned"]["trial"] == 0
+    held = out["held_out"]
+    assert held["validation_gain"] == pytest.approx(search["best"]["objective"] - search["trials_run"][0]["objective"])
+    assert held["validation_gain"] >= 0 and held["verdict"] in ("held", "worse", "not shown", "no gain")
 
     # every trial is an MLflow child run of the tune run, with its values and objective
     c = tracking.client(search["mlflow_uri"])
@@ -85,6 +94,7 @@ def test_tune_searches_on_validation_and_judges_on_test(zoo, prefect_server, tmp
     assert "tuning (objective, 3 trials): validation items: zoo_addition [0, 12)" in text
     assert "gate (the final run below): test items: zoo_addition [12, 36)" in text
     assert "untuned" in text
+    assert f"## Did the validation gain hold on the test items?\n\n**{held['verdict']}**: {held['why']}" in text
 
     # a rerun of the same points (a fresh in-memory study, same seed) costs no merge and no lm-eval run
     r = subprocess.run([MERGELINE, "tune", str(path), "--trials", "3", "--storage", "memory"],
@@ -134,6 +144,46 @@ def test_search_space_and_trial_recipes(tiny_models):
     with pytest.raises(ValueError, match="only recipes with a `models:` list"):
         space({"merge_method": "passthrough", "slices": [{"sources": [{"model": str(m["ft_a"]),
                                                                        "layer_range": [0, 2]}]}]})
+
+
+def test_the_recipes_own_point(tiny_models):
+    """Trial 0 of a search: the recipe's values, when each lies on the grid inside its range."""
+    from mergeline.tasks.tune_tasks import apply, recipe_point
+
+    m = tiny_models
+    ties = {"merge_method": "ties", "base_model": str(m["base"]), "parameters": {"density": 0.5, "normalize": True},
+            "models": [{"model": str(m["ft_a"]), "parameters": {"weight": 0.5, "density": 0.6}},
+                       {"model": str(m["ft_b"]), "parameters": {"weight": 0.5}}]}
+    point = recipe_point(ties)
+    assert point == {"weight.ft_a": 0.5, "density.ft_a": 0.6, "weight.ft_b": 0.5, "density.ft_b": 0.5}
+    merged = apply(ties, point)  # the same merge: the recipe-wide density moved onto the models
+    assert [x["parameters"] for x in merged["models"]] == [{"weight": 0.5, "density": 0.6},
+                                                           {"weight": 0.5, "density": 0.5}]
+    off_grid = {**ties, "parameters": {"density": 0.33}}
+    assert recipe_point(off_grid) is None
+    gradient = {**ties, "models": [{"model": str(m["ft_a"]), "parameters": {"weight": [0.2, 0.8], "density": 0.5}},
+                                   ties["models"][1]]}
+    assert recipe_point(gradient) is None
+    assert recipe_point({**ties, "parameters": {"density": 0.05}}) is None  # under the range
+
+
+@pytest.mark.parametrize("best, test, verdict", [
+    (0.60, (0.10, 0.05, 0.16), "held"),
+    (0.60, (-0.10, -0.16, -0.05), "worse"),
+    (0.60, (0.01, -0.05, 0.08), "not shown"),
+    (0.50, (0.00, 0.00, 0.00), "no gain"),
+])
+def test_the_held_out_verdict(best, test, verdict):
+    """Whether the validation gain shows on the test items is read from the paired interval."""
+    from mergeline.flows.tune import held_out
+
+    est, low, high = test
+    cmp = {"difference_interval": {"estimate": est, "low": low, "high": high, "confidence": 0.95,
+                                   "method": "paired bootstrap", "n": 266}}
+    out = held_out({"best": {"objective": best}, "untuned": {"trial": 0, "objective": 0.5}}, cmp)
+    assert out["verdict"] == verdict and out["validation_gain"] == pytest.approx(best - 0.5)
+    assert f"[{low:.3f}, {high:.3f}]" in out["why"]
+    assert held_out({"best": {"objective": best}, "untuned": None}, {"difference_interval": None})["verdict"] == "n/a"
 
 
 def _prefect_runs(pipeline: Path) -> list:
