@@ -13,14 +13,15 @@ Three sets, each three fine-tunes of the zoo's base on addition, reverse and fac
   every layer, measured at build), under the demo recipe.
 Each set runs `mergeline tune` twice (flows/tune.py `run_tune`, the final pipeline included) in
 one workdir: weights/densities (TPE, `--trials`), then the recipe with `sign_source: validation`.
-The suite's items are split: validation [0, V) tunes, test [V, 150) judges (facts has 48 items).
+The suite's items are split: validation [0, V) tunes, test [V, 150) judges (facts has 48 items:
+where a task has fewer than 2V, its halves).
 The final runs' reports give, on test items, mean retention of each recipe and the paired
 difference to the untuned recipe with its 95% interval (evaluation/metrics.py `pooled_difference`
 over evaluation/stats.py, paired per item). Validation figures come from the searches (the
 untuned TIES merge is the sign search's first candidate, all groups elected). Cost: candidates
 tried, seconds of the trial loop, evaluations served from the score cache.
 
-Run: python benchmarks/bench_tune.py [--trials 12] [--validation 20] [--sets demo,no-trim,conflicting]
+Run: python benchmarks/bench_tune.py [--trials 30] [--validation 60] [--sets demo,no-trim,conflicting]
      python benchmarks/bench_tune.py --trial-cost [--trials 4]   # s/trial, cold vs a repeated point
 """
 from __future__ import annotations
@@ -68,6 +69,10 @@ def pipeline(root: Path, workers: int, validation: int, name: str = "demo", reci
     suite = yaml.safe_load(suite_path.read_text())
     suite.pop("limit", None)
     suite["splits"] = {"validation": [0, validation], "test": [validation, test_end or 2 * validation]}
+    # a task with fewer than 2 x `validation` items (facts: 48) is split in halves instead
+    small = {t: n for t, n in zoo.manifest["task_items"].items() if n < 2 * validation}
+    if small:
+        suite["splits"]["tasks"] = {t: {"validation": [0, n // 2], "test": [n // 2, n]} for t, n in small.items()}
     suite_path.write_text(yaml.safe_dump(suite, sort_keys=False))
     path = path.with_name(f"pipeline-{name}.yaml")
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -130,7 +135,7 @@ def _held(h: dict) -> str:
 
 def table(results: list[dict], trials: int, validation: int) -> str:
     lines = [f"validation items [0, {validation}) per task tune; test items [{validation}, 150) judge "
-             f"(facts: 48 items in all); TPE {trials} trials",
+             f"(a task with fewer than {2 * validation} items: its halves); TPE {trials} trials",
              "",
              "| set | recipe | validation objective (mean retention) | test mean retention | test worst regression "
              "| test difference vs untuned [95% CI] | validation gain held? | gate | candidates (cache hits) "
@@ -181,8 +186,8 @@ def trial_cost(trials: int, validation: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials", type=int, default=12)
-    ap.add_argument("--validation", type=int, default=20, help="validation items per task")
+    ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--validation", type=int, default=60, help="validation items per task (a task with fewer than twice as many: its halves)")
     ap.add_argument("--sets", default=",".join(SETS))
     ap.add_argument("--trial-cost", action="store_true", help="the per-trial cost measurement instead")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
