@@ -415,7 +415,10 @@ def lineage(
     root = tree(lin)
     rich_tree = Tree(f"[bold]{escape(root['label'])}[/]  [dim]{(root.get('hash') or '')[:19]}[/]")
     add(rich_tree, root)
-    Console().print(rich_tree)
+    out = Console()
+    if not out.is_terminal:  # a pipe or a log file gets whole lines, not the 80 columns rich assumes
+        out = Console(width=10_000)
+    out.print(rich_tree)
 
 
 def _find_store(name: str) -> str:

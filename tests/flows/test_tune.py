@@ -104,6 +104,7 @@ def test_tune_searches_on_validation_and_judges_on_test(zoo, prefect_server, tmp
     assert again["search"]["trials_cached"] == 3, again["search"]["trials_run"]
     assert again["search"]["best"]["values"] == search["best"]["values"]
     assert "trial 2 (3/3): objective" in r.stderr and "best" in r.stderr  # plain progress lines
+    assert f"held on test items? {again['held_out']['verdict']}: validation gain" in r.stdout, r.stdout
     # the sqlite study resumes with its 3 finished trials; a spent time budget starts no new one
     resumed = run_tune(path, trials=10, minutes=0.001, seed=0)
     s = resumed["search"]
