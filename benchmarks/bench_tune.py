@@ -11,8 +11,9 @@ Three sets, each three fine-tunes of the zoo's base on addition, reverse and fac
 - conflicting: separately trained fine-tunes of every transformer block, the embedding frozen
   (benchmarks/conflicting_set.py: the usual shape of an LLM fine-tune, conflicting in sign in
   every layer, measured at build), under the demo recipe.
-Each set runs `mergeline tune` twice (flows/tune.py `run_tune`, the final pipeline included) in
-one workdir: weights/densities (TPE, `--trials`), then the recipe with `sign_source: validation`.
+Each set runs `mergeline tune` three times (flows/tune.py `run_tune`, the final pipeline included)
+in one workdir: weights/densities per model (TPE, `--trials`), the same as 2-point gradients over
+the layers (`--layer-groups 2`), then the recipe with `sign_source: validation`.
 The suite's items are split: validation [0, V) tunes, test [V, 150) judges (facts has 48 items:
 where a task has fewer than 2V, its halves).
 The final runs' reports give, on test items, mean retention of each recipe and the paired
@@ -36,6 +37,7 @@ import yaml
 
 NO_TRIM = {"parameters": {"density": 1.0, "lambda": 1.0, "normalize": True}, "weight": 1.0}
 SETS = ("demo", "no-trim", "conflicting")
+GROUPS = 2  # `--layer-groups`: each weight and density a gradient from the first layer to the last
 
 
 def pipeline(root: Path, workers: int, validation: int, name: str = "demo", recipe: str = "demo",
@@ -80,15 +82,15 @@ def pipeline(root: Path, workers: int, validation: int, name: str = "demo", reci
 
 
 def compare(workdir: Path, kind: str, trials: int, validation: int) -> dict:
-    """Tune one set both ways; the figures of the table's rows."""
+    """Tune one set three ways; the figures of the table's rows."""
     from mergeline.flows.tune import run_tune
 
     rows = {}
-    for how in ("tuned", "signs"):
+    for how in ("tuned", "groups", "signs"):
         path = pipeline(workdir, 2, validation, name=f"{kind}-{how}", recipe=kind, signs=how == "signs",
                         test_end=150)
         t0 = time.time()
-        out = run_tune(path, trials=trials, seed=0, storage="memory")
+        out = run_tune(path, trials=trials, seed=0, storage="memory", layer_groups=GROUPS if how == "groups" else 1)
         wall = time.time() - t0
         search = out["search"]
         report = json.loads(Path(out["report"]).with_suffix(".json").read_text())
@@ -145,7 +147,8 @@ def table(results: list[dict], trials: int, validation: int) -> str:
         u, start = res["tuned"]["test"]["untuned"], res["signs"]["search"]["trials_run"][0]
         lines.append(f"| {res['set']} | untuned TIES | {_f(start['objective'])} ({_f(start['mean_retention'])}) | "
                      f"{_f(u.get('mean_retention'))} | {_f(u.get('worst_regression'))} | | | | | | |")
-        for how, label in (("tuned", "tuned (TPE)"), ("signs", "sign-guided")):
+        for how, label in (("tuned", "tuned (TPE)"), ("groups", f"tuned per layer group (TPE, {GROUPS}-point gradients)"),
+                           ("signs", "sign-guided")):
             r = res[how]
             s, test, best = r["search"], r["test"], r["search"]["best"]
             row = next(t for t in s["trials_run"] if t["trial"] == best["trial"]) if s["trials_run"] else {}

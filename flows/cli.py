@@ -464,6 +464,9 @@ def tune(
     sign_block: Optional[int] = typer.Option(None, "--sign-block", min=1,
                                              help="Layers per group of the sign search (a TIES recipe with "
                                                   "sign_source: validation); default: at most 4 layer groups."),
+    layer_groups: int = typer.Option(1, "--layer-groups", min=1,
+                                     help="Search each model's weight and density as a mergekit gradient of this "
+                                          "many values over the layers (1: one value per model)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show lm-eval's, Prefect's and MLflow's own output."),
 ):
     """Search the recipe's weights and densities on validation items (Optuna), or for a TIES
@@ -476,7 +479,7 @@ def tune(
 
     quiet(verbose)
     out = run_tune(pipeline, trials=trials, minutes=minutes, sampler=sampler, seed=seed, storage=storage,
-                   allow_no_split=allow_no_split, sign_block=sign_block)
+                   allow_no_split=allow_no_split, sign_block=sign_block, layer_groups=layer_groups)
     _print_summary(out["final"])
     best, held = out["search"]["best"], out["held_out"]
     Console(soft_wrap=True).print(f"best trial {best['trial']}: objective {best['objective']:.3f} on validation; "

@@ -95,17 +95,18 @@ def _suites(pipe: Pipeline, allow_no_split: bool):
     return val, test, {"tuning": describe(val), "gate": describe(test)}
 
 
-def study_name(pipe: Pipeline, main: dict, val_suite, policy, kind: str, seed: int) -> str:
+def study_name(pipe: Pipeline, main: dict, val_suite, policy, kind: str, seed: int, layer_groups: int = 1) -> str:
     """Same recipe, suite, policy, space and sampler -> same study (resumed); else a new one."""
-    h = key_of("tune", main, val_suite.model_dump(mode="json"), policy, space(main), STEP, kind, seed)
+    h = key_of("tune", main, val_suite.model_dump(mode="json"), policy, space(main, layer_groups), STEP, kind, seed)
     return f"{pipe.name}-{kind}-{h[:10]}"
 
 
 @flow(name="mergeline-tune", log_prints=True)
 def tune_flow(pipeline: str, trials: int, minutes: float | None = None, sampler: str = "tpe",
               seed: int = 0, storage: str = "sqlite", allow_no_split: bool = False,
-              started: float | None = None, sign_block: int | None = None) -> dict:
+              started: float | None = None, sign_block: int | None = None, layer_groups: int = 1) -> dict:
     """Run the search; returns the study's trials, the best recipe and the tuned pipeline file.
+    `layer_groups` K > 1: each weight and density a gradient of K values over the layers.
     The time budget runs from `started` (epoch seconds; default: now). A TIES recipe asking for
     `sign_source: validation` gets the greedy sign search instead (flows/sign_search.py; blocks
     of `sign_block` layers; `trials`, `minutes`, `sampler` and `storage` do not apply)."""
@@ -122,8 +123,8 @@ def tune_flow(pipeline: str, trials: int, minutes: float | None = None, sampler:
         signs.check_recipe(main)
         name = f"{pipe.name}-signs-{key_of('signs', main, val.model_dump(mode='json'), policy, sign_block)[:10]}"
     else:
-        dims = space(main)
-        name = study_name(pipe, main, val, policy, sampler, seed)
+        dims = space(main, layer_groups)
+        name = study_name(pipe, main, val, policy, sampler, seed, layer_groups)
     out_dir = work / "tune" / name
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -144,9 +145,9 @@ def tune_flow(pipeline: str, trials: int, minutes: float | None = None, sampler:
             search["untuned"] = _first(search["trials_run"])  # all groups elected
         else:
             search, best, url = _optuna(pipe, name, main, primary, dims, val, policy, trials, minutes, sampler,
-                                        seed, storage, started, c, parent)
+                                        seed, storage, started, c, parent, recipe_point(main, layer_groups))
             best_recipe, baseline, kind = apply(main, best["values"]), main, sampler
-            search["untuned"] = _at_point(search["all_trials"], recipe_point(main))
+            search["untuned"] = _at_point(search["all_trials"], recipe_point(main, layer_groups))
     except BaseException:
         c.set_terminated(parent, "FAILED")
         raise
@@ -178,7 +179,8 @@ def _at_point(trials: list[dict], point: dict | None) -> dict | None:
 
 
 def _optuna(pipe: Pipeline, name: str, main: dict, primary: str, dims: dict, val, policy: dict, trials: int,
-            minutes: float | None, sampler: str, seed: int, storage: str, started: float, c, parent: str):
+            minutes: float | None, sampler: str, seed: int, storage: str, started: float, c, parent: str,
+            start: dict | None):
     """The weight/density search: (search summary, best {trial, objective, values, ...}, storage url)."""
     import optuna
 
@@ -188,7 +190,6 @@ def _optuna(pipe: Pipeline, name: str, main: dict, primary: str, dims: dict, val
     study = optuna.create_study(study_name=name, storage=url, sampler=_sampler(sampler, seed),
                                 direction="maximize", load_if_exists=True)
     _requeue_interrupted(study)
-    start = recipe_point(main)
     if not study.trials and start is not None:  # trial 0: the untuned recipe, the reference
         study.enqueue_trial(start)
     if study.trials:  # resumed: a sampler seeded as at the start would propose the same points again
@@ -416,9 +417,10 @@ def _write(path: Path, text: str) -> Path:
 
 def run_tune(path: str | Path, trials: int = 20, minutes: float | None = None, sampler: str = "tpe",
              seed: int = 0, storage: str = "sqlite", allow_no_split: bool = False,
-             sign_block: int | None = None) -> dict:
+             sign_block: int | None = None, layer_groups: int = 1) -> dict:
     """Hold the workdir's lock, search, then run the tuned pipeline; returns {search, final, report}.
-    `sign_block`: layers per group of the sign search (a recipe with `sign_source: validation`)."""
+    `sign_block`: layers per group of the sign search (a recipe with `sign_source: validation`);
+    `layer_groups`: points of each weight's and density's gradient over the layers (1: one value)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if sampler not in SAMPLERS:
@@ -439,7 +441,10 @@ def run_tune(path: str | Path, trials: int = 20, minutes: float | None = None, s
         primary, recipes = candidates(pipe)
         by_signs = signs.wants_signs(recipes[primary])
         try:  # a recipe that cannot be tuned fails here, before any server starts
-            signs.check_recipe(recipes[primary]) if by_signs else space(recipes[primary])
+            if by_signs and layer_groups != 1:
+                raise ValueError("--layer-groups applies to the weight/density search; this recipe asks for "
+                                 "the sign search (sign_source: validation), whose groups --sign-block sets")
+            signs.check_recipe(recipes[primary]) if by_signs else space(recipes[primary], layer_groups)
         except ValueError as e:
             raise TuneError(f"{pipe.name}: {e}") from None
         if pipe.runner.kind == "dask" and pipe.runner.dask_address:  # worker processes, maybe elsewhere
@@ -448,14 +453,16 @@ def run_tune(path: str | Path, trials: int = 20, minutes: float | None = None, s
         _suites(pipe, allow_no_split)
         say(f"tune {pipe.name}: workdir {pipe.workdir_path}, " + (
             "validation-guided TIES signs (sign_source: validation)" if by_signs else
-            f"{sampler}, budget {trials} trials" + (f" or {minutes:g} min" if minutes else "")))
+            f"{sampler}, budget {trials} trials" + (f" or {minutes:g} min" if minutes else "")
+            + (f", weights and densities as gradients of {layer_groups} points over the layers"
+               if layer_groups > 1 else "")))
         flow_fn = tune_flow.with_options(task_runner=task_runner(pipe))
         settings = (temporary_settings({PREFECT_API_URL: track.prefect_api_url})
                     if track.prefect_api_url and track.prefect_api_url != api else nullcontext())
         with settings:
             search = flow_fn(pipeline=str(Path(path).resolve()), trials=trials, minutes=minutes,
                              sampler=sampler, seed=seed, storage=storage, allow_no_split=allow_no_split,
-                             started=started, sign_block=sign_block)
+                             started=started, sign_block=sign_block, layer_groups=layer_groups)
             say(f"tune: best trial {search['best']['trial']} (objective {search['best']['objective']:.3f}); "
                 f"judging it on the test items: {search['pipeline']}")
             final = run_pipeline(search["pipeline"])

@@ -112,3 +112,12 @@ def test_merge_refuses_validation_signs_without_choices(zoo, tmp_path):
     assert r.returncode == 2, r.stdout + r.stderr
     assert "sign_source: validation needs the recorded sign_choices; run `mergeline tune" in r.stdout + r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_layer_groups_do_not_apply_to_the_sign_search(zoo, tmp_path):
+    """The sign search has its own groups (--sign-block): --layer-groups is refused, exit 2."""
+    path = _pipeline(zoo, tmp_path)
+    r = subprocess.run([MERGELINE, "tune", str(path), "--layer-groups", "2"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "--layer-groups applies to the weight/density search" in r.stderr + r.stdout

@@ -116,6 +116,27 @@ def test_tune_searches_on_validation_and_judges_on_test(zoo, prefect_server, tmp
     assert limits == {12, 36}, limits
 
 
+def test_tune_per_layer_group(zoo, prefect_server, tmp_path, monkeypatch):
+    """`--layer-groups 2`: the study searches two points of each gradient, trial 0 is the untuned
+    recipe, and the best recipe (gradient lists) is judged on test items."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = tune_pipeline(zoo, tmp_path, tasks={"retention": {"addition": ["zoo_addition"]},
+                                               "general": ["zoo_general_mc"]})
+    out = run_tune(path, trials=3, seed=0, storage="memory", layer_groups=2)
+    s = out["search"]
+    assert s["trials_finished"] == 3 and s["untuned"]["trial"] == 0
+    assert set(s["trials_run"][1]["values"]) == {f"{k}.{n}@{j}" for k in ("weight", "density")
+                                                 for n in ("addition", "reverse", "facts") for j in (0, 1)}
+    recipe = yaml.safe_load(Path(s["best_recipe"]).read_text())
+    load_recipe(recipe)
+    best = s["best"]["values"]
+    for m in recipe["models"]:
+        name = Path(m["model"]).name
+        w = [best[f"weight.{name}@0"], best[f"weight.{name}@1"]]
+        assert m["parameters"]["weight"] == (w[0] if w[0] == w[1] else pytest.approx(w))
+    assert out["final"]["decision"] in ("GO", "NO-GO", "INCONCLUSIVE") and out["held_out"]["verdict"] != "n/a"
+
+
 def test_tune_refuses_a_suite_without_splits(zoo, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     path = tune_pipeline(zoo, tmp_path, splits=None)
@@ -166,6 +187,53 @@ def test_the_recipes_own_point(tiny_models):
                                    ties["models"][1]]}
     assert recipe_point(gradient) is None
     assert recipe_point({**ties, "parameters": {"density": 0.05}}) is None  # under the range
+
+
+def test_layer_groups_are_mergekit_gradients(tiny_models, tmp_path):
+    """`--layer-groups K`: each weight and density a gradient of K values over the layers, which
+    mergeline merges as mergekit does; the recipe's own point is the flat gradient, written as
+    its one value, so trial 0 merges to the untuned recipe's tensors bit for bit."""
+    from safetensors.torch import load_file
+
+    from mergeline.merge.executor import run_merge
+    from mergeline.tasks.tune_tasks import apply, recipe_point, space
+
+    m = tiny_models
+    ties = {"merge_method": "ties", "base_model": str(m["base"]), "parameters": {"density": 0.5},
+            "models": [{"model": str(m["ft_a"]), "parameters": {"weight": 0.5, "density": 0.6}},
+                       {"model": str(m["ft_b"]), "parameters": {"weight": 0.5}}]}
+    assert set(space(ties, 2)) == {f"{k}.{n}@{j}" for k in ("weight", "density") for n in ("ft_a", "ft_b")
+                                   for j in (0, 1)}
+    point = recipe_point(ties, 2)
+    assert point["density.ft_a@0"] == point["density.ft_a@1"] == 0.6
+    values = {**point, "weight.ft_a@0": 0.2, "weight.ft_a@1": 0.9, "density.ft_b@1": 0.3}
+    recipe = apply(ties, values)
+    params = {Path(x["model"]).name: x["parameters"] for x in recipe["models"]}
+    assert params["ft_a"] == {"weight": [0.2, 0.9], "density": 0.6}
+    assert params["ft_b"] == {"weight": 0.5, "density": [0.5, 0.3]}
+    load_recipe(recipe)
+
+    untuned = run_merge(ties, tmp_path / "untuned", progress=False, device="cpu").path
+    start = run_merge(apply(ties, point), tmp_path / "start", progress=False, device="cpu").path
+    tuned = run_merge(recipe, tmp_path / "tuned", progress=False, device="cpu").path
+    a, b, c = (load_file(str(p / "model.safetensors")) for p in (untuned, start, tuned))
+    assert all(torch_equal(a[k], b[k]) for k in a)
+    # two layers: the first merges with the gradients' first values, the last with their last
+    for layer, (w, d) in {"0": (0.2, 0.5), "1": (0.9, 0.3)}.items():
+        flat = apply(ties, {**point, "weight.ft_a@0": w, "weight.ft_a@1": w, "density.ft_b@0": d, "density.ft_b@1": d})
+        ref = load_file(str(run_merge(flat, tmp_path / f"flat{layer}", progress=False, device="cpu").path
+                            / "model.safetensors"))
+        names = [k for k in c if f".h.{layer}." in k]
+        assert names and all(torch_equal(c[k], ref[k]) for k in names)
+        assert not all(torch_equal(c[k], a[k]) for k in names)
+    with pytest.raises(ValueError, match="layer groups must be >= 1"):
+        space(ties, 0)
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return bool(torch.equal(x, y))
 
 
 @pytest.mark.parametrize("best, test, verdict", [
