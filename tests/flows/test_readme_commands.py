@@ -39,6 +39,8 @@ SKIP = {
     "mergeline tune WORKDIR/pipeline.yaml --trials 20": "WORKDIR is a placeholder; tests/flows/test_tune.py",
     "mergeline tune WORKDIR/pipeline.yaml --minutes 30 --sampler cmaes":
         "WORKDIR is a placeholder; tests/flows/test_tune.py",
+    "mergeline tune WORKDIR/pipeline.yaml --layer-groups 2":
+        "WORKDIR is a placeholder; tests/flows/test_tune.py test_tune_per_layer_group",
     'mergeline schedule configs/pipeline_demo.yaml --cron "0 3 * * *" --name nightly':
         "needs a Prefect server and serves until stopped; tests/flows/test_schedule.py",
 }
