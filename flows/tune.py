@@ -470,6 +470,9 @@ def run_tune(path: str | Path, trials: int = 20, minutes: float | None = None, s
     tracking.set_tags(c, search["mlflow_run_id"], {"mergeline.final_run_id": final["mlflow_run_id"],
                                                    "mergeline.decision": final["decision"]})
     report, verdict = write_report(search, final)
+    tracking.set_tags(c, search["mlflow_run_id"], {"mergeline.held_out": verdict["verdict"]})
+    if verdict["validation_gain"] is not None:
+        tracking.log_metrics(c, search["mlflow_run_id"], {"validation_gain": verdict["validation_gain"]})
     return {"search": search, "final": final, "report": str(report), "held_out": verdict}
 
 

@@ -76,6 +76,8 @@ def test_tune_searches_on_validation_and_judges_on_test(zoo, prefect_server, tmp
     assert max(objectives.values()) == pytest.approx(search["best"]["objective"])
     assert all(any(k.startswith("weight.") for k in r.data.params) for r in trials.values())
     assert parent.data.tags["mergeline.decision"] == final["decision"]
+    assert parent.data.tags["mergeline.held_out"] == held["verdict"]
+    assert parent.data.metrics["validation_gain"] == pytest.approx(held["validation_gain"])
     assert parent.data.tags["mergeline.split.tuning"].startswith("validation items")
 
     # the best recipe is a plain mergekit recipe carrying the best trial's values
