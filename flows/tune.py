@@ -45,7 +45,7 @@ import yaml
 from prefect import flow
 
 from mergeline.flows import sign_search as signs
-from mergeline.flows.pipeline import candidates, run_pipeline, task_runner, validate
+from mergeline.flows.pipeline import candidates, run_pipeline, task_runner
 from mergeline.flows.pipeline_config import Pipeline, PipelineError, check_retention_names, load_pipeline
 from mergeline.flows.progress import say
 from mergeline.flows.servers import check_dask, check_servers, default_environment, resolve_tracking
@@ -144,10 +144,11 @@ def tune_flow(pipeline: str, trials: int, minutes: float | None = None, sampler:
             kind = "signs"
             search["untuned"] = _first(search["trials_run"])  # all groups elected
         else:
+            start = recipe_point(main, layer_groups)
             search, best, url = _optuna(pipe, name, main, primary, dims, val, policy, trials, minutes, sampler,
-                                        seed, storage, started, c, parent, recipe_point(main, layer_groups))
+                                        seed, storage, started, c, parent, start)
             best_recipe, baseline, kind = apply(main, best["values"]), main, sampler
-            search["untuned"] = _at_point(search["all_trials"], recipe_point(main, layer_groups))
+            search["untuned"] = _at_point(search["all_trials"], start)
     except BaseException:
         c.set_terminated(parent, "FAILED")
         raise
@@ -418,7 +419,8 @@ def _write(path: Path, text: str) -> Path:
 def run_tune(path: str | Path, trials: int = 20, minutes: float | None = None, sampler: str = "tpe",
              seed: int = 0, storage: str = "sqlite", allow_no_split: bool = False,
              sign_block: int | None = None, layer_groups: int = 1) -> dict:
-    """Hold the workdir's lock, search, then run the tuned pipeline; returns {search, final, report}.
+    """Hold the workdir's lock, search, then run the tuned pipeline; returns {search, final, report,
+    test (tuned vs untuned on test items), held_out (did the validation gain hold there)}.
     `sign_block`: layers per group of the sign search (a recipe with `sign_source: validation`);
     `layer_groups`: points of each weight's and density's gradient over the layers (1: one value)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -437,7 +439,6 @@ def run_tune(path: str | Path, trials: int = 20, minutes: float | None = None, s
         track = resolve_tracking(pipe.workdir_path, pipe.tracking.mlflow_tracking_uri,
                                  pipe.tracking.prefect_api_url or api)
         check_servers(track)
-        validate(pipe)
         primary, recipes = candidates(pipe)
         by_signs = signs.wants_signs(recipes[primary])
         try:  # a recipe that cannot be tuned fails here, before any server starts
@@ -466,14 +467,14 @@ def run_tune(path: str | Path, trials: int = 20, minutes: float | None = None, s
             say(f"tune: best trial {search['best']['trial']} (objective {search['best']['objective']:.3f}); "
                 f"judging it on the test items: {search['pipeline']}")
             final = run_pipeline(search["pipeline"])
+    report, cmp, verdict = write_report(search, final)
     c = tracking.client(search["mlflow_uri"])
     tracking.set_tags(c, search["mlflow_run_id"], {"mergeline.final_run_id": final["mlflow_run_id"],
-                                                   "mergeline.decision": final["decision"]})
-    report, verdict = write_report(search, final)
-    tracking.set_tags(c, search["mlflow_run_id"], {"mergeline.held_out": verdict["verdict"]})
+                                                   "mergeline.decision": final["decision"],
+                                                   "mergeline.held_out": verdict["verdict"]})
     if verdict["validation_gain"] is not None:
         tracking.log_metrics(c, search["mlflow_run_id"], {"validation_gain": verdict["validation_gain"]})
-    return {"search": search, "final": final, "report": str(report), "held_out": verdict}
+    return {"search": search, "final": final, "report": str(report), "test": cmp, "held_out": verdict}
 
 
 def comparison(final: dict) -> dict:
@@ -492,6 +493,14 @@ def comparison(final: dict) -> dict:
             "splits": (rep["inputs"]["suite"] or {}).get("splits")}
 
 
+def _test_interval(cmp: dict):
+    """The final run's paired interval, tuned - untuned, as an `Interval` (None without bounds)."""
+    from mergeline.evaluation.stats import Interval
+
+    iv = cmp.get("difference_interval")
+    return Interval(**iv) if iv and iv.get("low") is not None else None
+
+
 def held_out(search: dict, cmp: dict) -> dict:
     """Does what the search gained on validation items show on the test items? The validation
     gain is the best objective minus the untuned recipe's (trial 0, or the sign search's start);
@@ -499,12 +508,9 @@ def held_out(search: dict, cmp: dict) -> dict:
     verdict: "held" (interval above 0), "worse" (below 0), "not shown" (a validation gain the
     interval cannot tell from 0: the search fit the validation items' noise, or too few test
     items to see it), "no gain" (nothing gained on validation), "n/a" (no comparison)."""
-    from mergeline.evaluation.stats import Interval
-
     ref, best = search.get("untuned"), search["best"]["objective"]
     gain = None if ref is None or ref["objective"] is None else best - ref["objective"]
-    iv = cmp.get("difference_interval")
-    iv = Interval(**iv) if iv and iv.get("low") is not None else None
+    iv = _test_interval(cmp)
     said = f"validation gain {gain:+.3f} (objective)" if gain is not None else "the untuned recipe was not scored on validation"
     if iv is None:
         verdict, why = "n/a", f"{said}; no paired test difference (the final run compared nothing)"
@@ -522,18 +528,17 @@ def held_out(search: dict, cmp: dict) -> dict:
     return {"validation_gain": gain, "test_difference": iv.model_dump() if iv else None, "verdict": verdict, "why": why}
 
 
-def write_report(search: dict, final: dict) -> tuple[Path, dict]:
-    """tune_report.json and tune_report.md in the study's folder; (the .md's path, `held_out`)."""
-    from mergeline.evaluation.stats import Interval
-
+def write_report(search: dict, final: dict) -> tuple[Path, dict, dict]:
+    """tune_report.json and tune_report.md in the study's folder; (the .md's path, `comparison`,
+    `held_out`)."""
     cmp = comparison(final)
     verdict = held_out(search, cmp)
     data = {"search": search, "final": {k: final.get(k) for k in ("decision", "reasons", "report", "mlflow_run_id",
                                                                   "run_dir")}, "test": cmp, "held_out": verdict}
     out = Path(search["out_dir"])
     _write(out / "tune_report.json", json.dumps(data, indent=2, default=str))
-    iv = cmp["difference_interval"]
-    diff = (Interval(**iv).text() if iv and iv.get("low") is not None
+    iv = _test_interval(cmp)
+    diff = (iv.text() if iv is not None
             else f"{cmp['difference']:+.3f}" if cmp["difference"] is not None else "n/a")
     t, u = cmp["tuned"], cmp["untuned"]
 
@@ -571,4 +576,4 @@ def write_report(search: dict, final: dict) -> tuple[Path, dict]:
     lines += ["", "## Did the validation gain hold on the test items?", "", f"**{verdict['verdict']}**: {verdict['why']}"]
     path = _write(out / "tune_report.md", "\n".join(lines) + "\n")
     say(f"tune report: {path}")
-    return path, verdict
+    return path, cmp, verdict

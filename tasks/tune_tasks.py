@@ -4,9 +4,9 @@ and the trial's MLflow child run.
 The space is the recipe's own knobs, per model: `weight` always, `density` when the recipe sets a
 density anywhere (TIES, DARE, ...: Yadav et al. 2023 trim each task vector to its top `density`
 fraction). With layer groups (`mergeline tune --layer-groups K`) each of them is a mergekit
-gradient of K values instead, interpolated over the layers. Values move on a grid (`STEP`): two trials that land on the same point build the same
-recipe, so `merge_model` and `evaluate_model` (keyed by content, tasks/caching.py) serve the
-second from the cache at no cost.
+gradient of K values instead, interpolated over the layers. Values move on a grid (`STEP`): two
+trials that land on the same point build the same recipe, so `merge_model` and `evaluate_model`
+(keyed by content, tasks/caching.py) serve the second from the cache at no cost.
 
     python -m mergeline.tasks.tune_tasks RECIPE.yaml [K]  # print the search space of a recipe
 """
@@ -50,14 +50,9 @@ def space(recipe: dict, layer_groups: int = 1) -> dict[str, tuple[float, float]]
         raise ValueError(f"layer groups must be >= 1, got {layer_groups}")
     names = _names(recipe)
     anchors = [""] if layer_groups == 1 else [f"@{j}" for j in range(layer_groups)]
-    out = {}
-    for m in _tuned_models(recipe):
-        name = names[m["model"]]
-        kinds = ["weight", "density"] if uses_density(recipe) else ["weight"]
-        for kind in kinds:
-            for a in anchors:
-                out[f"{kind}.{name}{a}"] = WEIGHT_RANGE if kind == "weight" else DENSITY_RANGE
-    return out
+    ranges = {"weight": WEIGHT_RANGE, **({"density": DENSITY_RANGE} if uses_density(recipe) else {})}
+    return {f"{kind}.{names[m['model']]}{a}": bounds
+            for m in _tuned_models(recipe) for kind, bounds in ranges.items() for a in anchors}
 
 
 def _parse(key: str) -> tuple[str, str, int | None]:
@@ -74,10 +69,10 @@ def recipe_point(recipe: dict, layer_groups: int = 1) -> dict[str, float] | None
     the search scores this point first, so its best is never worse on validation than the
     recipe it started from, and the report can say what tuning gained there."""
     names, shared, point = _names(recipe), recipe.get("parameters") or {}, {}
+    own = {names[m["model"]]: m.get("parameters") or {} for m in _tuned_models(recipe)}
     for key, (lo, hi) in space(recipe, layer_groups).items():
         kind, name, _ = _parse(key)
-        m = next(m for m in _tuned_models(recipe) if names[m["model"]] == name)
-        value = (m.get("parameters") or {}).get(kind, shared.get(kind))
+        value = own[name].get(kind, shared.get(kind))
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
             return None
         if abs(round((value - lo) / STEP) * STEP + lo - value) > 1e-9:
@@ -104,7 +99,7 @@ def apply(recipe: dict, values: dict[str, float]) -> dict:
             got = settings.get((names[m["model"]], kind))
             if got is None:
                 continue
-            points = [got[j] for j in sorted(got, key=lambda j: -1 if j is None else j)]
+            points = [got[None]] if None in got else [got[j] for j in sorted(got)]
             # a flat gradient is written as its one value: the same merge, without the float
             # rounding of interpolating between equal values
             params[kind] = points[0] if len(set(points)) == 1 else points
