@@ -38,7 +38,7 @@ from mergeline.merge.multistage import stage_key, stage_record
 from mergeline.tasks import tracking
 from mergeline.tasks.check_tasks import check_stage
 from mergeline.tasks.eval_tasks import combine, evaluate_stage
-from mergeline.tasks.merge_tasks import merge_stage, multistage_step
+from mergeline.tasks.merge_tasks import merge_key, merge_stage, multistage_step
 from mergeline.tasks.recipes import canonical, inputs
 from mergeline.tasks.register_tasks import register_stage
 from mergeline.tasks.report_tasks import (report_stage, smoke_markdown, smoke_summary, stopped_by_compat,
@@ -94,8 +94,8 @@ def _recorded(pipeline: str, pipe: ResolvedPipeline, refresh: bool) -> dict:
 
 def stages(pipe: ResolvedPipeline, log: RunLog, opts: dict) -> dict:
     """The pipeline, top to bottom; returns the run's summary."""
-    main, primary = pipe.main, pipe.primary_name
-    _log_inputs(pipe, log)
+    primary = pipe.primary_name
+    main_hash = _log_inputs(pipe, log)
     recipes, states = {}, {}
     for cand in pipe.candidates.values():  # a multi-stage recipe's earlier stages, each checked first
         recipes[cand.name], failed = _earlier_stages(pipe, log, opts, cand, states)
@@ -110,7 +110,6 @@ def stages(pipe: ResolvedPipeline, log: RunLog, opts: dict) -> dict:
     if tables is None:
         return _nogo_at_smoke(log, primary, merged, smoke, states)
     say("report: metrics, plots and the gate's decision")
-    main_hash = recipe_hash(canonical(main.recipe))
     fresh_runs = sum(t.runs for n, t in tables.items() if states[f"evaluate:{n}"] != "Cached")
     report, decision, paths, problems = report_stage(
         log, pipe.suite, combine(list(tables.values())), primary, merged, compat, pipe.gate, fresh_runs,
@@ -129,11 +128,13 @@ def stages(pipe: ResolvedPipeline, log: RunLog, opts: dict) -> dict:
             "smoke": smoke_summary(smoke), "reused_merges": reused["merges"], "reused": reused}
 
 
-def _log_inputs(pipe: ResolvedPipeline, log: RunLog) -> None:
-    """What the run is judged on, on the parent run: the recipe, the policies, the seed."""
+def _log_inputs(pipe: ResolvedPipeline, log: RunLog) -> str:
+    """What the run is judged on, on the parent run: the recipe, the policies, the seed. Returns
+    the recipe's hash."""
     c, main = log.client(), canonical(pipe.main.recipe)
+    main_hash = recipe_hash(main)
     tracking.log_params(c, log.parent, {
-        "recipe": main, "recipe_hash": recipe_hash(main), "baselines": sorted(set(pipe.candidates) - {pipe.primary_name}),
+        "recipe": main, "recipe_hash": main_hash, "baselines": sorted(set(pipe.candidates) - {pipe.primary_name}),
         "gate_policy": pipe.gate.model_dump(mode="json", exclude_none=True),
         "compat_policy": pipe.compat.model_dump(mode="json", exclude_none=True), "seed": pipe.merge.seed})
     tracking.log_json(c, log.parent, {n: canonical(cand.recipe) for n, cand in pipe.candidates.items()}, "recipes.json")
@@ -141,6 +142,7 @@ def _log_inputs(pipe: ResolvedPipeline, log: RunLog) -> None:
               for n, cand in pipe.candidates.items() if cand.stages}
     if stages:
         tracking.log_json(c, log.parent, stages, "stages.json")
+    return main_hash
 
 
 def _earlier_stages(pipe: ResolvedPipeline, log: RunLog, opts: dict, cand: Candidate, states: dict):
@@ -200,8 +202,8 @@ def _merge_smoke_evaluate(pipe: ResolvedPipeline, log: RunLog, opts: dict, recip
     evals = {"base": evaluate("base", folders[base], "base")}
     evals.update({n: evaluate(n, folders[n], "finetune") for n in suite.retention})
     plan = {name: merge_seeds(name, recipe, suite.seeds, pipe.merge.seed) for name, recipe in recipes.items()}
-    merges = {name: {label: merge_stage.submit(log, label, recipes[name], str(pipe.workdir_path / "models"), seed,
-                                               _settings(pipe), pipe.compat, opts)
+    merges = {name: {label: merge_stage.submit(log, label, recipes[name], str(pipe.workdir_path / "models"),
+                                               merge_key(recipes[name], seed), seed, _settings(pipe), pipe.compat, opts)
                      for label, seed in plan[name].items()} for name in recipes}
     n_merges = sum(map(len, merges.values()))
     say(f"merge + evaluate: {n_merges} merges and {len(evals) + len(merges)} lm-eval evaluations "
@@ -296,12 +298,6 @@ def task_runner(pipe: Pipeline):
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=pipe.runner.max_workers)
-
-
-def validate(pipe: Pipeline) -> ResolvedPipeline:
-    """The pipeline with everything it names loaded and every model resolved (load_pipeline
-    already did it: then this is the same object)."""
-    return resolve(pipe)
 
 
 def candidates(pipe: Pipeline) -> tuple[str, dict[str, dict]]:

@@ -164,9 +164,10 @@ class Candidate(BaseModel):
         """The short name of the base the candidate's merges share (the final's, else a stage's)."""
         from mergeline.tasks.recipes import base_name
 
+        leaves = self.leaves()
         for r in [self.recipe] + [s.recipe for s in self.stages]:
             name = base_name(r)
-            if name is not None and name in self.leaves():
+            if name is not None and name in leaves:
                 return name
         return None
 

@@ -80,19 +80,19 @@ def merge_model(name: str, recipe: MergeRecipe | dict, models_dir: str, key: str
         mlflow_run_id=mlflow_run_id, extra=extra,
         checks=summary(result.checks) if result.checks is not None else None)
     write_lineage(result.path, lineage)
-    return MergeOutcome(name=name, path=result.path, content_hash=lineage["content_hash"], method=result.method,
-                        stats=StatsSummary.from_stats(result.stats) if result.stats else None,
-                        waived=list(result.waived), seconds=result.seconds)
+    merged = MergeResult.from_output(result, hash_it=False).model_copy(update={"content_hash": lineage["content_hash"]})
+    return MergeOutcome(**merged.model_dump(), name=name, seconds=result.seconds)
 
 
 @task(name="merge-stage", cache_policy=NO_CACHE)
-def merge_stage(log: RunLog, name: str, recipe: MergeRecipe, models_dir: str, seed: int, settings: dict,
+def merge_stage(log: RunLog, name: str, recipe: MergeRecipe, models_dir: str, key: str, seed: int, settings: dict,
                 compat_policy, opts: dict) -> MergeOutcome:
     """One merge in its own child run `merge:<name>`: its MergeOutcome with `state`, the cached
-    work's Prefect state ("Cached" when an earlier run's result was reused)."""
+    work's Prefect state ("Cached" when an earlier run's result was reused). The flow computes
+    `key` (merge_key), where the inputs' content hashes are already known."""
     with log.child(f"merge:{name}") as (c, run):
         state = merge_model.with_options(**opts)(
-            name=name, recipe=recipe, models_dir=models_dir, key=merge_key(recipe, seed), seed=seed,
+            name=name, recipe=recipe, models_dir=models_dir, key=key, seed=seed,
             compat_policy=compat_policy, mlflow_run_id=log.parent, refresh=opts.get("refresh_cache", False),
             return_state=True, **settings)
         m = state.result()
@@ -122,7 +122,6 @@ def merge_step(stage: Stage, key: str, seed: int = 0, device: str = "cpu", out_s
                allow_pickle: bool = False, compat_policy=None, refresh: bool = False) -> MergeOutcome:
     """One earlier stage of a multi-stage recipe into `stage.out` (merge.multistage.run_stage: an
     output written from the same recipe and inputs is kept, `reused`)."""
-    from mergeline.merge.hashing import content_hash
     from mergeline.merge.multistage import run_stage
 
     out = run_stage(stage, reuse=not refresh, key=stage_key(stage), seed=seed, device=device,
@@ -130,9 +129,7 @@ def merge_step(stage: Stage, key: str, seed: int = 0, device: str = "cpu", out_s
                     policy=compat_policy)
     if out is None:
         return MergeOutcome(**MergeResult.from_folder(stage.out).model_dump(), name=stage.name, reused=True)
-    return MergeOutcome(name=stage.name, path=stage.out, content_hash=content_hash(stage.out), method=out.method,
-                        stats=StatsSummary.from_stats(out.stats) if out.stats else None, waived=list(out.waived),
-                        seconds=out.seconds)
+    return MergeOutcome(**MergeResult.from_output(out).model_dump(), name=stage.name, seconds=out.seconds)
 
 
 @task(name="multistage-step", cache_policy=NO_CACHE)
