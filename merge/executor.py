@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 import yaml
 
-from mergeline.merge.checkpoint import CheckpointError
+from mergeline.merge.checkpoint import DTYPES, CheckpointError
 from mergeline.merge.device import resolve_device
 from mergeline.merge.plan import MergeError, Plan, TensorJob, build_plan, model_thresholds, tensor_params
 from mergeline.merge.recipe import MergeRecipe, load_recipe, model_names
@@ -95,8 +95,6 @@ class _NormFeed:
         self._start_up.start()
 
     def _warm_up(self, dtypes: set[str]) -> None:
-        from mergeline.merge.checkpoint import DTYPES
-
         try:
             from mergeline.merge.compat.gram import warm_up
 
@@ -114,13 +112,9 @@ class _NormFeed:
         except BaseException as e:
             self.errors.append(e)
 
-    def join(self) -> None:
-        """Wait for numba's start-up (the Gram matrices are summed on the producer thread)."""
-        self._start_up.join()
-
     def result(self):
         """The accumulated statistics (NormResult); raises the first error, if any."""
-        self.join()
+        self._start_up.join()
         if self.errors:
             raise self.errors[0]
         return self.acc.result
@@ -218,7 +212,7 @@ def run_merge(recipe: MergeRecipe | str | Path | Mapping, out_dir: str | Path, *
             out_q: queue.Queue = queue.Queue(maxsize=2)
             stop, write_errors = threading.Event(), []
             feed = (_NormFeed(gate, plan) if gate is not None and gate.norm_skip_reason() is None
-            and not plan.stacked and not any(j.module for j in plan.jobs) else None)  # slots, not models; or
+            and not plan.stacked and not plan.recipe.modules else None)  # slots, not models; or
             # modules that merge different models (merge/modules.py)
             producer = threading.Thread(target=_producer, args=(plan, dev, in_q, stop, feed), daemon=True)
             wthread = threading.Thread(target=_writer_loop, args=(writer, out_q, write_errors), daemon=True)
@@ -256,8 +250,6 @@ def run_merge(recipe: MergeRecipe | str | Path | Mapping, out_dir: str | Path, *
                         pass
                 out_q.put(_DONE)
                 wthread.join()
-                if feed is not None:
-                    feed.join()
                 if bar is not None:
                     bar.stop()
                 writer.abort()

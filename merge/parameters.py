@@ -37,6 +37,20 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def layer_key(name: str) -> str:
+    """'model.layers.3.mlp.up_proj.weight' -> '3'; embeddings -> 'embed'; lm_head -> 'head'; else
+    'other'. The merge statistics' layer and TIES' sign groups both read tensors this way."""
+    idx = layer_index(name)
+    if idx is not None:
+        return str(idx)
+    low = name.lower()
+    if "lm_head" in low or "embed_out" in low:
+        return "head"
+    if "embed" in low or low.endswith(("wte.weight", "wpe.weight")):
+        return "embed"
+    return "other"
+
+
 def rename_layer(name: str, index: int) -> str:
     """`name` with its decoder-layer index replaced by `index` (a frankenmerge's output layer)."""
     m = _LAYER_RE.search(name)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergeline.merge.methods.stats import TensorStats
-from mergeline.merge.parameters import layer_index
+from mergeline.merge.parameters import layer_key
 
 SCHEMA_VERSION = 1
 STATS_JSON = "merge_stats.json"
@@ -29,19 +29,6 @@ COUNT_KEYS = ("numel", "kept", "dropped_by_election", "kept_magnitude", "dropped
 CSV_COLUMNS = ("tensor", "layer", "model", "numel", "kept", "kept_fraction", "dropped_by_election",
                "dropped_fraction_of_kept", "kept_magnitude", "dropped_magnitude", "dropped_magnitude_share",
                "conflict_positions", "positions_with_kept", "sign_conflict_rate")
-
-
-def layer_key(name: str) -> str:
-    """'model.layers.3.mlp.up_proj.weight' -> '3'; embeddings -> 'embed'; lm_head -> 'head'; else 'other'."""
-    idx = layer_index(name)
-    if idx is not None:
-        return str(idx)
-    low = name.lower()
-    if "lm_head" in low or "embed_out" in low:
-        return "head"
-    if "embed" in low or low.endswith(("wte.weight", "wpe.weight")):
-        return "embed"
-    return "other"
 
 
 def _ratio(a: float, b: float) -> float | None:

@@ -41,39 +41,37 @@ from mergeline.merge.cpu import chunk_size, empty_huge, run_chunks
 from mergeline.merge.methods import select, sparsify
 from mergeline.merge.methods.common import Rounder, check_inputs, compute_delta, flat, work_dtype
 from mergeline.merge.methods.stats import MethodResult, ModelStats, TensorStats
-from mergeline.merge.parameters import layer_index
+from mergeline.merge.parameters import layer_index, layer_key
 
 ELECTED = "elected"
 _GROUP_RE = re.compile(r"^(embeddings|head|layers\.(\d+)(?:-(\d+))?)$")
 
 
 def group_of(name: str, groups) -> str | None:
-    """The key of ``groups`` (sign_choices' keys) holding tensor ``name``, or None."""
+    """The key of ``groups`` (sign_choices' keys) holding tensor ``name``, or None. A tensor outside
+    the decoder layers is in ``embeddings`` if it is one (merge/parameters.py ``layer_key``), else
+    in ``head`` (final norm, lm_head)."""
     idx = layer_index(name)
-    for g in groups:
-        m = _GROUP_RE.match(g)
-        if idx is None:
-            if g == ("embeddings" if _is_embedding(name) else "head"):
-                return g
-        elif m.group(2) is not None and int(m.group(2)) <= idx <= int(m.group(3) or m.group(2)):
-            return g
-    return None
+    if idx is None:
+        group = "embeddings" if layer_key(name) == "embed" else "head"
+        return group if group in groups else None
+    return next((g for g in groups if (span := _span(g)) and span[0] <= idx <= span[1]), None)
 
 
-def _is_embedding(name: str) -> bool:
-    low = name.lower()
-    return "embed" in low and "embed_out" not in low or low.endswith(("wte.weight", "wpe.weight"))
+def _span(group: str) -> tuple[int, int] | None:
+    """``layers.A-B`` -> (A, B), ``layers.A`` -> (A, A); ``embeddings``, ``head`` -> None."""
+    m = _GROUP_RE.match(group)
+    return (int(m.group(2)), int(m.group(3) or m.group(2))) if m and m.group(2) is not None else None
 
 
 def _check_groups(choices: dict[str, str] | None) -> dict[str, str] | None:
     """Group names as ``group_of`` reads them; layer ranges that do not overlap."""
     spans: list[tuple[int, int]] = []
     for g in choices or {}:
-        m = _GROUP_RE.match(g)
-        if m is None:
+        if _GROUP_RE.match(g) is None:
             raise ValueError(f"sign_choices: group {g!r} is not embeddings, head, layers.A or layers.A-B")
-        if m.group(2) is not None:
-            lo, hi = int(m.group(2)), int(m.group(3) or m.group(2))
+        if (span := _span(g)) is not None:
+            lo, hi = span
             if hi < lo or any(lo <= b and a <= hi for a, b in spans):
                 raise ValueError(f"sign_choices: group {g!r} is empty or overlaps another")
             spans.append((lo, hi))
