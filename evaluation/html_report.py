@@ -7,7 +7,7 @@ Verdicts and check statuses are badges: GO/pass green, NO-GO/fail red, INCONCLUS
 not applicable grey. Tables sit in a horizontal scroll box and wrap long paths and hashes, so the
 page fits a 1400-pixel window.
 
-    render_html(report: EvaluationReport, decision: Decision | None = None) -> str
+    render_html(report: EvaluationReport, decision: Decision | None = None, plots: dict | None = None) -> str
 
     python -m mergeline.evaluation.html_report report.json > report.html   # with decision.json beside it
 """
@@ -18,7 +18,7 @@ import html
 import re
 import sys
 
-from mergeline.evaluation.plots import PLOTS, draw
+from mergeline.evaluation.plots import PLOTS, all_plots
 from mergeline.evaluation.schema import Decision, EvaluationReport
 from mergeline.evaluation.tables import Code, Ival, Plots, Section, Status, Table, cell_text, document
 
@@ -95,22 +95,22 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def _plot(report: EvaluationReport, decision: Decision | None, key: str, plots: dict | None) -> str:
+def _plot(key: str, plots: dict) -> str:
     title = PLOTS[key][0]
-    png = plots[key] if plots is not None else draw(key, report, decision)
+    png = plots[key]
     if png is None:
         return f"<p class='meta'>{_e(title)}: no data in this report.</p>"
     return f"<figure>{_img(png, title)}<figcaption>{_e(title)}</figcaption></figure>"
 
 
-def _section(report: EvaluationReport, decision: Decision | None, sec: Section, plots: dict | None) -> str:
+def _section(sec: Section, plots: dict) -> str:
     badge = f"<span class='badge {_e(sec.badge.key)}'>{_e(sec.badge.word)}</span>" if sec.badge is not None else ""
     parts = [f"<h2>{_e(sec.title)}{badge}</h2>"]
     for b in sec.blocks:
         if isinstance(b, Table):
             parts.append(html_table(b))
         elif isinstance(b, Plots):
-            parts += [_plot(report, decision, key, plots) for key in PLOTS]
+            parts += [_plot(key, plots) for key in PLOTS]
         else:
             parts.append(f"<p class='para'>{_e(b)}</p>")
     return "\n".join(parts)
@@ -119,8 +119,9 @@ def _section(report: EvaluationReport, decision: Decision | None, sec: Section, 
 def render_html(report: EvaluationReport, decision: Decision | None = None, plots: dict | None = None) -> str:
     """The page; `plots` ({key: PNG bytes or None}, evaluation.plots.all_plots) when already drawn."""
     meta, sections = document(report, decision)
+    plots = all_plots(report, decision) if plots is None else plots
     body = [f"<h1>mergeline evaluation report</h1><p class='meta'>{' · '.join(_e(m) for m in meta)}</p>"]
-    body += [_section(report, decision, sec, plots) for sec in sections]
+    body += [_section(sec, plots) for sec in sections]
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>mergeline report: {_e(report.primary)}</title>"
