@@ -40,7 +40,6 @@ def _free_port() -> int:
 def _serve(cmd: list[str], health_url: str, log: Path, timeout: float = 120.0):
     """Start a server process, wait until `health_url` answers 200, yield, then stop it."""
     import subprocess
-    import sys
     import time
     import urllib.request
 
@@ -66,13 +65,22 @@ def _serve(cmd: list[str], health_url: str, log: Path, timeout: float = 120.0):
 
 
 def _stop(proc) -> None:
+    """SIGTERM the process group (a server, or a `dask worker` nanny and its worker), SIGKILL if
+    it lingers."""
     import signal
+    import subprocess
 
+    if proc.poll() is not None:
+        return
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
-    except Exception:
-        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="session")

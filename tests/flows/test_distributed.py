@@ -33,6 +33,7 @@ import pytest
 import yaml
 
 from mergeline.flows.servers import DaskClusterError, Tracking, check_dask
+from tests.conftest import _free_port, _stop
 from tests.flows.test_tune import tune_pipeline
 
 BIN = Path(sys.executable).parent
@@ -41,29 +42,6 @@ TRIALS = 4
 # three fine-tunes' weights and densities) and one general task: two lm-eval tasks per evaluation.
 SPLITS = {"validation": [0, 8], "test": [8, 24]}
 TASKS = {"retention": {"addition": ["zoo_addition"]}, "general": ["zoo_general_mc"]}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group (a `dask worker` nanny and its worker), SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=20)
 
 
 @contextmanager

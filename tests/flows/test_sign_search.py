@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 import yaml
-from safetensors.torch import load_file
 
 from mergeline.flows import sign_search as signs
 from mergeline.flows.demo import CONFIGS, write_pipeline, zoo_values
 from mergeline.flows.tune import run_tune
 from mergeline.tasks.merge_tasks import merge_key
+from tests.merge._llama import read_all
 
 MERGELINE = str(Path(sys.executable).parent / "mergeline")
 
@@ -33,13 +33,6 @@ def _pipeline(zoo, root: Path) -> Path:
     suite_path.write_text(yaml.safe_dump(suite, sort_keys=False))
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-def _tensors(folder: Path) -> dict:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def test_groups_in_blocks():
@@ -95,7 +88,7 @@ def test_sign_search_end_to_end(zoo, prefect_server, tmp_path, monkeypatch):
     r = subprocess.run([MERGELINE, "merge", search["best_recipe"], str(tmp_path / "again"), "--device", "cpu"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    a, b = _tensors(searched), _tensors(tmp_path / "again")
+    a, b = read_all(searched), read_all(tmp_path / "again")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     assert json.loads((tmp_path / "again" / "merge_stats.json").read_text())["sign_choices"] == best
     assert json.loads((tmp_path / "again" / "lineage.json").read_text())["recipe"]["parameters"]["sign_choices"] == best

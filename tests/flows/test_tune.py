@@ -195,6 +195,7 @@ def test_layer_groups_are_mergekit_gradients(tiny_models, tmp_path):
     """`--layer-groups K`: each weight and density a gradient of K values over the layers, which
     mergeline merges as mergekit does; the recipe's own point is the flat gradient, written as
     its one value, so trial 0 merges to the untuned recipe's tensors bit for bit."""
+    import torch
     from safetensors.torch import load_file
 
     from mergeline.merge.executor import run_merge
@@ -219,23 +220,17 @@ def test_layer_groups_are_mergekit_gradients(tiny_models, tmp_path):
     start = run_merge(apply(ties, point), tmp_path / "start", progress=False, device="cpu").path
     tuned = run_merge(recipe, tmp_path / "tuned", progress=False, device="cpu").path
     a, b, c = (load_file(str(p / "model.safetensors")) for p in (untuned, start, tuned))
-    assert all(torch_equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
     # two layers: the first merges with the gradients' first values, the last with their last
     for layer, (w, d) in {"0": (0.2, 0.5), "1": (0.9, 0.3)}.items():
         flat = apply(ties, {**point, "weight.ft_a@0": w, "weight.ft_a@1": w, "density.ft_b@0": d, "density.ft_b@1": d})
         ref = load_file(str(run_merge(flat, tmp_path / f"flat{layer}", progress=False, device="cpu").path
                             / "model.safetensors"))
         names = [k for k in c if f".h.{layer}." in k]
-        assert names and all(torch_equal(c[k], ref[k]) for k in names)
-        assert not all(torch_equal(c[k], a[k]) for k in names)
+        assert names and all(torch.equal(c[k], ref[k]) for k in names)
+        assert not all(torch.equal(c[k], a[k]) for k in names)
     with pytest.raises(ValueError, match="layer groups must be >= 1"):
         space(ties, 0)
-
-
-def torch_equal(x, y) -> bool:
-    import torch
-
-    return bool(torch.equal(x, y))
 
 
 @pytest.mark.parametrize("best, test, verdict", [

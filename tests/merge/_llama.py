@@ -1,6 +1,6 @@
 """The tiny float32 Llama the parity tests merge with mergekit and mergeline, and a reader.
 
-    from tests.merge._llama import LAYERS, build_llamas, read_all
+    from tests.merge._llama import LAYERS, build_llamas, mergekit_merge, read_all
 """
 from __future__ import annotations
 
@@ -39,6 +39,15 @@ def read_all(folder: Path) -> dict[str, torch.Tensor]:
     for f in sorted(folder.glob("*.safetensors")):
         tensors.update(load_file(f))
     return tensors
+
+
+def mergekit_merge(recipe: dict, out: Path) -> None:
+    """The recipe merged by the real mergekit (the yardstick), in-process, into `out`."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    run_merge(MergeConfiguration.model_validate(recipe), str(out),
+              MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, device="cpu"))
 
 
 def build_llamas(root: Path, seed: int) -> dict[str, Path]:

@@ -114,11 +114,9 @@ def _layer(name: str) -> int | None:
 @pytest.fixture(scope="module")
 def mergekit_run():
     pytest.importorskip("mergekit", reason="mergekit (the test extra) is the yardstick for parity")
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions, run_merge
+    from tests.merge._llama import mergekit_merge
 
-    opts = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, device="cpu")
-    return lambda recipe, out: run_merge(MergeConfiguration.model_validate(recipe), str(out), opts)
+    return mergekit_merge
 
 
 @pytest.mark.parametrize("family", FAMILIES)

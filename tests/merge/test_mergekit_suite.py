@@ -373,7 +373,8 @@ def _documented_difference(name, case, zoo, recipe, tmp_path, cwd: Path | None =
     if case.differs == TIE:
         ties = tie_positions(recipe, cwd)
         assert_same_tensors(ours, theirs, recipe.get("dtype"), name, skip=ties)
-        differ = sum(int((read_all(ours)[k] != read_all(theirs)[k]).sum()) for k in ties)
+        a, b = read_all(ours), read_all(theirs)
+        differ = sum(int((a[k] != b[k]).sum()) for k in ties)
         print(f"{name}: {differ} entries differ, all at {sum(int(m.sum()) for m in ties.values())} tied positions")
         return
     if case.differs == F32_OUT:

@@ -18,7 +18,7 @@ pytest.importorskip("mergekit", reason="mergekit (the test extra) is the yardsti
 from mergeline.merge.executor import run_merge  # noqa: E402
 from mergeline.merge.plan import MergeError  # noqa: E402
 from mergeline.merge.recipe import RecipeError, load_recipe  # noqa: E402
-from tests.merge._llama import read_all  # noqa: E402
+from tests.merge._llama import mergekit_merge, read_all  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -77,18 +77,10 @@ def recipes(m: dict[str, str]) -> dict[str, dict]:
     }
 
 
-def _mergekit(recipe: dict, out: Path) -> None:
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions, run_merge as mk_run
-
-    mk_run(MergeConfiguration.model_validate(recipe), str(out),
-           MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, device="cpu"))
-
-
 @pytest.mark.parametrize("name", ["linear", "ties", "slerp", "models_form_gradient"])
 def test_modules_match_mergekit(name, vlms, tmp_path):
     recipe = recipes(vlms)[name]
-    _mergekit(recipe, tmp_path / "theirs")
+    mergekit_merge(recipe, tmp_path / "theirs")
     run_merge(recipe, tmp_path / "ours", device="cpu", progress=False, lineage=False)
     theirs, ours = read_all(tmp_path / "theirs"), read_all(tmp_path / "ours")
     assert set(ours) == set(theirs)

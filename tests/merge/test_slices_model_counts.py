@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ pytest.importorskip("mergekit", reason="mergekit (the test extra) is the yardsti
 
 from mergeline.merge.executor import run_merge  # noqa: E402
 from mergeline.merge.plan import MergeError  # noqa: E402
-from tests.merge._llama import build_llamas, read_all  # noqa: E402
+from tests.merge._llama import build_llamas, mergekit_merge, read_all  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -50,18 +49,10 @@ def recipes(m: dict[str, str]) -> dict[str, dict]:
     }
 
 
-def _mergekit(recipe: dict, out: Path) -> None:
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions, run_merge as mk_run
-
-    mk_run(MergeConfiguration.model_validate(recipe), str(out),
-           MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, device="cpu"))
-
-
 @pytest.mark.parametrize("name", list(recipes({k: k for k in ("base", "ft_a", "ft_b", "ft_c")})))
 def test_slices_of_different_sizes_match_mergekit(name, models, tmp_path, caplog):
     recipe = recipes(models)[name]
-    _mergekit(recipe, tmp_path / "theirs")
+    mergekit_merge(recipe, tmp_path / "theirs")
     with caplog.at_level(logging.WARNING, logger="mergeline.merge.frankenmerge"):
         out = run_merge(recipe, tmp_path / "ours", device="cpu", progress=False, lineage=False)
     theirs, ours = read_all(tmp_path / "theirs"), read_all(tmp_path / "ours")
