@@ -358,29 +358,29 @@ def test_mergekit_suite_case(name, zoo, tmp_path):
     assert ours_err is None, f"{name}: mergeline failed: {ours_err}"
     _side_files(tmp_path / "ours", tmp_path / "theirs", name)
     if case.differs is not None:
-        _documented_difference(name, case, zoo, recipe, tmp_path)
+        _documented_difference(name, case.differs, recipe, tmp_path)
         return
     assert_same_tensors(tmp_path / "ours", tmp_path / "theirs", recipe.get("dtype"), name)
 
 
-def _documented_difference(name, case, zoo, recipe, tmp_path, cwd: Path | None = None) -> None:
+def _documented_difference(name, differs: str, recipe, tmp_path, cwd: Path | None = None) -> None:
     """Each documented difference allows only what it says:
     TIE: entries differ only where some model's |delta| ties at its trim threshold;
     F32_OUT: our tensors are mergekit's float32 ones rounded to the recipe's dtype, bit for bit;
     RANDOM: at density 1 (nothing dropped, nothing random) both agree, and the recipe's
     density does drop something."""
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    if case.differs == TIE:
+    if differs == TIE:
         ties = tie_positions(recipe, cwd)
         assert_same_tensors(ours, theirs, recipe.get("dtype"), name, skip=ties)
         a, b = read_all(ours), read_all(theirs)
         differ = sum(int((a[k] != b[k]).sum()) for k in ties)
         print(f"{name}: {differ} entries differ, all at {sum(int(m.sum()) for m in ties.values())} tied positions")
         return
-    if case.differs == F32_OUT:
+    if differs == F32_OUT:
         assert_same_tensors(ours, theirs, recipe.get("dtype"), name, cast=True)
         return
-    assert case.differs == RANDOM
+    assert differs == RANDOM
     full = copy.deepcopy(recipe)
     full["parameters"] = {**full.get("parameters", {}), "density": 1.0}
     full["parameters"].pop("epsilon", None)
@@ -423,35 +423,26 @@ EXAMPLES = {  # mergekit's examples/*.yml -> the adapted copy (local paths, tiny
 EXAMPLE_DIFFERS = {"arcee_fusion.yml": F32_OUT, "bio-merge.yml": TIE, "ties.yml": TIE}
 
 
-@pytest.fixture(scope="module")
-def examples_dir(recipe_models) -> Path:
-    """models/base, ft_a, ft_b and ft_c (tests/conftest.py), as configs/recipes/*.yaml expect."""
-    return recipe_models
-
-
 @pytest.mark.parametrize("example", list(EXAMPLES))
-def test_mergekit_example(example, examples_dir, tmp_path):
+def test_mergekit_example(example, recipe_models, tmp_path, monkeypatch):
+    """`recipe_models`: models/base, ft_a, ft_b and ft_c (tests/conftest.py), as configs/recipes/*.yaml expect."""
     import yaml
     from typer.testing import CliRunner
 
     from mergeline.flows.cli import app
 
     recipe = ROOT / "configs" / "recipes" / EXAMPLES[example]
-    shutil.copy(recipe, examples_dir / "recipe.yaml")
-    err = _mergekit(examples_dir / "recipe.yaml", tmp_path / "theirs", cwd=examples_dir)
+    shutil.copy(recipe, recipe_models / "recipe.yaml")
+    err = _mergekit(recipe_models / "recipe.yaml", tmp_path / "theirs", cwd=recipe_models)
     assert err is None, f"{example}: mergekit failed: {err!r}"
-    here = os.getcwd()
-    os.chdir(examples_dir)
-    try:
+    with monkeypatch.context() as m:
+        m.chdir(recipe_models)
         result = CliRunner().invoke(app, ["merge", "recipe.yaml", str(tmp_path / "ours"), "--device", "cpu"])
-    finally:
-        os.chdir(here)
     assert result.exit_code == 0, result.output
     data = yaml.safe_load(recipe.read_text())
     _side_files(tmp_path / "ours", tmp_path / "theirs", example)
     if example in EXAMPLE_DIFFERS:
-        _documented_difference(example, Case("examples/", lambda m: data, differs=EXAMPLE_DIFFERS[example]), None,
-                               data, tmp_path, cwd=examples_dir)
+        _documented_difference(example, EXAMPLE_DIFFERS[example], data, tmp_path, cwd=recipe_models)
         return
     assert_same_tensors(tmp_path / "ours", tmp_path / "theirs", data.get("dtype"), example)
 
