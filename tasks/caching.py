@@ -34,9 +34,16 @@ def code_version(*packages: str) -> str:
 
 
 def key_of(*parts: Any) -> str:
-    """A stable key from JSON-able parts (dicts hashed with sorted keys)."""
-    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    """A stable key from JSON-able parts (dicts hashed with sorted keys; a pydantic model as its
+    JSON dump, so a typed policy or suite keys as its plain-dict form does)."""
+    text = json.dumps(parts, sort_keys=True, default=_jsonable, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    from pydantic import BaseModel
+
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else str(value)
 
 
 def from_parameter(name: str):

@@ -22,13 +22,9 @@ from mergeline.tasks.recipes import canonical, input_hashes
 from mergeline.tasks.tracking import RunLog, log_json, log_metrics, set_tags
 
 
-def _policy_json(policy) -> dict | None:
-    return policy.model_dump(mode="json") if isinstance(policy, CompatPolicy) else policy
-
-
 def check_key(context, parameters: dict) -> str:
     recipe = parameters["recipe"]
-    return key_of("check", canonical(recipe), input_hashes(recipe), _policy_json(parameters.get("policy")),
+    return key_of("check", canonical(recipe), input_hashes(recipe), parameters.get("policy"),
                   code_version("merge", "tasks"))  # tasks too: a result persisted by older code is never read back
 
 

@@ -36,9 +36,7 @@ def eval_key(context, parameters: dict) -> str:
     path = parameters["path"]
     model = ({int(k): content_hash(p) for k, p in path.items()} if isinstance(path, dict)
              else content_hash(path))
-    suite = parameters["suite"]
-    suite = suite.model_dump(mode="json") if isinstance(suite, EvalSuite) else suite
-    return key_of("eval", model, suite, parameters["name"],
+    return key_of("eval", model, parameters["suite"], parameters["name"],
                   parameters["role"], code_version("evaluation"))
 
 

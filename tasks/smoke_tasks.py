@@ -10,7 +10,6 @@ rerun with nothing changed reads the stored result instead of loading the models
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import task
@@ -29,12 +28,8 @@ from mergeline.tasks.eval_tasks import _LM_EVAL_LOCK
 def smoke_key(context, parameters: dict) -> str:
     refs = {n: content_hash(p) for n, p in sorted(parameters["references"].items())}
     return key_of("smoke", content_hash(parameters["path"]), refs, parameters["text"],
-                  parameters["prompts"], _rule_json(parameters["rule"]), parameters.get("device", "cpu"),
+                  parameters["prompts"], parameters["rule"], parameters.get("device", "cpu"),
                   code_version("evaluation"))
-
-
-def _rule_json(rule) -> dict:
-    return rule.model_dump(mode="json") if isinstance(rule, SmokeRule) else rule
 
 
 @task(name="smoke", cache_key_fn=smoke_key, persist_result=True, retries=1, retry_delay_seconds=5)
@@ -50,7 +45,7 @@ def _smoke(path: str, references: dict[str, str], text: str | None, prompts: lis
     from mergeline.evaluation.smoke import smoke_test
 
     with _LM_EVAL_LOCK:
-        return smoke_test(path, references, text, prompts, SmokeRule.model_validate(_rule_json(rule)), device=device)
+        return smoke_test(path, references, text, prompts, rule if isinstance(rule, SmokeRule) else SmokeRule.model_validate(rule), device=device)
 
 
 @task(name="smoke-stage", cache_policy=NO_CACHE)
